@@ -1,18 +1,21 @@
-"""The `promptswap` console script: one entry point, one sub-command per job."""
+"""The `promptswap` console script: one entry point, one sub-command per job.
+
+Each sub-command lives beside the code it drives and adds itself here with an
+`add_<name>_command(subparsers)` function that sets `run` (a callable taking the parsed args).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="promptswap", description=__doc__)
-    try:
+    parser = argparse.ArgumentParser(prog="promptswap", description="Multi-task soft-prompt server.")
+    with contextlib.suppress(PackageNotFoundError):  # a source tree that is not installed has no version
         parser.add_argument("--version", action="version", version=version("promptswap"))
-    except PackageNotFoundError:  # running from a source tree that is not installed
-        pass
     parser.add_subparsers(dest="command", metavar="COMMAND")
     return parser
 
