@@ -132,6 +132,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     cancelled: bool = False
     error: BaseException | None = None
+    rng: object | None = None  # the sampler's random stream (a torch.Generator), None when greedy
 
     @property
     def all_ids(self) -> list[int]:
