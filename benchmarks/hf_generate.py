@@ -58,7 +58,8 @@ class HFGenerator:
         self._gen_config.temperature = self._gen_config.top_p = self._gen_config.top_k = None
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # Same call as the engine, so both see the same ids (a BOS where the tokenizer adds one).
+        return self.tokenizer(text)["input_ids"]
 
     @torch.inference_mode()
     def generate(self, task: Task | None, texts: list[str], max_new_tokens: list[int]) -> BatchOutput:

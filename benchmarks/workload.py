@@ -128,7 +128,7 @@ def random_text(tokenizer, vocab: list[int], num_tokens: int, rng: random.Random
     """
 
     def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer(text)["input_ids"]
 
     ids: list[int] = []
     encoded: list[int] = []

@@ -1,0 +1,71 @@
+"""promptswap's engine in this process, replaying the workload's arrivals through its public API.
+
+Each request is submitted at its arrival time and read through `handle.stream()`, so its time to
+first token is when the engine handed over its first token, as a streaming client would see it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from benchmarks.metrics import RequestResult
+from benchmarks.workload import Workload
+
+
+def load_base(model_path: str, device: str | None, dtype: str | None):
+    from server.model_loader import load_base_model
+
+    return load_base_model(model_path, device=device, dtype=dtype)
+
+
+def make_registry(base, workload: Workload):
+    """A registry holding the workload's tasks, uploaded as PEFT safetensors bytes like a user would."""
+    import torch
+
+    from prompt_store import PromptRegistry, RegistryLimits
+
+    longest = max((t.num_virtual for t in workload.tasks.values()), default=1)
+    # The registry stores prompts in float32 unless the model runs in a lower precision.
+    dtype = base.dtype if base.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    registry = PromptRegistry(base.geometry, dtype=dtype, limits=RegistryLimits(max_virtual_tokens=max(256, longest)))
+    for task in workload.tasks.values():
+        registry.put(task.name, task.to_safetensors(), kind=task.kind)
+    return registry
+
+
+def start_engine(base, registry, max_running: int, max_tokens_per_step: int):
+    from server.engine import Engine, EngineConfig
+
+    engine = Engine(base, registry, EngineConfig(max_running=max_running, max_tokens_per_step=max_tokens_per_step))
+    engine.start()
+    return engine
+
+
+def run_engine(engine, workload: Workload) -> list[RequestResult]:
+    """Serve the workload with an already started engine; returns one result per request."""
+    return asyncio.run(_replay(engine, workload))
+
+
+async def _replay(engine, workload: Workload) -> list[RequestResult]:
+    from server.sequence import Completion, SamplingParams
+
+    t0 = time.perf_counter()
+
+    async def one(r) -> RequestResult:
+        await asyncio.sleep(max(0.0, r.arrival_s - (time.perf_counter() - t0)))
+        params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=0.0, ignore_eos=True)
+        handle = engine.submit(r.text, task=r.task, params=params)
+        first = None
+        completion = None
+        async for item in handle.stream():
+            if first is None and item.token_ids:
+                first = time.perf_counter() - t0
+            if isinstance(item, Completion):
+                completion = item
+        done = time.perf_counter() - t0
+        return RequestResult(r.id, r.task, r.arrival_s, first if first is not None else done, done,
+                             tuple(completion.token_ids))
+
+    results = await asyncio.gather(*(one(r) for r in workload.requests))
+    return sorted(results, key=lambda r: r.id)
