@@ -11,12 +11,15 @@ import contextlib
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
+from prompt_store.cli import add_prompts_command
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptswap", description="Multi-task soft-prompt server.")
     with contextlib.suppress(PackageNotFoundError):  # a source tree that is not installed has no version
         parser.add_argument("--version", action="version", version=version("promptswap"))
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_prompts_command(subparsers)
     return parser
 
 

@@ -1,0 +1,111 @@
+"""Why a prompt was refused. One class per failure, so callers (HTTP, CLI, tests) can tell them apart.
+
+Every message names the expected and the actual value. `param` is the request field at fault
+("task", "weights", "kind", "config"), so the HTTP layer can point the client at it.
+`status_code` is the HTTP status the service should answer with; prompt_store imports no web code.
+"""
+
+from __future__ import annotations
+
+
+class PromptError(ValueError):
+    """Base of every refusal of a prompt or task name."""
+
+    status_code = 422
+    default_param: str | None = "weights"
+
+    def __init__(
+        self, message: str, *, param: str | None = None, expected: object = None, actual: object = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param if param is not None else self.default_param
+        self.expected = expected
+        self.actual = actual
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidTaskName(PromptError):
+    """The task name is not `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$` or contains `..`."""
+
+    status_code = 400
+    default_param = "task"
+
+
+class UnknownTask(PromptError, LookupError):
+    """get/delete/describe of a task the registry does not serve."""
+
+    status_code = 404
+    default_param = "task"
+
+
+class BodyTooLarge(PromptError):
+    """The upload (or file) is larger than `RegistryLimits.max_bytes`."""
+
+    status_code = 413
+
+
+class MalformedFile(PromptError):
+    """Not a readable safetensors file / PEFT adapter: truncated, bad header, bad JSON."""
+
+
+class MissingTensor(PromptError):
+    """The file has no `prompt_embeddings` tensor."""
+
+
+class WrongRank(PromptError):
+    """`prompt_embeddings` is not 2-D."""
+
+
+class UnsupportedDtype(PromptError):
+    """`prompt_embeddings` is not float16, bfloat16 or float32."""
+
+
+class WidthMismatch(PromptError):
+    """The tensor's width is not hidden_size (prompt) or num_layers*2*kv_dim (prefix) of the base model."""
+
+
+class VirtualTokenCountOutOfRange(PromptError):
+    """The number of virtual tokens (rows) is outside 1..max_virtual_tokens."""
+
+
+class NonFiniteValues(PromptError):
+    """A NaN or infinity, possibly produced by converting to the served dtype."""
+
+
+class UnsupportedSubmodules(PromptError):
+    """PEFT num_transformer_submodules != 1: an encoder-decoder adapter, which is not served."""
+
+    default_param = "config"
+
+
+class UnsupportedPeftType(PromptError):
+    """A PEFT method other than PROMPT_TUNING, P_TUNING or PREFIX_TUNING (LoRA, ...)."""
+
+    default_param = "config"
+
+
+class ConfigMismatch(PromptError):
+    """The PEFT config (or the file's own metadata) disagrees with the tensor or the base model."""
+
+    default_param = "config"
+
+
+class InvalidKind(PromptError):
+    """A kind other than "prompt" or "prefix"."""
+
+    default_param = "kind"
+
+
+class KindMismatch(PromptError):
+    """An explicit kind contradicts the file's metadata or its PEFT config."""
+
+    default_param = "kind"
+
+
+class AmbiguousKind(PromptError):
+    """No metadata, no argument, and the shape fits both kinds: the caller must say which."""
+
+    default_param = "kind"

@@ -1,0 +1,363 @@
+"""The registry of task prompts: validated, versioned, persisted one file per task, safe across threads.
+
+Readers call `get(task)` and keep the returned PromptSnapshot for as long as their request runs:
+a snapshot is immutable, so a later put or delete of the same task never changes what a running
+request sees. Writers (put/delete) are serialized; they change the disk first and memory second,
+so memory never serves a version the disk does not hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from prompt_store.errors import BodyTooLarge, PromptError, UnknownTask
+from prompt_store.format import (
+    TEMP_PREFIX,
+    TEMP_SUFFIX,
+    PromptFile,
+    atomic_write,
+    dtype_name,
+    fsync_dir,
+    peek_metadata,
+    read_bytes_limited,
+    read_path,
+    read_prompt,
+    tensor_sha256,
+    write_prompt,
+)
+from prompt_store.geometry import ModelGeometry
+from prompt_store.validate import (
+    SERVED_DTYPES,
+    CheckedPrompt,
+    Kind,
+    RegistryLimits,
+    check_prompt,
+    check_task_name,
+)
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".safetensors"
+# The highest version ever issued, written before a delete: the file holding it may be the one
+# deleted, and versions must never repeat after a restart.
+VERSION_FILE = ".promptswap-version"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PromptSnapshot:
+    """One immutable version of a task's prompt. Never mutate `embeddings`: other requests share it."""
+
+    task: str
+    kind: Kind
+    num_virtual_tokens: int
+    version: int
+    sha256: str  # of `embeddings`' bytes (see format.tensor_sha256)
+    embeddings: torch.Tensor = field(repr=False)  # CPU, registry dtype, finite: [n, hidden] or [n, L*2*kv_dim]
+    created_at: float
+    source: Literal["file", "peft"]
+    base_model: str | None = None
+    description: str | None = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """Unique per put in this process: what the engine caches derived tensors under."""
+        return (self.task, self.version)
+
+
+@dataclass(frozen=True, slots=True)
+class PromptDescriptor:
+    """What describe/list report. Fields other than task/bytes/error are None for a file that failed."""
+
+    task: str
+    kind: str | None = None
+    num_virtual_tokens: int | None = None
+    dtype: str | None = None  # the served dtype
+    bytes: int | None = None  # size of the stored file
+    sha256: str | None = None
+    version: int | None = None
+    created_at: float | None = None
+    source: str | None = None
+    base_model: str | None = None
+    description: str | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def of(cls, snap: PromptSnapshot, nbytes: int) -> PromptDescriptor:
+        return cls(
+            task=snap.task, kind=snap.kind, num_virtual_tokens=snap.num_virtual_tokens,
+            dtype=dtype_name(snap.embeddings.dtype), bytes=nbytes, sha256=snap.sha256, version=snap.version,
+            created_at=snap.created_at, source=snap.source, base_model=snap.base_model,
+            description=snap.description,
+        )  # fmt: skip
+
+
+class PromptRegistry:
+    def __init__(
+        self,
+        geometry: ModelGeometry,
+        directory: str | Path | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        limits: RegistryLimits = RegistryLimits(),  # noqa: B008 -- frozen, so sharing the default is safe
+    ) -> None:
+        if dtype not in SERVED_DTYPES:
+            raise ValueError(f"dtype must be one of {SERVED_DTYPES}, got {dtype}")
+        self.geometry = geometry
+        self.dtype = dtype
+        self.limits = limits
+        self.directory = Path(directory) if directory is not None else None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self._snapshots: dict[str, PromptSnapshot] = {}
+        self._descriptors: dict[str, PromptDescriptor] = {}  # every task, including files that failed
+        self._last_version = 0
+        self._write_lock = threading.Lock()  # serializes put/delete/load_all, held across disk I/O
+        self._lock = threading.Lock()  # guards the two dicts; held only for a lookup or a swap
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def get(self, task: str) -> PromptSnapshot:
+        with self._lock:
+            snap = self._snapshots.get(task)
+        if snap is None:
+            raise self._unknown(task)
+        return snap
+
+    def describe(self, task: str) -> PromptDescriptor:
+        with self._lock:
+            desc = self._descriptors.get(task)
+        if desc is None:
+            raise self._unknown(task)
+        return desc
+
+    def list(self) -> list[PromptDescriptor]:
+        with self._lock:
+            return [self._descriptors[t] for t in sorted(self._descriptors)]
+
+    def __contains__(self, task: object) -> bool:
+        with self._lock:
+            return task in self._snapshots
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._snapshots)
+
+    def _unknown(self, task: str) -> UnknownTask:
+        with self._lock:
+            desc = self._descriptors.get(task)
+        if desc is not None and desc.error:
+            return UnknownTask(
+                f"task {task!r} is not served: its file failed to load ({desc.error})",
+                expected="a loaded task", actual=task,
+            )
+        return UnknownTask(f"unknown task {task!r}", expected="a registered task", actual=task)
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def put(
+        self,
+        task: str,
+        data: bytes,
+        *,
+        kind: str | None = None,
+        config: dict | bytes | None = None,
+        description: str | None = None,
+    ) -> tuple[PromptSnapshot, bool]:
+        """Add or replace `task` from safetensors bytes (+ PEFT config). Returns (snapshot, created)."""
+        check_task_name(task)
+        if len(data) > self.limits.max_bytes:
+            raise BodyTooLarge(
+                f"the prompt is {len(data)} bytes, over the limit of {self.limits.max_bytes} bytes",
+                expected=self.limits.max_bytes, actual=len(data),
+            )
+        return self._put(task, read_prompt(data), kind=kind, config=config, description=description)
+
+    def put_path(
+        self, task: str, path: str | Path, *, kind: str | None = None, description: str | None = None
+    ) -> tuple[PromptSnapshot, bool]:
+        """Add or replace `task` from a PEFT adapter directory or a .safetensors (or legacy .bin) file."""
+        check_task_name(task)
+        return self._put(
+            task, read_path(path, max_bytes=self.limits.max_bytes), kind=kind, config=None,
+            description=description,
+        )  # fmt: skip
+
+    def _put(
+        self, task: str, source: PromptFile, *, kind: str | None, config, description: str | None
+    ) -> tuple[PromptSnapshot, bool]:
+        checked = self._check(source, kind=kind, config=config)
+        if description is not None and not isinstance(description, str):
+            raise TypeError(f"description must be a str, got {type(description).__name__}")
+        sha = tensor_sha256(checked.embeddings)
+        with self._write_lock:
+            # A version is consumed even if the write below fails, so no number is ever issued twice.
+            self._last_version += 1
+            snap = PromptSnapshot(
+                task=task, kind=checked.kind, num_virtual_tokens=checked.num_virtual_tokens,
+                version=self._last_version, sha256=sha, embeddings=checked.embeddings,
+                created_at=time.time(), source=checked.source, base_model=checked.base_model,
+                description=description if description is not None else checked.description,
+            )  # fmt: skip
+            # The file keeps the tensor as uploaded (not converted): a restart with another dtype
+            # loses nothing.
+            blob = write_prompt(checked.stored, _metadata(snap))
+            if self.directory is not None:
+                atomic_write(self._path(task), blob)
+            with self._lock:
+                created = task not in self._snapshots
+                self._snapshots[task] = snap
+                self._descriptors[task] = PromptDescriptor.of(snap, len(blob))
+        log.info("prompt %s v%d stored (%s, %d virtual tokens)", task, snap.version, snap.kind, snap.num_virtual_tokens)
+        return snap, created
+
+    def delete(self, task: str) -> None:
+        """Forget `task` and remove its file. Snapshots already handed out stay valid."""
+        with self._write_lock:
+            with self._lock:
+                known = task in self._descriptors
+            if not known:
+                raise self._unknown(task)
+            if self.directory is not None:
+                self._save_version_floor()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path(task))
+                fsync_dir(self.directory)
+            with self._lock:
+                self._snapshots.pop(task, None)
+                self._descriptors.pop(task, None)
+        log.info("prompt %s deleted", task)
+
+    # -- persistence -----------------------------------------------------------------------------
+
+    def load_all(self) -> None:
+        """Load every prompt file in the directory. A bad file is logged and listed, never fatal."""
+        if self.directory is None:
+            return
+        with self._write_lock:
+            good: list[tuple[str, CheckedPrompt, dict[str, str], int, Path]] = []
+            failed: dict[str, PromptDescriptor] = {}
+            highest = max(self._last_version, self._read_version_floor())
+            for path in sorted(self.directory.iterdir()):
+                if path.name.startswith(TEMP_PREFIX) and path.name.endswith(TEMP_SUFFIX):
+                    # Left by a write that crashed before its rename: the old file is intact.
+                    log.warning("removing %s, left by an interrupted write", path.name)
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                    continue
+                if path.suffix != SUFFIX or path.name.startswith(".") or not path.is_file():
+                    continue
+                task = path.stem
+                try:
+                    check_task_name(task)
+                    data = read_bytes_limited(path, self.limits.max_bytes)
+                    source = read_prompt(data)
+                    checked = self._check(source, kind=None, config=None)
+                except (PromptError, OSError) as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                    log.warning("prompt file %s not loaded: %s", path.name, error)
+                    failed[task] = PromptDescriptor(task=task, bytes=_size(path), error=error)
+                    highest = max(highest, _peek_version(path))
+                    continue
+                version = _int(source.metadata.get("version"))
+                highest = max(highest, version or 0)
+                good.append((task, checked, source.metadata, len(data), path))
+            snapshots: dict[str, PromptSnapshot] = {}
+            descriptors = dict(failed)
+            for task, checked, meta, nbytes, path in good:
+                version = _int(meta.get("version"))
+                if version is None:  # a file put there by hand: give it a fresh number
+                    highest += 1
+                    version = highest
+                snap = PromptSnapshot(
+                    task=task, kind=checked.kind, num_virtual_tokens=checked.num_virtual_tokens,
+                    version=version, sha256=tensor_sha256(checked.embeddings), embeddings=checked.embeddings,
+                    created_at=_float(meta.get("created_at")) or path.stat().st_mtime, source=checked.source,
+                    base_model=checked.base_model, description=checked.description,
+                )  # fmt: skip
+                snapshots[task] = snap
+                descriptors[task] = PromptDescriptor.of(snap, nbytes)
+            self._last_version = highest
+            with self._lock:
+                self._snapshots = snapshots
+                self._descriptors = descriptors
+        log.info("loaded %d prompts from %s (%d failed)", len(snapshots), self.directory, len(failed))
+
+    def _check(self, source: PromptFile, *, kind: str | None, config) -> CheckedPrompt:
+        checked = check_prompt(
+            source, geometry=self.geometry, limits=self.limits, dtype=self.dtype, kind=kind, config=config
+        )
+        assert checked.kind is not None, "with a geometry, check_prompt resolves the kind or raises"
+        return checked
+
+    def _path(self, task: str) -> Path:
+        assert self.directory is not None
+        return self.directory / f"{task}{SUFFIX}"
+
+    def _read_version_floor(self) -> int:
+        assert self.directory is not None
+        path = self.directory / VERSION_FILE
+        try:
+            return int(path.read_text().strip())
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s: %s", path, exc)
+            return 0
+
+    def _save_version_floor(self) -> None:
+        assert self.directory is not None
+        atomic_write(self.directory / VERSION_FILE, f"{self._last_version}\n".encode())
+
+
+def _metadata(snap: PromptSnapshot) -> dict[str, str]:
+    meta = {
+        "task": snap.task,
+        "kind": snap.kind,
+        "num_virtual_tokens": str(snap.num_virtual_tokens),
+        "version": str(snap.version),
+        "created_at": repr(snap.created_at),
+        "source": snap.source,
+    }
+    if snap.base_model is not None:
+        meta["base_model"] = snap.base_model
+    if snap.description is not None:
+        meta["description"] = snap.description
+    return meta
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _peek_version(path: Path) -> int:
+    """The version recorded in a file that failed validation (0 if unreadable): it was issued once."""
+    return _int(peek_metadata(path).get("version")) or 0
