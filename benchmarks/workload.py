@@ -139,7 +139,7 @@ def random_text(tokenizer, vocab: list[int], num_tokens: int, rng: random.Random
     return text, len(encode(text))
 
 
-def _plain_vocab(tokenizer) -> list[int]:
+def plain_vocab(tokenizer) -> list[int]:
     """Token ids that decode on their own to printable text (no control bytes, no half characters)."""
     special = set(tokenizer.all_special_ids)
     out = []
@@ -148,6 +148,11 @@ def _plain_vocab(tokenizer) -> list[int]:
         if i not in special and piece and piece.isprintable() and "\ufffd" not in piece:
             out.append(i)
     return out
+
+
+def sample_text(tokenizer, num_tokens: int, seed: int) -> tuple[str, int]:
+    """One random text of about `num_tokens` tokens (the TTFT mode's single request)."""
+    return random_text(tokenizer, plain_vocab(tokenizer), num_tokens, random.Random(seed))
 
 
 def arrivals(spec: WorkloadSpec, rng: random.Random) -> list[float]:
@@ -179,7 +184,7 @@ def make_workload(spec: WorkloadSpec, geometry: ModelGeometry, embed_std: float,
     rng = random.Random(spec.seed + 1)
     labels = assign_tasks(spec, list(tasks), rng)
     times = arrivals(spec, rng)
-    vocab = _plain_vocab(tokenizer)
+    vocab = plain_vocab(tokenizer)
     requests = []
     for i, (task, arrival_s) in enumerate(zip(labels, times, strict=True)):
         text, n_tokens = random_text(tokenizer, vocab, rng.randint(*spec.text_len), rng)

@@ -1,0 +1,134 @@
+"""Throughput mode: every selected system serves the same workload at each concurrency.
+
+Concurrency `c` is the most requests a system holds at once: promptswap's max_running, and the
+batch size of the transformers baselines (one-at-a-time is 1 by construction, so it is measured
+once and reused for every `c`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from benchmarks import baselines
+from benchmarks.hf_generate import HFGenerator
+from benchmarks.metrics import RequestResult, agreement, ratios, summarize
+from benchmarks.workload import Workload
+
+OURS = "promptswap"
+# Order matters only for the table: ours first, then the ceilings, then what users do today.
+SYSTEMS = (
+    "promptswap",
+    "promptswap-http",
+    "promptswap-no-prompts",
+    "static-no-prompts",
+    "grouped-by-task",
+    "one-at-a-time",
+)
+# A system that sees no tasks is compared on the same texts, not the same prompts.
+NO_PROMPTS = {"promptswap-no-prompts", "static-no-prompts"}
+
+
+@dataclass
+class Bench:
+    """What the systems share: the workload, the transformers generator, the engine's base model."""
+
+    workload: Workload
+    hf: HFGenerator | None
+    load_base: Callable[[], object]  # lazy: only engine systems need the second model copy
+    max_tokens_per_step: int
+    http: Callable | None = None  # (base, workload, concurrency) -> results; None: not available
+    log: Callable[[str], None] = print
+    _base: object = None
+    _one_at_a_time: list[RequestResult] | None = field(default=None, repr=False)
+
+    @property
+    def base(self):
+        if self._base is None:
+            self._base = self.load_base()
+        return self._base
+
+
+def run_system(bench: Bench, name: str, concurrency: int) -> list[RequestResult]:
+    wl = bench.workload
+    if name == "one-at-a-time":
+        if bench._one_at_a_time is None:
+            bench._one_at_a_time = baselines.run_one_at_a_time(bench.hf, wl)
+        return bench._one_at_a_time
+    if name == "grouped-by-task":
+        return baselines.run_grouped_by_task(bench.hf, wl, concurrency)
+    if name == "static-no-prompts":
+        return baselines.run_static_no_prompts(bench.hf, wl, concurrency)
+    if name in ("promptswap", "promptswap-no-prompts"):
+        return _run_engine(bench, wl if name == "promptswap" else wl.without_tasks(), concurrency)
+    if name == "promptswap-http":
+        if bench.http is None:
+            raise RuntimeError("the HTTP service (server.app) is not available in this checkout")
+        return bench.http(bench.base, wl, concurrency, bench.max_tokens_per_step)
+    raise ValueError(f"unknown system {name!r}; expected one of {SYSTEMS}")
+
+
+def _run_engine(bench: Bench, workload: Workload, concurrency: int) -> list[RequestResult]:
+    from benchmarks import promptswap_engine as pe
+
+    # A fresh engine per run: its prompt cache starts cold, so computing each task's prefix once
+    # is part of what is measured.
+    engine = pe.start_engine(bench.base, pe.make_registry(bench.base, workload), concurrency,
+                             bench.max_tokens_per_step)
+    try:
+        pe.run_engine(engine, warmup_workload(workload))  # first-call costs out of the measurement
+        return pe.run_engine(engine, workload)
+    finally:
+        engine.shutdown(timeout_s=5.0)
+
+
+def warmup_workload(workload: Workload, n: int = 2) -> Workload:
+    """A couple of the workload's texts with no task and two new tokens: warms kernels, not caches."""
+    reqs = tuple(replace(r, task=None, max_new_tokens=2, arrival_s=0.0) for r in workload.requests[:n])
+    return Workload({}, reqs)
+
+
+def warm_hf(hf: HFGenerator, workload: Workload) -> None:
+    """One call down each input path (padded batch, soft prompt, prefix cache): first-call costs out."""
+    texts = [r.text for r in workload.requests[:2]]
+    hf.generate(None, texts, [2] * len(texts))
+    for kind in ("prompt", "prefix"):
+        task = next((t for t in workload.tasks.values() if t.kind == kind), None)
+        if task is not None:
+            hf.generate(task, texts, [2] * len(texts))
+
+
+def measure(bench: Bench, systems: list[str], concurrencies: list[int]) -> dict:
+    """Run everything; returns {concurrency: {"summaries", "ratios", "agreement"}} plus raw results."""
+    if bench.hf is not None:
+        warm_hf(bench.hf, bench.workload)
+    by_c: dict[int, dict] = {}
+    raw: dict[int, dict[str, list[RequestResult]]] = {}
+    for c in concurrencies:
+        results: dict[str, list[RequestResult]] = {}
+        for name in systems:
+            bench.log(f"[c={c}] {name} ...")
+            start = time.perf_counter()
+            results[name] = run_system(bench, name, c)
+            s = summarize(results[name])
+            bench.log(f"[c={c}] {name}: {s['tokens_per_s']:.1f} tok/s in {time.perf_counter() - start:.1f} s")
+        summaries = {name: summarize(results[name]) for name in systems}
+        by_c[c] = {
+            "summaries": summaries,
+            "ratios": ratios(summaries, OURS) if OURS in summaries else {},
+            "agreement": _agreement(results),
+        }
+        raw[c] = results
+    return {"by_concurrency": by_c, "raw": raw}
+
+
+def _agreement(results: dict[str, list[RequestResult]]) -> dict[str, float]:
+    """Each system's greedy tokens against the matching reference: one-at-a-time for tasked systems,
+    transformers' static batch for the no-prompt ones (same model, same inputs, so should be equal)."""
+    out = {}
+    for name, res in results.items():
+        ref = "static-no-prompts" if name in NO_PROMPTS else "one-at-a-time"
+        if ref in results and ref != name:
+            out[f"{name} vs {ref}"] = agreement(res, results[ref])
+    return out
