@@ -12,6 +12,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from prompt_store.cli import add_prompts_command
+from server.serve import add_serve_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--version", action="version", version=version("promptswap"))
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_prompts_command(subparsers)
+    add_serve_command(subparsers)
     return parser
 
 

@@ -1,0 +1,125 @@
+"""The service's settings: the one place where environment variables and flags become values.
+
+pydantic-settings lives only here, at the edge; the engine gets a plain `EngineConfig`.
+Every field's description is also its `promptswap serve --help` text.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+# Settings handed to EngineConfig as they are; None means "the engine's own default".
+ENGINE_FIELDS = (
+    "max_running",
+    "max_tokens_per_step",
+    "max_context",
+    "max_queue",
+    "kv_cache_bytes",
+    "prompt_cache_bytes",
+)
+
+DEMO_MODEL_NAME = "promptswap-demo"
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "promptswap"
+
+
+class Settings(BaseSettings):
+    """promptswap's settings. Environment: PROMPTSWAP_<FIELD>; `serve` flags override it."""
+
+    model_config = SettingsConfigDict(env_prefix="PROMPTSWAP_", extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(
+        None,
+        description="Base model: a local directory or a Hugging Face hub id (e.g. "
+        "HuggingFaceTB/SmolLM2-135M). Unset: the built-in offline demo (random weights).",
+    )
+    prompt_dir: Path | None = Field(
+        None,
+        description="Directory where task prompts are stored and loaded from at startup "
+        "(default: <cache-dir>/prompts/<served model name>).",
+    )
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for every interface).")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
+    device: str | None = Field(None, description="Device for the model: cpu, cuda, cuda:1 (default: best).")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="Model dtype (default: bfloat16 on cuda, float32 on cpu)."
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token required by PUT and DELETE /prompts. Unset: prompt uploads are open "
+        "(development only).",
+    )
+    api_token: SecretStr | None = Field(
+        None, description="Bearer token required by the generation endpoints. Unset: they are open."
+    )
+    served_model_name: str | None = Field(
+        None,
+        description="OpenAI `model` name meaning the base model alone (default: the model path's last "
+        "component).",
+    )
+    max_new_tokens_cap: int = Field(
+        1024, ge=1, description="Largest max_new_tokens / max_tokens a request may ask for."
+    )
+    max_prompt_bytes: int = Field(64 * MiB, ge=1, description="Largest prompt file accepted, in bytes.")
+    max_virtual_tokens: int = Field(256, ge=1, description="Most virtual tokens a prompt may have.")
+    max_request_bytes: int = Field(
+        4 * MiB, ge=1, description="Largest request body of the generation endpoints, in bytes."
+    )
+    max_batch_requests: int = Field(256, ge=1, description="Most requests in one POST /generate/batch.")
+    max_running: int | None = Field(None, ge=1, description="Most requests decoding at once (engine).")
+    max_tokens_per_step: int | None = Field(
+        None, ge=1, description="Most tokens in one forward pass; long prompts prefill in chunks (engine)."
+    )
+    max_context: int | None = Field(
+        None, ge=1, description="Most positions per request (default: the model's own limit)."
+    )
+    max_queue: int | None = Field(
+        None, ge=1, description="Most requests waiting; beyond it requests get 503 (engine)."
+    )
+    kv_cache_bytes: int | None = Field(None, ge=1, description="Byte budget of the requests' KV cache.")
+    prompt_cache_bytes: int | None = Field(
+        None, ge=1, description="Byte budget of the device cache of task prefixes (least recently used out)."
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        description="Where the demo model and the default prompt directory live.",
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Log level."
+    )
+
+    @property
+    def demo(self) -> bool:
+        return self.model is None
+
+    def model_name(self) -> str:
+        """The base model's served name: what /v1/models lists and `model` uses for no prompt."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model is None:
+            return DEMO_MODEL_NAME
+        return Path(self.model.rstrip("/\\")).name or self.model
+
+    def resolved_prompt_dir(self) -> Path:
+        if self.prompt_dir is not None:
+            return self.prompt_dir
+        # One directory per base model: a prompt only fits the model it was trained for.
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model_name())
+        return self.cache_dir / "prompts" / slug
+
+    def engine_kwargs(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in ENGINE_FIELDS if getattr(self, name) is not None}

@@ -1,0 +1,122 @@
+"""Prometheus metrics of one app, in its own CollectorRegistry (so tests can build several apps).
+
+Per-request counters and histograms are recorded by the routes as the stream goes by; the
+engine's gauges (queue, batch, caches) are read from `engine.stats()` when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Literal
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+
+# Label values that cannot be task names (those start with a letter or digit), so never collide.
+BASE_LABEL = "_base"  # a request with no task: the base model alone
+UNKNOWN_LABEL = "_unknown"  # a refused request whose task is not served (bounds label cardinality)
+
+Outcome = Literal["ok", "cancelled", "rejected", "error"]
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+def task_label(task: str | None) -> str:
+    return BASE_LABEL if task is None else task
+
+
+class Metrics:
+    def __init__(self, engine_stats: Callable[[], object | None], prompt_count: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "promptswap_requests", "Generation requests by task and outcome "
+            "(ok, cancelled: client gone, rejected: refused before running, error: failed while running).",
+            ["task", "outcome"], registry=self.registry,
+        )
+        self.generated_tokens = Counter(
+            "promptswap_generated_tokens", "Tokens generated, by task and the request's outcome.",
+            ["task", "outcome"], registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "promptswap_time_to_first_token_seconds", "From request arrival to its first generated token.",
+            ["task"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.latency = Histogram(
+            "promptswap_request_latency_seconds", "From request arrival to its last token.",
+            ["task"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.registry.register(_EngineCollector(engine_stats, prompt_count))
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+    def timer(self, task: str | None) -> RequestTimer:
+        return RequestTimer(self, task_label(task))
+
+    def rejected(self, task_label_value: str) -> None:
+        self.requests.labels(task_label_value, "rejected").inc()
+
+
+class RequestTimer:
+    """Times one admitted request; exactly one of finish/fail is called."""
+
+    def __init__(self, metrics: Metrics, task: str) -> None:
+        self.metrics = metrics
+        self.task = task
+        self.start = time.perf_counter()
+        self.tokens = 0
+        self.done = False
+
+    def tokens_made(self, n: int) -> None:
+        if n and self.tokens == 0:
+            self.metrics.time_to_first_token.labels(self.task).observe(time.perf_counter() - self.start)
+        self.tokens += n
+
+    def finish(self, outcome: Outcome) -> None:
+        if self.done:
+            return
+        self.done = True
+        if outcome == "ok":
+            self.metrics.latency.labels(self.task).observe(time.perf_counter() - self.start)
+        self.metrics.requests.labels(self.task, outcome).inc()
+        self.metrics.generated_tokens.labels(self.task, outcome).inc(self.tokens)
+
+
+class _EngineCollector:
+    """Reads the engine's state at scrape time, so the numbers are never stale."""
+
+    def __init__(self, engine_stats: Callable[[], object | None], prompt_count: Callable[[], int]) -> None:
+        self.engine_stats = engine_stats
+        self.prompt_count = prompt_count
+
+    def describe(self):
+        return []  # the families depend on whether the engine is up; do not pre-register them
+
+    def collect(self):
+        stats = self.engine_stats()
+        if stats is None:  # before startup or after shutdown
+            return
+        gauges = (
+            ("promptswap_queue_depth", "Requests waiting for a slot in the batch.", stats.waiting),
+            ("promptswap_running_requests", "Requests in the running batch.", stats.running),
+            ("promptswap_kv_cache_bytes", "Bytes of KV cache held by running requests.", stats.kv_bytes),
+            ("promptswap_kv_cache_budget_bytes", "Byte budget of the KV cache.", stats.kv_budget_bytes),
+            ("promptswap_prompt_cache_bytes", "Bytes of task prefixes cached on the device.",
+             stats.prompt_cache_bytes),
+            ("promptswap_prompt_cache_budget_bytes", "Byte budget of the task prefix cache.",
+             stats.prompt_cache_budget_bytes),
+            ("promptswap_prompts", "Task prompts the registry serves.", self.prompt_count()),
+        )
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(name, doc, value=value)
+        yield CounterMetricFamily(
+            "promptswap_prompt_cache_hits", "Requests whose task prefix was already on the device.",
+            value=stats.prompt_cache_hits,
+        )
+        yield CounterMetricFamily(
+            "promptswap_prompt_cache_misses", "Requests whose task prefix had to be computed.",
+            value=stats.prompt_cache_misses,
+        )

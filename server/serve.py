@@ -1,0 +1,83 @@
+"""`promptswap serve`: run the HTTP service with uvicorn.
+
+Every Settings field is a flag (`--prompt-dir`, `--admin-token`, ...) with the field's description
+as its help; a flag given on the command line overrides the PROMPTSWAP_* environment variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import types
+import typing
+
+from pydantic import SecretStr, ValidationError
+
+from server.config import ENGINE_FIELDS, Settings
+
+log = logging.getLogger("promptswap")
+
+
+def add_serve_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="run the HTTP server",
+        description="Run the promptswap HTTP server. With no --model it serves the built-in offline demo "
+        "(a tiny random-weight model). Each flag can also be set as the environment variable shown.",
+    )
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind, choices = _flag_type(field.annotation)
+        default = field.get_default(call_default_factory=True)
+        shown = default
+        if default is None:
+            shown = "the engine's own" if name in ENGINE_FIELDS else "unset"
+        help_text = f"{field.description} [env PROMPTSWAP_{name.upper()}; default: {shown}]"
+        # SUPPRESS: a flag not given leaves the attribute absent, so the environment decides.
+        parser.add_argument(flag, dest=name, type=kind, choices=choices, default=argparse.SUPPRESS,
+                            metavar=None if choices else name.upper(), help=help_text.replace("%", "%%"))
+    parser.set_defaults(run=run_serve)
+
+
+def _flag_type(annotation) -> tuple[typing.Callable, list | None]:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = args[0]
+        args = list(typing.get_args(annotation))
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, args
+    if annotation is SecretStr:
+        return str, None
+    if annotation in (int, float):
+        return annotation, None
+    return str, None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        print(f"promptswap serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+        # On SIGTERM uvicorn stops accepting, waits this long for open responses (streams included),
+        # then our lifespan drains the engine.
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+    )
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal it caught once it has shut down; with these handlers that
+    # re-raise is a no-op, so a graceful SIGTERM ends with exit status 0 instead of death by signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
+    server.run()
+    if not server.started:
+        return 1  # startup failed (the model did not load); uvicorn has logged why
+    return 0
