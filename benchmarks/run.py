@@ -156,7 +156,7 @@ def run_throughput(args, model_path: str, log) -> dict:
     hf = HFGenerator(model, tokenizer) if baseline_systems & set(args.systems) else None
     bench = throughput.Bench(
         workload=workload, hf=hf, load_base=_load_base_once(model_path, args.device, args.dtype),
-        max_tokens_per_step=args.max_tokens_per_step, http=_http_runner(), log=log,
+        max_tokens_per_step=args.max_tokens_per_step, http=_http_runner(args, model_path), log=log,
     )  # fmt: skip
     start = time.perf_counter()
     measured = throughput.measure(bench, args.systems, args.concurrency)
@@ -220,13 +220,13 @@ def _describe(workload) -> dict:
     }
 
 
-def _http_runner():
-    """The HTTP system, when the service exists in this checkout."""
-    try:
-        from benchmarks.promptswap_http import run_http
-    except ImportError:
+def _http_runner(args, model_path: str):
+    """The HTTP system, when the service exists in this checkout (it loads its own model copy)."""
+    from benchmarks.promptswap_http import available, run_http
+
+    if not available():
         return None
-    return run_http
+    return lambda workload, c: run_http(model_path, args.device, args.dtype, workload, c, args.max_tokens_per_step)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ class Bench:
     hf: HFGenerator | None
     load_base: Callable[[], object]  # lazy: only engine systems need the second model copy
     max_tokens_per_step: int
-    http: Callable | None = None  # (base, workload, concurrency) -> results; None: not available
+    http: Callable | None = None  # (workload, concurrency) -> results; None: no HTTP service here
     log: Callable[[str], None] = print
     _base: object = None
     _one_at_a_time: list[RequestResult] | None = field(default=None, repr=False)
@@ -65,7 +65,7 @@ def run_system(bench: Bench, name: str, concurrency: int) -> list[RequestResult]
     if name == "promptswap-http":
         if bench.http is None:
             raise RuntimeError("the HTTP service (server.app) is not available in this checkout")
-        return bench.http(bench.base, wl, concurrency, bench.max_tokens_per_step)
+        return bench.http(wl, concurrency)
     raise ValueError(f"unknown system {name!r}; expected one of {SYSTEMS}")
 
 

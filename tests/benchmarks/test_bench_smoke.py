@@ -124,8 +124,6 @@ def test_ttft_mode(llama_dir, tmp_path):
 
 
 def _http_available() -> bool:
-    try:
-        import benchmarks.promptswap_http  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from benchmarks.promptswap_http import available
+
+    return available()
