@@ -157,10 +157,7 @@ def _check_entry(name: str, entry: object, body_len: int) -> None:
 def check_prompt_tensor(names: list[str], dtype_code: str | None, shape: list[int] | None) -> None:
     """The checks any prompt source must pass: the tensor exists, is 2-D, and is a float we serve."""
     if dtype_code is None or shape is None:
-        found = ", ".join(repr(n) for n in sorted(names)[:5]) or "no tensors"
-        raise MissingTensor(
-            f"expected a tensor named {TENSOR_NAME!r}, found {found}", expected=TENSOR_NAME, actual=sorted(names)
-        )
+        raise _missing_tensor(names)
     if len(shape) != 2:
         raise WrongRank(
             f"{TENSOR_NAME} must be 2-D [num_virtual_tokens, width], got {len(shape)}-D shape {list(shape)}",
@@ -171,6 +168,13 @@ def check_prompt_tensor(names: list[str], dtype_code: str | None, shape: list[in
         raise UnsupportedDtype(
             f"{TENSOR_NAME} must be {_ALLOWED}, got {actual}", param="weights", expected=_ALLOWED, actual=actual
         )
+
+
+def _missing_tensor(names: list[str]) -> MissingTensor:
+    found = ", ".join(repr(n) for n in sorted(names)[:5]) or "no tensors"
+    return MissingTensor(
+        f"expected a tensor named {TENSOR_NAME!r}, found {found}", expected=TENSOR_NAME, actual=sorted(names)[:5]
+    )
 
 
 def read_prompt(data: bytes) -> PromptFile:
@@ -200,7 +204,7 @@ def read_legacy_bin(data: bytes) -> PromptFile:
         )
     tensor = state.get(TENSOR_NAME)
     if not isinstance(tensor, torch.Tensor):
-        check_prompt_tensor([str(k) for k in state], None, None)
+        raise _missing_tensor([str(k) for k in state])
     code = {v: k for k, v in STORED_DTYPES.items()}.get(tensor.dtype, dtype_name(tensor.dtype))
     check_prompt_tensor([str(k) for k in state], code, list(tensor.shape))
     return PromptFile(tensor, {})
