@@ -12,6 +12,7 @@ for the smoke test).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -113,9 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     model_path = resolve_model(args.model, args.out)
+    load_before = _check_quiet(log)
     run = run_ttft if args.mode == "ttft" else run_throughput
     payload = run(args, model_path, log)
     payload["environment"] = environment(model_path, args.device, args.dtype)
+    # Other processes on the same cores slow every system, unevenly: keep the evidence with the figures.
+    payload["environment"]["loadavg_before"] = load_before
+    payload["environment"]["loadavg_after"] = _loadavg()
     payload["command"] = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
     from benchmarks.report import write_json
 
@@ -123,6 +128,18 @@ def main(argv: list[str] | None = None) -> int:
     write_json(path, payload)
     print(f"\nwrote {path}")
     return 0
+
+
+def _loadavg() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def _check_quiet(log) -> list[float] | None:
+    load = _loadavg()
+    if load is not None and load[0] > 0.5:
+        log(f"warning: load average {load[0]:.2f} before the run; other processes share these cores, "
+            "so every figure will be lower and noisier than on a quiet machine")
+    return load
 
 
 def _load_base_once(model_path: str, device: str, dtype: str):

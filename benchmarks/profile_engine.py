@@ -1,0 +1,149 @@
+"""`python -m benchmarks.profile_engine`: where promptswap's engine spends a workload's time.
+
+Serves the benchmark's workload (burst arrivals) once with the engine and reports:
+- a phase split of the engine loop (schedule, admit, forward pass, sampling, token hand-off),
+  timed by wrapping the engine's methods (the wrappers add a few microseconds a call);
+- torch.profiler's operator table, recorded inside the engine thread (the profiler sees only
+  the thread that starts it), and a Chrome trace to open in chrome://tracing or Perfetto.
+
+It reaches into the engine's private methods on purpose: it is a measuring tool, not an API user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from benchmarks.run import DEFAULT_OUT, _int_list, _range
+
+
+class PhaseTimer:
+    """Accumulates wall time per named phase; wraps callables so each call is timed and labelled."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def wrap(self, name: str, fn):
+        from torch.profiler import record_function
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            with record_function(name):  # also a labelled region in the torch trace
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self.seconds[name] += time.perf_counter() - start
+                    self.calls[name] += 1
+
+        return timed
+
+    def table(self, total_s: float) -> str:
+        lines = [f"{'phase':<36}{'calls':>8}{'total s':>10}{'share':>8}{'ms/call':>10}", "-" * 72]
+        for name, secs in sorted(self.seconds.items(), key=lambda kv: -kv[1]):
+            n = self.calls[name]
+            lines.append(f"{name:<36}{n:>8}{secs:>10.2f}{secs / total_s:>8.0%}{1000 * secs / max(n, 1):>10.2f}")
+        return "\n".join(lines)
+
+
+def instrument(engine, timer: PhaseTimer) -> None:
+    import server.engine as engine_module
+
+    engine.scheduler.schedule = timer.wrap("scheduler.schedule", engine.scheduler.schedule)
+    engine._admit = timer.wrap("engine._admit (KV slot + prefix)", engine._admit)
+    engine.runner.run = timer.wrap("runner.run (forward pass)", engine.runner.run)
+    engine._append = timer.wrap("engine._append (detok + push)", engine._append)
+    engine._finish = timer.wrap("engine._finish", engine._finish)
+    engine.runner._compute_prefix = timer.wrap("runner._compute_prefix", engine.runner._compute_prefix)
+    engine_module.sample = timer.wrap("sample", engine_module.sample)
+
+
+def profile_in_engine_thread(engine, timer: PhaseTimer, trace: Path | None, with_torch: bool):
+    """Wrap the loop's step so the profiler starts and stops inside the engine thread."""
+    from torch.profiler import ProfilerActivity, profile
+
+    state = {"prof": None, "steps": 0}
+    done = threading.Event()
+    step = engine._step
+    timed_step = timer.wrap("engine._step (whole)", step)
+
+    def profiled_step():
+        if state["prof"] is None and with_torch:
+            state["prof"] = profile(activities=[ProfilerActivity.CPU], record_shapes=False)
+            state["prof"].start()
+        timed_step()
+        state["steps"] += 1
+        if not engine.scheduler.has_work() and not engine._inbox:
+            if state["prof"] is not None:
+                state["prof"].stop()
+                if trace is not None:
+                    state["prof"].export_chrome_trace(str(trace))
+            done.set()
+
+    engine._step = profiled_step
+    return state, done
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_engine", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m-random")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--tasks", type=int, default=16)
+    p.add_argument("--concurrency", type=_int_list, default=[64], help="max running (first value used)")
+    p.add_argument("--max-new-tokens", type=_range, default=(64, 64))
+    p.add_argument("--text-len", type=_range, default=(32, 128))
+    p.add_argument("--max-tokens-per-step", type=int, default=512)
+    p.add_argument("--no-tasks", action="store_true", help="the same texts with no task")
+    p.add_argument("--no-torch-profiler", action="store_true", help="phase split only (lower overhead)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+
+    from benchmarks import promptswap_engine as pe
+    from benchmarks.models import resolve_model
+    from benchmarks.throughput import warmup_workload
+    from benchmarks.workload import WorkloadSpec, embedding_std, make_workload
+
+    model_path = resolve_model(args.model, args.out)
+    base = pe.load_base(model_path, args.device, args.dtype)
+    spec = WorkloadSpec(num_requests=args.requests, num_tasks=args.tasks, text_len=args.text_len,
+                        max_new_tokens=args.max_new_tokens, seed=args.seed)
+    workload = make_workload(spec, base.geometry, embedding_std(base.model), base.tokenizer)
+    if args.no_tasks:
+        workload = workload.without_tasks()
+    engine = pe.start_engine(base, pe.make_registry(base, workload), args.concurrency[0], args.max_tokens_per_step)
+    try:
+        pe.run_engine(engine, warmup_workload(workload))
+        timer = PhaseTimer()
+        instrument(engine, timer)
+        args.out.mkdir(parents=True, exist_ok=True)
+        trace = None if args.no_torch_profiler else args.out / "engine_trace.json"
+        state, done = profile_in_engine_thread(engine, timer, trace, not args.no_torch_profiler)
+        start = time.perf_counter()
+        results = pe.run_engine(engine, workload)
+        wall = time.perf_counter() - start
+        done.wait(timeout=60)
+    finally:
+        engine.shutdown(timeout_s=5.0)
+    tokens = sum(len(r.token_ids) for r in results)
+    print(f"{len(results)} requests, {tokens} tokens in {wall:.2f} s ({tokens / wall:.1f} tok/s, "
+          f"profiler {'on' if trace else 'off'}); {state['steps']} engine steps "
+          f"({1000 * wall / max(state['steps'], 1):.1f} ms/step)")
+    print(timer.table(wall))
+    if state["prof"] is not None:
+        print(state["prof"].key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+        print(f"wrote {trace}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
