@@ -22,21 +22,24 @@ class Unauthorized(PromptswapError):
         )
 
 
-def check_bearer(request: Request, token: SecretStr | None, which: str) -> None:
-    """Raise Unauthorized unless the request carries `token`. No token configured: open."""
-    if token is None:
+def check_bearer(request: Request, required: SecretStr | None, also: SecretStr | None, which: str) -> None:
+    """Raise Unauthorized unless the request carries `required` (or `also`). None required: open."""
+    if required is None:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    expected = token.get_secret_value().encode()
+    given_bytes = given.strip().encode()
     # compare_digest runs in constant time, so the response time does not leak how much matched.
-    ok = hmac.compare_digest(given.strip().encode(), expected)
-    if scheme.lower() != "bearer" or not ok:
+    # Both are compared every time, for the same reason.
+    ok = [hmac.compare_digest(given_bytes, t.get_secret_value().encode()) for t in (required, also) if t]
+    if scheme.lower() != "bearer" or not any(ok):
         raise Unauthorized(which)
 
 
 def require_admin(request: Request) -> None:
-    check_bearer(request, request.app.state.settings.admin_token, "admin")
+    check_bearer(request, request.app.state.settings.admin_token, None, "admin")
 
 
 def require_api(request: Request) -> None:
-    check_bearer(request, request.app.state.settings.api_token, "api")
+    """Generation and reading; the admin token works here too (an admin may do what a client does)."""
+    settings = request.app.state.settings
+    check_bearer(request, settings.api_token, settings.admin_token, "api")

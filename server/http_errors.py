@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompt_store.errors import PromptError
-from server.errors import PromptswapError
+from server.errors import PromptswapError, RequestCancelled
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,11 @@ def error_payload(error_type: str, message: str, param: str | None) -> dict:
 
 def describe(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
     """(status, body, headers) for any exception; streaming routes use it for their error event."""
+    if isinstance(exc, RequestCancelled):
+        # A client that cancelled is gone and reads nothing; one still waiting was cancelled by a
+        # shutdown, which is the server's doing, not the client's (the engine's 499 would blame it).
+        return 503, error_payload("overloaded_error", f"{exc.message} (the server is shutting down)", None), {
+            "Retry-After": "5"}
     if isinstance(exc, PromptswapError | PromptError):
         status = exc.status_code
         error_type = getattr(exc, "error_type", None) or _type_for(status)

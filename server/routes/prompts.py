@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from server.auth import require_admin
+from server.auth import require_admin, require_api
 from server.deps import RegistryDep
 from server.errors import InvalidParameter
 from server.schemas import PromptList
@@ -23,13 +23,13 @@ router = APIRouter(tags=["prompts"])
 KIND_HELP = "prompt or prefix; needed only when neither the file's metadata nor a config decides it"
 
 
-@router.get("/prompts", response_model=PromptList)
+@router.get("/prompts", response_model=PromptList, dependencies=[Depends(require_api)])
 def list_prompts(registry: RegistryDep):
     """Every task, including files in the prompt directory that failed to load (with their error)."""
     return {"prompts": [d.to_dict() for d in registry.list()]}
 
 
-@router.get("/prompts/{task}")
+@router.get("/prompts/{task}", dependencies=[Depends(require_api)])
 def describe_prompt(task: str, registry: RegistryDep) -> dict:
     return registry.describe(task).to_dict()
 

@@ -1,0 +1,57 @@
+# promptswap: one frozen LLM, many soft prompts and prefixes, one batched forward pass.
+#
+#   docker build -t promptswap .                      # CPU torch (default)
+#   docker build -t promptswap:cuda \
+#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .   # a CUDA build of torch
+#   docker run -p 8000:8000 -v prompts:/data/prompts -v models:/data/cache \
+#       -e PROMPTSWAP_MODEL=HuggingFaceTB/SmolLM2-135M -e PROMPTSWAP_ADMIN_TOKEN=change-me promptswap
+#
+# With no PROMPTSWAP_MODEL it serves the built-in offline demo (a tiny random-weight model).
+# For the CUDA image run it with `--gpus all`; the server picks cuda when torch sees a GPU.
+
+ARG PYTHON_VERSION=3.11
+FROM python:${PYTHON_VERSION}-slim
+
+# Where torch comes from: PyTorch's CPU wheels by default; pass a CUDA index URL for a GPU build.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+
+# Dependencies in their own layer, before the code: editing the code does not reinstall torch.
+COPY pyproject.toml README.md ./
+RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+print('\n'.join(deps))" > /tmp/requirements.txt \
+    && pip install --index-url "${TORCH_INDEX_URL}" $(grep '^torch' /tmp/requirements.txt) \
+    && pip install -r /tmp/requirements.txt
+
+# The code.
+COPY server ./server
+COPY prompt_store ./prompt_store
+RUN pip install --no-deps . && promptswap serve --help > /dev/null
+
+# A non-root user; prompts and the model cache live on volumes it owns.
+RUN useradd --create-home --uid 10001 promptswap \
+    && mkdir -p /data/prompts /data/cache \
+    && chown -R promptswap:promptswap /data
+USER promptswap
+
+ENV PROMPTSWAP_HOST=0.0.0.0 \
+    PROMPTSWAP_PORT=8000 \
+    PROMPTSWAP_PROMPT_DIR=/data/prompts \
+    PROMPTSWAP_CACHE_DIR=/data/cache \
+    HF_HOME=/data/cache/huggingface
+VOLUME ["/data/prompts", "/data/cache"]
+
+EXPOSE 8000
+# slim images have no curl: the health check uses Python's standard library.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PROMPTSWAP_PORT', '8000'), timeout=4)" || exit 1
+
+# `docker stop` sends SIGTERM: the server stops accepting, finishes in-flight requests, exits.
+STOPSIGNAL SIGTERM
+CMD ["promptswap", "serve"]
