@@ -12,6 +12,7 @@ COLUMNS = (
     ("p50_latency_s", "p50 lat s", "{:.2f}"),
     ("p99_latency_s", "p99 lat s", "{:.2f}"),
     ("p50_ttft_s", "p50 TTFT s", "{:.2f}"),
+    ("cpu_cores_used", "cores", "{:.2f}"),
 )
 
 
@@ -26,7 +27,7 @@ def table(summaries: dict[str, dict], ratios: dict[str, dict] | None, ours: str)
     head += f"{ours + ' tok/s x':>24}{'p50 lat x':>12}"
     lines = [head, "-" * len(head)]
     for name, s in summaries.items():
-        row = name.ljust(name_w) + "".join(_fmt(s[k], p).rjust(12) for k, _, p in COLUMNS)
+        row = name.ljust(name_w) + "".join(_fmt(s.get(k), p).rjust(12) for k, _, p in COLUMNS)
         r = (ratios or {}).get(name)
         if r is not None:
             row += _fmt(r["tokens_per_s"], "{:.2f}x").rjust(24) + _fmt(r["p50_latency_s"], "{:.2f}x").rjust(12)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from benchmarks import baselines
 from benchmarks.hf_generate import HFGenerator
@@ -26,6 +26,8 @@ SYSTEMS = (
     "grouped-by-task",
     "one-at-a-time",
 )
+# Measured once and reused for every concurrency: it serves one request at a time by definition.
+CONCURRENCY_ONE = {"one-at-a-time"}
 # A system that sees no tasks is compared on the same texts, not the same prompts.
 NO_PROMPTS = {"promptswap-no-prompts", "static-no-prompts"}
 
@@ -41,7 +43,6 @@ class Bench:
     http: Callable | None = None  # (workload, concurrency) -> results; None: no HTTP service here
     log: Callable[[str], None] = print
     _base: object = None
-    _one_at_a_time: list[RequestResult] | None = field(default=None, repr=False)
 
     @property
     def base(self):
@@ -53,9 +54,7 @@ class Bench:
 def run_system(bench: Bench, name: str, concurrency: int) -> list[RequestResult]:
     wl = bench.workload
     if name == "one-at-a-time":
-        if bench._one_at_a_time is None:
-            bench._one_at_a_time = baselines.run_one_at_a_time(bench.hf, wl)
-        return bench._one_at_a_time
+        return baselines.run_one_at_a_time(bench.hf, wl)
     if name == "grouped-by-task":
         return baselines.run_grouped_by_task(bench.hf, wl, concurrency)
     if name == "static-no-prompts":
@@ -104,16 +103,28 @@ def measure(bench: Bench, systems: list[str], concurrencies: list[int]) -> dict:
     if bench.hf is not None:
         warm_hf(bench.hf, bench.workload)
     by_c: dict[int, dict] = {}
+    once: dict[str, tuple[list[RequestResult], dict]] = {}  # systems whose concurrency is always 1
     raw: dict[int, dict[str, list[RequestResult]]] = {}
     for c in concurrencies:
         results: dict[str, list[RequestResult]] = {}
+        summaries: dict[str, dict] = {}
         for name in systems:
+            if name in once:
+                results[name], summaries[name] = once[name]
+                continue
             bench.log(f"[c={c}] {name} ...")
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             results[name] = run_system(bench, name, c)
+            wall = time.perf_counter() - start
             s = summarize(results[name])
-            bench.log(f"[c={c}] {name}: {s['tokens_per_s']:.1f} tok/s in {time.perf_counter() - start:.1f} s")
-        summaries = {name: summarize(results[name]) for name in systems}
+            # CPU seconds per wall second over all threads: well under the core count while a system
+            # computes means other processes took the cores (its figures are then too low).
+            s["cpu_cores_used"] = (time.process_time() - cpu_start) / wall
+            summaries[name] = s
+            if name in CONCURRENCY_ONE:
+                once[name] = (results[name], s)
+            bench.log(f"[c={c}] {name}: {s['tokens_per_s']:.1f} tok/s in {wall:.1f} s, "
+                      f"{s['cpu_cores_used']:.2f} cores busy")
         by_c[c] = {
             "summaries": summaries,
             "ratios": ratios(summaries, OURS) if OURS in summaries else {},
