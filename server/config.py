@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -37,7 +37,10 @@ def _default_cache_dir() -> Path:
 class Settings(BaseSettings):
     """promptswap's settings. Environment: PROMPTSWAP_<FIELD>; `serve` flags override it."""
 
-    model_config = SettingsConfigDict(env_prefix="PROMPTSWAP_", extra="forbid", protected_namespaces=())
+    # An empty variable (PROMPTSWAP_MAX_CONTEXT=) means unset, as it does for most programs.
+    model_config = SettingsConfigDict(
+        env_prefix="PROMPTSWAP_", env_parse_none_str="", extra="forbid", protected_namespaces=()
+    )
 
     model: str | None = Field(
         None,
@@ -101,6 +104,14 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level."
     )
+
+    @field_validator("admin_token", "api_token")
+    @classmethod
+    def _token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        # A blank token would be matched by a blank header: refuse it rather than guard nothing.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("a token must not be empty or blank; leave it unset to disable the check")
+        return value
 
     @property
     def demo(self) -> bool:

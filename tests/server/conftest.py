@@ -40,7 +40,8 @@ class LiveServer:
         self._sock = sock
 
     def client(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kw)
+        kw.setdefault("timeout", 60)
+        return httpx.Client(base_url=self.url, **kw)
 
     @property
     def engine(self):
@@ -77,7 +78,7 @@ def start_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llama_server(start_server, llama_dir):
     """One open server on the tiny Llama, shared by a module; tests use their own task names."""
-    server = start_server(model=str(llama_dir), max_new_tokens_cap=128, max_context=512)
+    server = start_server(model=str(llama_dir), max_new_tokens_cap=1000, max_context=1024)
     yield server
     server.stop()
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 
+import httpx
 import pytest
 
-from tests.server.conftest import sse_events, upload_multipart
+from tests.server.conftest import iter_sse, sse_events, upload_multipart
 
 TEXT = "Translate English to French: cheese =>"
 
@@ -108,7 +110,7 @@ def test_batch_results_come_in_order_and_match_single_requests(client, tasks):
         ({"text": TEXT, "top_k": -3}, "top_k"),
         ({"text": TEXT, "seed": -1}, "seed"),
         ({"text": TEXT, "max_new_tokens": 0}, "max_new_tokens"),
-        ({"text": TEXT, "max_new_tokens": 129}, "max_new_tokens"),  # over the server's cap of 128
+        ({"text": TEXT, "max_new_tokens": 1001}, "max_new_tokens"),  # over the server's cap of 1000
         ({"text": TEXT, "stop": [""]}, "stop"),
         ({"max_new_tokens": 3}, "text"),  # text is required
         ({"text": 5}, "text"),
@@ -125,8 +127,8 @@ def test_invalid_parameters_are_422_naming_the_field(client, body, param):
 
 
 def test_cap_error_names_the_cap(client):
-    error = client.post("/generate", json={"text": TEXT, "max_new_tokens": 1000}).json()["error"]
-    assert "128" in error["message"] and "1000" in error["message"]
+    error = client.post("/generate", json={"text": TEXT, "max_new_tokens": 5000}).json()["error"]
+    assert "1000" in error["message"] and "5000" in error["message"]
 
 
 def test_malformed_json_is_422(client):
@@ -143,10 +145,10 @@ def test_unknown_task_is_404(client):
 
 
 def test_text_longer_than_the_context_is_422_with_the_limit(client):
-    r = client.post("/generate", json={"text": "word " * 600})  # max_context is 512 on this server
+    r = client.post("/generate", json={"text": "word " * 1100})  # max_context is 1024 on this server
     assert r.status_code == 422, r.text
     error = r.json()["error"]
-    assert error["param"] == "text" and "511" in error["message"]
+    assert error["param"] == "text" and "1023" in error["message"]
 
 
 def test_batch_errors_name_the_entry_and_run_nothing(client):
@@ -171,3 +173,31 @@ def test_a_bad_request_does_not_disturb_others(client, llama_server):
         client.post("/generate", json=bad)
     assert client.post("/generate", json=good).json() == before
     assert client.get("/health").status_code == 200
+
+
+def _wait_until_idle(server, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        stats = server.engine.stats()
+        if stats.running == 0 and stats.waiting == 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_client_that_leaves_a_stream_frees_its_slot(llama_server, client):
+    assert _wait_until_idle(llama_server)
+    # 1000 tokens take the tiny model several seconds; a cancelled request is gone within a step.
+    long = {"text": TEXT, "max_new_tokens": 1000, "ignore_eos": True, "stream": True}
+    with llama_server.client() as c, c.stream("POST", "/generate", json=long) as r:
+        next(iter_sse(r))  # it is generating now
+        assert llama_server.engine.stats().running == 1
+    assert _wait_until_idle(llama_server, 2)
+
+
+def test_a_client_that_times_out_cancels_its_request(llama_server):
+    assert _wait_until_idle(llama_server)
+    long = {"text": TEXT, "max_new_tokens": 1000, "ignore_eos": True}
+    with llama_server.client(timeout=httpx.Timeout(30, read=0.2)) as c, pytest.raises(httpx.ReadTimeout):
+        c.post("/generate", json=long)
+    assert _wait_until_idle(llama_server, 2)
