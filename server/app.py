@@ -16,6 +16,7 @@ from starlette.types import Scope
 
 from server.body_limit import BodyLimitMiddleware
 from server.config import MiB, Settings
+from server.errors import ModelNotSupported
 from server.http_errors import install_error_handler
 from server.metrics import Metrics
 from server.routes import generate, openai, ops, prompts
@@ -59,7 +60,11 @@ async def _lifespan(app: FastAPI):
     settings: Settings = state.settings
     _warn_about_setup(settings)
     # Loading takes seconds to minutes (a hub download): off the event loop.
-    base, registry, engine = await run_in_threadpool(_build_engine, settings)
+    try:
+        base, registry, engine = await run_in_threadpool(_build_engine, settings)
+    except (OSError, ValueError, ModelNotSupported) as exc:
+        log.error("cannot start: model %r could not be loaded: %s", settings.model or "(demo)", exc)
+        raise
     state.engine, state.registry, state.ready = engine, registry, True
     log.info("promptswap ready: model %s (served as %r), %d prompts from %s", base.name,
              settings.model_name(), len(registry), registry.directory)

@@ -23,6 +23,24 @@ router = APIRouter(tags=["prompts"])
 KIND_HELP = "prompt or prefix; needed only when neither the file's metadata nor a config decides it"
 
 
+def _upload_body(named: bool) -> dict:
+    """The request body for the OpenAPI docs: the route reads it itself, in either form."""
+    fields = {
+        "weights": {"type": "string", "format": "binary", "description": "adapter_model.safetensors"},
+        "config": {"type": "string", "format": "binary", "description": "PEFT adapter_config.json (optional)"},
+        "kind": {"type": "string", "enum": ["prompt", "prefix"]},
+        "description": {"type": "string"},
+    }
+    if named:
+        fields["task"] = {"type": "string"}
+    required = ["task", "weights"] if named else ["weights"]
+    form = {"schema": {"type": "object", "properties": fields, "required": required}}
+    content = {"multipart/form-data": form}
+    if not named:
+        content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
 @router.get("/prompts", response_model=PromptList, dependencies=[Depends(require_api)])
 def list_prompts(registry: RegistryDep):
     """Every task, including files in the prompt directory that failed to load (with their error)."""
@@ -34,7 +52,8 @@ def describe_prompt(task: str, registry: RegistryDep) -> dict:
     return registry.describe(task).to_dict()
 
 
-@router.put("/prompts/{task}", dependencies=[Depends(require_admin)], status_code=201)
+@router.put("/prompts/{task}", dependencies=[Depends(require_admin)], status_code=201,
+            openapi_extra=_upload_body(named=False))
 async def put_prompt(task: str, request: Request, registry: RegistryDep,
                      kind: str | None = Query(None, description=KIND_HELP),
                      description: str | None = Query(None)) -> Response:
@@ -43,7 +62,8 @@ async def put_prompt(task: str, request: Request, registry: RegistryDep,
     return await _store(registry, task, upload)
 
 
-@router.put("/prompts", dependencies=[Depends(require_admin)], status_code=201)
+@router.put("/prompts", dependencies=[Depends(require_admin)], status_code=201,
+            openapi_extra=_upload_body(named=True))
 async def put_prompt_form(request: Request, registry: RegistryDep,
                           kind: str | None = Query(None, description=KIND_HELP),
                           description: str | None = Query(None)) -> Response:
