@@ -61,8 +61,9 @@ async def _respond(send: Send, exc: Exception) -> None:
     raw = json.dumps(body).encode()
     header_list = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
     header_list += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    # Connection: close, because the unread body is still on its way and must not be taken for a request.
-    header_list.append((b"connection", b"close"))
+    # No "Connection: close": closing with the body still arriving makes the kernel reset the
+    # connection, and the client sees a reset instead of this 413. Kept open, uvicorn reads and
+    # discards the rest of the body (never buffering it) and the client reads the answer.
     await send({"type": "http.response.start", "status": status, "headers": header_list})
     await send({"type": "http.response.body", "body": raw})
 
