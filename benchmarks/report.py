@@ -93,8 +93,10 @@ def plot_ttft(path: Path, rows: list[dict], title: str) -> None:
     for name in systems:
         ax.plot([r["num_virtual"] for r in rows], [r["ttft_s"][name] for r in rows], marker="o", label=name)
     ax.set_xscale("log", base=2)
+    sizes = [r["num_virtual"] for r in rows]
+    ax.set_xticks(sizes, [str(n) for n in sizes])
     ax.set_xlabel("num_virtual_tokens")
-    ax.set_ylabel("time to first token, s (median)")
+    ax.set_ylabel("time to first token, s (median of warm runs; first use: one run)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
