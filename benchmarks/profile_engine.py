@@ -52,11 +52,42 @@ class PhaseTimer:
         return "\n".join(lines)
 
 
-def instrument(engine, timer: PhaseTimer) -> None:
+class StepShapes:
+    """Forward passes split by what they held: decode-only steps against steps with prefill chunks."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[tuple[int, float]]] = defaultdict(list)  # kind -> (tokens, seconds)
+
+    def wrap(self, run):
+        @functools.wraps(run)
+        def timed(batch):
+            start = time.perf_counter()
+            try:
+                return run(batch)
+            finally:
+                kind = "decode only" if all(n == 1 for _, n in batch) else "with prefill"
+                self.rows[kind].append((sum(n for _, n in batch), time.perf_counter() - start))
+
+        return timed
+
+    def table(self) -> str:
+        lines = [f"{'forward passes':<20}{'steps':>8}{'tokens/step':>13}{'ms/step':>10}{'ms/token':>10}", "-" * 61]
+        for kind, rows in sorted(self.rows.items()):
+            tokens, secs = sum(t for t, _ in rows), sum(s for _, s in rows)
+            lines.append(f"{kind:<20}{len(rows):>8}{tokens / len(rows):>13.1f}{1000 * secs / len(rows):>10.1f}"
+                         f"{1000 * secs / tokens:>10.2f}")
+        return "\n".join(lines)
+
+
+def instrument(engine, timer: PhaseTimer, shapes: StepShapes) -> None:
     import server.engine as engine_module
+
+    engine.runner.run = shapes.wrap(engine.runner.run)
 
     engine.scheduler.schedule = timer.wrap("scheduler.schedule", engine.scheduler.schedule)
     engine._admit = timer.wrap("engine._admit (KV slot + prefix)", engine._admit)
+    engine.runner.reserve = timer.wrap("runner.reserve (KV slots sized)", engine.runner.reserve)
+    engine.runner.kv.ensure = timer.wrap("kv.ensure (regrowth check)", engine.runner.kv.ensure)
     engine.runner.run = timer.wrap("runner.run (forward pass)", engine.runner.run)
     engine._append = timer.wrap("engine._append (detok + push)", engine._append)
     engine._finish = timer.wrap("engine._finish", engine._finish)
@@ -109,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from benchmarks import promptswap_engine as pe
+    from benchmarks import threads
     from benchmarks.models import resolve_model
+
+    threads.configure(None)  # before any model loads: the engine thread alone gets torch's threads
     from benchmarks.throughput import warmup_workload
     from benchmarks.workload import WorkloadSpec, embedding_std, make_workload
 
@@ -123,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = pe.start_engine(base, pe.make_registry(base, workload), args.concurrency[0], args.max_tokens_per_step)
     try:
         pe.run_engine(engine, warmup_workload(workload))
-        timer = PhaseTimer()
-        instrument(engine, timer)
+        timer, shapes = PhaseTimer(), StepShapes()
+        instrument(engine, timer, shapes)
         args.out.mkdir(parents=True, exist_ok=True)
         trace = None if args.no_torch_profiler else args.out / "engine_trace.json"
         state, done = profile_in_engine_thread(engine, timer, trace, not args.no_torch_profiler)
@@ -139,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
           f"profiler {'on' if trace else 'off'}); {state['steps']} engine steps "
           f"({1000 * wall / max(state['steps'], 1):.1f} ms/step)")
     print(timer.table(wall))
+    print(shapes.table())
     if state["prof"] is not None:
         print(state["prof"].key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
         print(f"wrote {trace}")

@@ -35,9 +35,11 @@ def make_registry(base, workload: Workload):
 
 
 def start_engine(base, registry, max_running: int, max_tokens_per_step: int):
+    from benchmarks.threads import engine_threads
     from server.engine import Engine, EngineConfig
 
-    engine = Engine(base, registry, EngineConfig(max_running=max_running, max_tokens_per_step=max_tokens_per_step))
+    config = EngineConfig(max_running=max_running, max_tokens_per_step=max_tokens_per_step, threads=engine_threads())
+    engine = Engine(base, registry, config)
     engine.start()
     return engine
 

@@ -88,13 +88,16 @@ def environment(model_path: str, device: str, dtype: str) -> dict:
     import torch
     import transformers
 
+    from benchmarks import threads
+    from server import cpu_threads
     from server.model_loader import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     return {
         "model": model_path, "device": str(dev), "dtype": str(resolve_dtype(dtype, dev)),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+        "torch_threads": threads.engine_threads() or cpu_threads.DEFAULT_THREADS,
+        "cpu": platform.processor() or platform.machine(),
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
     }  # fmt: skip
 
@@ -108,10 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}", file=sys.stderr)
         return 2
-    if args.threads:
-        import torch
+    from benchmarks import threads
 
-        torch.set_num_threads(args.threads)
+    threads.configure(args.threads)  # before any model loads
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     model_path = resolve_model(args.model, args.out)
     load_before = _check_quiet(log)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from benchmarks import baselines
 from benchmarks.hf_generate import HFGenerator
 from benchmarks.metrics import RequestResult, agreement, ratios, summarize
+from benchmarks.threads import in_worker
 from benchmarks.workload import Workload
 
 OURS = "promptswap"
@@ -101,7 +102,7 @@ def warm_hf(hf: HFGenerator, workload: Workload) -> None:
 def measure(bench: Bench, systems: list[str], concurrencies: list[int]) -> dict:
     """Run everything; returns {concurrency: {"summaries", "ratios", "agreement"}} plus raw results."""
     if bench.hf is not None:
-        warm_hf(bench.hf, bench.workload)
+        in_worker(warm_hf, bench.hf, bench.workload)
     by_c: dict[int, dict] = {}
     once: dict[str, tuple[list[RequestResult], dict]] = {}  # systems whose concurrency is always 1
     raw: dict[int, dict[str, list[RequestResult]]] = {}
@@ -114,7 +115,9 @@ def measure(bench: Bench, systems: list[str], concurrencies: list[int]) -> dict:
                 continue
             bench.log(f"[c={c}] {name} ...")
             start, cpu_start = time.perf_counter(), time.process_time()
-            results[name] = run_system(bench, name, c)
+            # The engine computes in its own thread; the transformers baselines get one like it.
+            results[name] = run_system(bench, name, c) if name.startswith(OURS) else in_worker(
+                run_system, bench, name, c)
             wall = time.perf_counter() - start
             s = summarize(results[name])
             # CPU seconds per wall second over all threads: well under the core count while a system

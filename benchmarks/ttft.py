@@ -14,6 +14,7 @@ import time
 import torch
 
 from benchmarks.hf_generate import HFGenerator
+from benchmarks.threads import in_worker
 from benchmarks.workload import Request, Task, Workload
 
 VIRTUAL_TOKENS = (1, 16, 64, 256)
@@ -52,14 +53,18 @@ def _one(engine, task: str, text: str) -> float:
     raise RuntimeError("the engine finished without a token")
 
 
+def _baseline_rows(hf: HFGenerator, rows: list[dict], tasks: dict[str, Task], text: str, repeats: int) -> None:
+    hf.generate(None, [text], [1])
+    for row, task in zip(rows, tasks.values(), strict=True):
+        row["ttft_s"]["one-at-a-time"] = baseline_ttft(hf, task, text, repeats)
+
+
 def measure(hf: HFGenerator | None, load_base, text: str, sizes, embed_std: float, repeats: int, seed: int,
             systems: set[str]) -> list[dict]:
     tasks = make_tasks(sizes, hf.geometry.hidden_size if hf else load_base().geometry.hidden_size, embed_std, seed)
     rows = [{"num_virtual": n, "ttft_s": {}} for n in sizes]
     if hf is not None and "one-at-a-time" in systems:
-        hf.generate(None, [text], [1])
-        for row, task in zip(rows, tasks.values(), strict=True):
-            row["ttft_s"]["one-at-a-time"] = baseline_ttft(hf, task, text, repeats)
+        in_worker(_baseline_rows, hf, rows, tasks, text, repeats)
     if "promptswap" in systems:
         from benchmarks import promptswap_engine as pe
 

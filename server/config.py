@@ -24,6 +24,7 @@ ENGINE_FIELDS = (
     "max_queue",
     "kv_cache_bytes",
     "prompt_cache_bytes",
+    "threads",
 )
 
 DEMO_MODEL_NAME = "promptswap-demo"
@@ -93,6 +94,9 @@ class Settings(BaseSettings):
     kv_cache_bytes: int | None = Field(None, ge=1, description="Byte budget of the requests' KV cache.")
     prompt_cache_bytes: int | None = Field(
         None, ge=1, description="Byte budget of the device cache of task prefixes (least recently used out)."
+    )
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads of the engine's model work (torch intra-op); other threads use one."
     )
     shutdown_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server import cpu_threads
 from server.detokenizer import IncrementalText
 from server.errors import EngineStopped, QueueFull, RequestCancelled, RequestFailed, RequestTooLong
 from server.handle import RequestHandle
@@ -35,9 +36,14 @@ class EngineConfig:
     max_queue: int = 1024  # waiting requests before new ones get QueueFull
     kv_cache_bytes: int = 2 * 2**30  # KV memory of running requests
     prompt_cache_bytes: int = 512 * 2**20  # device memory for precomputed task prefixes
+    # torch intra-op threads of the engine thread (None: torch's default). Once the engine starts,
+    # every other thread of the process runs torch on one thread; see server/cpu_threads.py.
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         SchedulerConfig(self.max_running, self.max_tokens_per_step)  # same checks, one place
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
         for name in ("max_queue", "kv_cache_bytes", "prompt_cache_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -67,7 +73,8 @@ class Engine:
         self.config = config or EngineConfig()
         self.max_context = min(self.config.max_context or base.max_context, base.max_context)
         self.prompt_cache = PromptCache(self.config.prompt_cache_bytes)
-        self.runner = ModelRunner(base, kv_budget_bytes=self.config.kv_cache_bytes, prompt_cache=self.prompt_cache)
+        self.runner = ModelRunner(base, kv_budget_bytes=self.config.kv_cache_bytes, prompt_cache=self.prompt_cache,
+                                  max_running=self.config.max_running)
         kv_positions = max(1, self.config.kv_cache_bytes // self.runner.kv.bytes_per_position)
         self.scheduler = Scheduler(SchedulerConfig(self.config.max_running, self.config.max_tokens_per_step,
                                                    kv_positions))
@@ -85,8 +92,11 @@ class Engine:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="promptswap-engine", daemon=True)
+            ready = threading.Event()
+            self._thread = threading.Thread(target=self._loop, args=(ready,), name="promptswap-engine", daemon=True)
             self._thread.start()
+            ready.wait()
+            cpu_threads.single_threaded_here()  # the engine thread alone owns an OpenMP pool
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop accepting, let in-flight requests finish for up to `timeout_s`, cancel the rest, stop."""
@@ -160,7 +170,9 @@ class Engine:
 
     # -- the loop (engine thread only) ---------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _loop(self, ready: threading.Event) -> None:
+        cpu_threads.take_threads(self.config.threads)
+        ready.set()
         while True:
             with self._lock:
                 while not self._stop and not self._inbox and not self.scheduler.has_work():
@@ -184,6 +196,10 @@ class Engine:
         for seq in [s for s in list(self.scheduler.running) + list(self.scheduler.waiting) if s.cancelled]:
             self._finish(seq, error=RequestCancelled())
         step = self.scheduler.schedule()
+        try:
+            self.runner.reserve(step.admitted)
+        except Exception:  # e.g. out of memory: each admission below then fails on its own
+            log.exception("could not size the KV slots for %d joining requests", len(step.admitted))
         for seq in step.admitted:
             self._admit(seq)
         batch = [(seq, n) for seq, n in step.batch if not seq.finished]

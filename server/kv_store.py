@@ -7,8 +7,9 @@ in place: nothing is re-padded or copied per decode step.
 
 Slots are kept compact (running requests occupy 0..n-1) so that the batched decode attention
 reads one contiguous view `[:n]`; when a request leaves, the last slot moves into its place
-(one request's KV copied once, on leave). The buffers grow geometrically when a longer request
-or more requests arrive and are released when nothing runs, so memory returns to zero when idle.
+(one request's KV copied once, on leave). The buffers grow when more requests (slots double) or
+a longer one (length grows to the need) arrive, and are released when nothing runs, so memory
+returns to zero when idle. The engine sizes them once per step for everyone joining it.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import torch
 
 class SlotKV:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype,
-                 device: torch.device, budget_bytes: int | None = None) -> None:
+                 device: torch.device, budget_bytes: int | None = None, max_slots: int | None = None) -> None:
         self.num_layers = num_layers
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = device
         self.budget_bytes = budget_bytes
+        self.max_slots = max_slots  # slots never usefully exceed the running-request limit
         self.keys: torch.Tensor | None = None  # [layers, slots, kv_heads, capacity, head_dim]
         self.values: torch.Tensor | None = None
 
@@ -50,9 +52,14 @@ class SlotKV:
         """Make room for `slots` requests of up to `length` positions, keeping what is stored."""
         if slots <= self.slots and length <= self.capacity:
             return
-        new_slots = max(slots, min(2 * self.slots, slots + 8)) if slots > self.slots else self.slots
-        new_len = max(length, 2 * self.capacity) if length > self.capacity else self.capacity
-        new_len = -(-new_len // 16) * 16  # round up: fewer regrowths, aligned rows
+        # Each regrowth zero-fills and copies every layer's buffer, so grow by doubling.
+        new_slots = max(slots, 2 * self.slots) if slots > self.slots else self.slots
+        if self.max_slots is not None:
+            new_slots = max(slots, min(new_slots, self.max_slots))
+        # Length grows to the need (rounded up), not doubled: every running request's slot spans it,
+        # so a doubled length would multiply the memory (and the page-faulting) by the slot count.
+        new_len = max(length, self.capacity)
+        new_len = -(-new_len // 16) * 16  # aligned rows
         over = self.budget_bytes is not None and new_slots * new_len * self.bytes_per_position > self.budget_bytes
         if over:  # geometric growth must not push past the budget: fall back to the exact need
             new_slots, new_len = max(slots, self.slots), max(length, self.capacity)

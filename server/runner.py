@@ -17,17 +17,24 @@ from server.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, base: BaseModel, *, kv_budget_bytes: int, prompt_cache: PromptCache) -> None:
+    def __init__(self, base: BaseModel, *, kv_budget_bytes: int, prompt_cache: PromptCache,
+                 max_running: int | None = None) -> None:
         self.base = base
         self.model = base.model
         self.device = base.device
         g = base.geometry
         self.kv = SlotKV(g.num_layers, g.num_kv_heads, g.head_dim, dtype=base.dtype, device=base.device,
-                         budget_bytes=kv_budget_bytes)
+                         budget_bytes=kv_budget_bytes, max_slots=max_running)
         self.prompt_cache = prompt_cache
         self._owners: list[Sequence] = []  # slot i is held by _owners[i]; kept compact
 
     # -- slots ---------------------------------------------------------------------------------
+
+    def reserve(self, joining: list[Sequence]) -> None:
+        """Size the KV slots once for everyone joining this step, instead of regrowing per request."""
+        if joining:
+            longest = max(s.max_total_len for s in self._owners + joining)
+            self.kv.ensure(len(self._owners) + len(joining), longest)
 
     def add(self, seq: Sequence) -> None:
         """Give `seq` a KV slot and copy its task prefix (if any) into the first positions."""

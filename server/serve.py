@@ -57,6 +57,7 @@ def _flag_type(annotation) -> tuple[typing.Callable, list | None]:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from server import cpu_threads
     from server.app import create_app
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
@@ -66,6 +67,8 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"promptswap serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Before anything loads: the engine thread is to be the only one with an OpenMP pool.
+    cpu_threads.single_threaded_here()
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
         # On SIGTERM uvicorn stops accepting, waits this long for open responses (streams included),
