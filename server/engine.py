@@ -197,7 +197,7 @@ class Engine:
             self._finish(seq, error=RequestCancelled())
         step = self.scheduler.schedule()
         try:
-            self.runner.reserve(step.admitted)
+            self.runner.reserve(step.admitted, self.scheduler.waiting)
         except Exception:  # e.g. out of memory: each admission below then fails on its own
             log.exception("could not size the KV slots for %d joining requests", len(step.admitted))
         for seq in step.admitted:

@@ -48,6 +48,10 @@ class SlotKV:
     def nbytes(self) -> int:
         return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
 
+    def fits(self, slots: int, length: int) -> bool:
+        """Whether `slots` requests of `length` positions fit the byte budget."""
+        return self.budget_bytes is None or slots * length * self.bytes_per_position <= self.budget_bytes
+
     def ensure(self, slots: int, length: int) -> None:
         """Make room for `slots` requests of up to `length` positions, keeping what is stored."""
         if slots <= self.slots and length <= self.capacity:
@@ -60,8 +64,7 @@ class SlotKV:
         # so a doubled length would multiply the memory (and the page-faulting) by the slot count.
         new_len = max(length, self.capacity)
         new_len = -(-new_len // 16) * 16  # aligned rows
-        over = self.budget_bytes is not None and new_slots * new_len * self.bytes_per_position > self.budget_bytes
-        if over:  # geometric growth must not push past the budget: fall back to the exact need
+        if not self.fits(new_slots, new_len):  # growth must not push past the budget: fall back to the exact need
             new_slots, new_len = max(slots, self.slots), max(length, self.capacity)
         shape = (self.num_layers, new_slots, self.kv_heads, new_len, self.head_dim)
         keys = torch.zeros(shape, dtype=self.dtype, device=self.device)

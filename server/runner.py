@@ -7,6 +7,8 @@ pick a token this step.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from server.attention import LAYOUT_KWARG, DecodeGroup, PrefillChunk, StepLayout
@@ -30,11 +32,21 @@ class ModelRunner:
 
     # -- slots ---------------------------------------------------------------------------------
 
-    def reserve(self, joining: list[Sequence]) -> None:
-        """Size the KV slots once for everyone joining this step, instead of regrowing per request."""
-        if joining:
-            longest = max(s.max_total_len for s in self._owners + joining)
-            self.kv.ensure(len(self._owners) + len(joining), longest)
+    def reserve(self, joining: list[Sequence], upcoming=()) -> None:
+        """Size the KV slots once for everyone joining this step and for the requests queued behind
+        them (up to the running limit): each regrowth zero-fills and copies every layer's buffer."""
+        if not joining:
+            return
+        room = self.kv.max_slots or len(self._owners) + len(joining) + len(upcoming)
+        queued = list(itertools.islice(upcoming, max(0, room - len(self._owners) - len(joining))))
+        slots, longest = self._need(self._owners + joining + queued)
+        if not self.kv.fits(slots, longest):  # the queue may not all fit: size for this step alone
+            slots, longest = self._need(self._owners + joining)
+        self.kv.ensure(slots, longest)
+
+    @staticmethod
+    def _need(seqs: list[Sequence]) -> tuple[int, int]:
+        return len(seqs), max(s.max_total_len for s in seqs)
 
     def add(self, seq: Sequence) -> None:
         """Give `seq` a KV slot and copy its task prefix (if any) into the first positions."""
