@@ -66,7 +66,9 @@ class DecodeGroup:
             allowed = k_pos <= last
             if window is not None:
                 allowed &= k_pos > last - window
-            allowed[:, 0] = True  # idle slots would otherwise see nothing (NaN); their rows are discarded
+            # A row that sees nothing would give NaN; let it see position 0 (its output is discarded).
+            # Never force it for a live row: a sliding window may have moved past position 0.
+            allowed[~allowed.any(dim=-1), 0] = True
             self._masks[window] = allowed[:, None, None, :]
         return self._masks[window]
 

@@ -62,7 +62,7 @@ def load_base_model(name_or_path: str | Path, device: str | None = None,
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=torch_dtype, attn_implementation=ATTN_IMPLEMENTATION
         )
-    except ValueError as exc:  # no causal-LM head, or no support for pluggable attention
+    except (ValueError, KeyError) as exc:  # no causal-LM head, or no pluggable attention (Falcon: KeyError)
         raise ModelNotSupported(
             f"{name_or_path} ({config.model_type}) cannot be served: {exc}. promptswap needs a "
             "decoder-only causal LM whose attention goes through transformers' AttentionInterface"

@@ -183,6 +183,21 @@ def test_unsupported_models_are_refused(tmp_path):
         load_base_model(tmp_path)
 
 
+@pytest.mark.parametrize("model_type", ["falcon", "bloom"])
+def test_models_without_pluggable_attention_are_refused_clearly(tmp_path, model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from server.errors import ModelNotSupported
+    from server.tiny_models import build_tokenizer
+
+    config = AutoConfig.for_model(model_type, vocab_size=600, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    build_tokenizer(tmp_path)
+    with pytest.raises(ModelNotSupported, match=f"\\({model_type}\\).*(cannot be served|pluggable attention)"):
+        load_base_model(tmp_path)
+
+
 def test_model_is_frozen_in_eval_mode(base_model):
     assert not base_model.model.training
     assert not any(p.requires_grad for p in base_model.model.parameters())
