@@ -35,7 +35,8 @@ ADAPTERS = {
     "soft": PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5),
     "prefix": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4),
 }
-TEXTS = ["the quick brown fox jumps", "Café über 東京", "SELECT name FROM products WHERE price > 10"]
+TEXTS = ["the quick brown fox jumps", "Café über 東京", "SELECT name FROM products WHERE price > 10",
+         "Summarize: the meeting moved to Thursday because the room was booked on Wednesday. " * 2]
 NEW_TOKENS = 6
 
 
@@ -78,7 +79,8 @@ def test_architecture_matches_peft(name, tokenizer_dir, tmp_path):
     registry = PromptRegistry(ModelGeometry.from_config(base.model.config), tmp_path / "prompts", dtype=base.dtype)
     for task in ADAPTERS:
         registry.put_path(task, tmp_path / task)
-    engine = Engine(base, registry, EngineConfig(max_running=8))
+    # a small step budget: long texts prefill in chunks, across the sliding windows
+    engine = Engine(base, registry, EngineConfig(max_running=12, max_tokens_per_step=24))
     engine.start()
     try:
         # every task's requests go in together, so each batch mixes kinds
