@@ -16,7 +16,7 @@ import torch
 
 from server import cpu_threads
 from server.detokenizer import IncrementalText
-from server.errors import EngineStopped, QueueFull, RequestCancelled, RequestFailed, RequestTooLong
+from server.errors import EngineStopped, InvalidParameter, QueueFull, RequestCancelled, RequestFailed, RequestTooLong
 from server.handle import RequestHandle
 from server.model_loader import BaseModel
 from server.prompt_cache import PromptCache
@@ -127,7 +127,7 @@ class Engine:
         snapshot = self.registry.get(task) if task is not None else None  # UnknownTask
         prompt_ids = list(self.tokenizer(text)["input_ids"])
         if not prompt_ids:
-            raise RequestTooLong(self.max_context, 0, "text gives no tokens; at least 1 is needed", param="text")
+            raise InvalidParameter("text", "a text that gives at least one token", text)
         num_virtual = snapshot.num_virtual_tokens if snapshot is not None else 0
         used = num_virtual + len(prompt_ids)
         if used + 1 > self.max_context:

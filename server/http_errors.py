@@ -78,6 +78,9 @@ def _validation_payload(exc: RequestValidationError) -> dict:
     if not errors:
         return error_payload("invalid_request_error", "invalid request", None)
     first = errors[0]
+    if first.get("type") == "json_invalid":  # the body as a whole, not an element of it
+        return error_payload("invalid_request_error", f"the request body is not valid JSON: {first.get('msg')}",
+                             "body")
     param = _param_from_loc(first.get("loc", ()))
     message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
     if first.get("type") not in ("missing", "json_invalid") and "input" in first:

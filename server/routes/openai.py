@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from prompt_store.errors import UnknownTask
 from server.auth import require_api
 from server.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
-from server.errors import InvalidParameter
+from server.errors import InvalidParameter, RequestTooLong
 from server.generation import (
     SSE_HEADERS,
     Generation,
@@ -86,9 +86,9 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
                 exc.param = "model"
                 exc.message = f"{exc.message}; `model` is a task name or {settings.model_name()!r} for the base model"
                 raise
-            except InvalidParameter as exc:
-                if len(prompts) > 1:
-                    exc.param = f"prompt[{i}]" if exc.param == "text" else exc.param
+            except (InvalidParameter, RequestTooLong) as exc:
+                if exc.param == "text":  # the engine's name for what OpenAI clients call the prompt
+                    exc.param = f"prompt[{i}]" if len(prompts) > 1 else "prompt"
                 raise
     except BaseException:
         for gen in gens:

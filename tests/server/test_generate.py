@@ -116,6 +116,7 @@ def test_batch_results_come_in_order_and_match_single_requests(client, tasks):
         ({"text": 5}, "text"),
         ({"text": TEXT, "max_tokens": 3}, "max_tokens"),  # a misspelt field is refused, not ignored
         ({"text": TEXT, "ignore_eos": "sometimes"}, "ignore_eos"),
+        ({"text": ""}, "text"),  # no token to continue from
     ],
 )
 def test_invalid_parameters_are_422_naming_the_field(client, body, param):
@@ -134,6 +135,7 @@ def test_cap_error_names_the_cap(client):
 def test_malformed_json_is_422(client):
     r = client.post("/generate", content=b'{"text": ', headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_request_error"
+    assert r.json()["error"]["param"] == "body" and "not valid JSON" in r.json()["error"]["message"]
 
 
 def test_unknown_task_is_404(client):

@@ -98,3 +98,9 @@ def test_errors_reach_the_client_as_openai_errors(oa, task):
         oa.completions.create(model=task, prompt=[1, 2, 3], max_tokens=2)
     with pytest.raises(openai.UnprocessableEntityError):
         oa.completions.create(model=task, prompt=TEXT, max_tokens=2, logprobs=2)
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        oa.completions.create(model=task, prompt="", max_tokens=2)
+    assert err.value.body["param"] == "prompt"  # the client's name for it, not the engine's `text`
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        oa.completions.create(model=task, prompt=[TEXT, "the end " * 2000], max_tokens=2)
+    assert err.value.body["param"] == "prompt[1]"
