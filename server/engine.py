@@ -171,8 +171,10 @@ class Engine:
     # -- the loop (engine thread only) ---------------------------------------------------------
 
     def _loop(self, ready: threading.Event) -> None:
-        cpu_threads.take_threads(self.config.threads)
-        ready.set()
+        try:
+            cpu_threads.take_threads(self.config.threads)
+        finally:
+            ready.set()  # start() waits for this; never leave it hanging
         while True:
             with self._lock:
                 while not self._stop and not self._inbox and not self.scheduler.has_work():
