@@ -87,7 +87,6 @@ def instrument(engine, timer: PhaseTimer, shapes: StepShapes) -> None:
     engine.scheduler.schedule = timer.wrap("scheduler.schedule", engine.scheduler.schedule)
     engine._admit = timer.wrap("engine._admit (KV slot + prefix)", engine._admit)
     engine.runner.reserve = timer.wrap("runner.reserve (KV slots sized)", engine.runner.reserve)
-    engine.runner.kv.ensure = timer.wrap("kv.ensure (regrowth check)", engine.runner.kv.ensure)
     engine.runner.run = timer.wrap("runner.run (forward pass)", engine.runner.run)
     engine._append = timer.wrap("engine._append (detok + push)", engine._append)
     engine._finish = timer.wrap("engine._finish", engine._finish)
@@ -142,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks import promptswap_engine as pe
     from benchmarks import threads
     from benchmarks.models import resolve_model
-
-    threads.configure(None)  # before any model loads: the engine thread alone gets torch's threads
     from benchmarks.throughput import warmup_workload
     from benchmarks.workload import WorkloadSpec, embedding_std, make_workload
+
+    threads.configure(None)  # before any model loads: the engine thread alone gets torch's threads
 
     model_path = resolve_model(args.model, args.out)
     base = pe.load_base(model_path, args.device, args.dtype)

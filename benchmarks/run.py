@@ -96,7 +96,7 @@ def environment(model_path: str, device: str, dtype: str) -> dict:
     return {
         "model": model_path, "device": str(dev), "dtype": str(resolve_dtype(dtype, dev)),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "torch_threads": threads.engine_threads() or cpu_threads.DEFAULT_THREADS,
+        "torch_threads": cpu_threads.intra_op_threads(threads.engine_threads()),
         "cpu": platform.processor() or platform.machine(),
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
     }  # fmt: skip

@@ -83,7 +83,7 @@ def _validation_payload(exc: RequestValidationError) -> dict:
                              "body")
     param = _param_from_loc(first.get("loc", ()))
     message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
-    if first.get("type") not in ("missing", "json_invalid") and "input" in first:
+    if first.get("type") != "missing" and "input" in first:
         message += f", got {_short(first['input'])}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
