@@ -42,7 +42,7 @@ def resolve_model(name: str, out_dir: Path) -> str:
         return name
     target = out_dir / "models" / name
     if not (target / "config.json").exists():
-        from server.tiny_models import build_model_from_config
+        from server.demo.tiny_models import build_model_from_config
 
         print(f"building random-weight {name} in {target} (once)", flush=True)
         build_model_from_config(target, PRESETS[name]())

@@ -80,7 +80,7 @@ class StepShapes:
 
 
 def instrument(engine, timer: PhaseTimer, shapes: StepShapes) -> None:
-    import server.engine as engine_module
+    import server.engine.loop as engine_module
 
     engine.runner.run = shapes.wrap(engine.runner.run)
 

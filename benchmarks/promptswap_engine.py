@@ -14,7 +14,7 @@ from benchmarks.workload import Workload
 
 
 def load_base(model_path: str, device: str | None, dtype: str | None):
-    from server.model_loader import load_base_model
+    from server.engine.model_loader import load_base_model
 
     return load_base_model(model_path, device=device, dtype=dtype)
 
@@ -36,7 +36,7 @@ def make_registry(base, workload: Workload):
 
 def start_engine(base, registry, max_running: int, max_tokens_per_step: int):
     from benchmarks.threads import engine_threads
-    from server.engine import Engine, EngineConfig
+    from server.engine.loop import Engine, EngineConfig
 
     config = EngineConfig(max_running=max_running, max_tokens_per_step=max_tokens_per_step, threads=engine_threads())
     engine = Engine(base, registry, config)
@@ -50,7 +50,7 @@ def run_engine(engine, workload: Workload) -> list[RequestResult]:
 
 
 async def _replay(engine, workload: Workload) -> list[RequestResult]:
-    from server.sequence import Completion, SamplingParams
+    from server.engine.sequence import Completion, SamplingParams
 
     t0 = time.perf_counter()
 

@@ -23,7 +23,7 @@ from benchmarks.workload import Workload
 
 def available() -> bool:
     """Whether this checkout has the HTTP service (and uvicorn/httpx to drive it)."""
-    return all(importlib.util.find_spec(m) is not None for m in ("server.app", "uvicorn", "httpx"))
+    return all(importlib.util.find_spec(m) is not None for m in ("server.api.app", "uvicorn", "httpx"))
 
 
 def run_http(model_path: str, device: str | None, dtype: str | None, workload: Workload, concurrency: int,
@@ -60,7 +60,7 @@ class _serve:
     def __init__(self, settings) -> None:
         import uvicorn
 
-        from server.app import create_app
+        from server.api.app import create_app
 
         self.settings = settings
         config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,

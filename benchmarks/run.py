@@ -76,7 +76,7 @@ def load_hf(model_path: str, device: str, dtype: str):
     """The baselines' own copy of the model, with transformers' default attention: what users run."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from server.model_loader import resolve_device, resolve_dtype
+    from server.engine.model_loader import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype, dev))
@@ -89,8 +89,8 @@ def environment(model_path: str, device: str, dtype: str) -> dict:
     import transformers
 
     from benchmarks import threads
-    from server import cpu_threads
-    from server.model_loader import resolve_device, resolve_dtype
+    from server.engine import threads as cpu_threads
+    from server.engine.model_loader import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     return {

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from server import cpu_threads
+from server.engine import threads as cpu_threads
 
 T = TypeVar("T")
 

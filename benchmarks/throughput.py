@@ -64,7 +64,7 @@ def run_system(bench: Bench, name: str, concurrency: int) -> list[RequestResult]
         return _run_engine(bench, wl if name == "promptswap" else wl.without_tasks(), concurrency)
     if name == "promptswap-http":
         if bench.http is None:
-            raise RuntimeError("the HTTP service (server.app) is not available in this checkout")
+            raise RuntimeError("the HTTP service (server.api.app) is not available in this checkout")
         return bench.http(wl, concurrency)
     raise ValueError(f"unknown system {name!r}; expected one of {SYSTEMS}")
 

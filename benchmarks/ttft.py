@@ -43,7 +43,7 @@ def engine_ttft(engine, task: Task, text: str, repeats: int) -> tuple[float, flo
 
 
 def _one(engine, task: str, text: str) -> float:
-    from server.sequence import SamplingParams
+    from server.engine.sequence import SamplingParams
 
     start = time.perf_counter()
     handle = engine.submit(text, task=task, params=SamplingParams(max_new_tokens=1, ignore_eos=True))

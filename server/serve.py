@@ -57,8 +57,8 @@ def _flag_type(annotation) -> tuple[typing.Callable, list | None]:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server import cpu_threads
-    from server.app import create_app
+    from server.engine import threads as cpu_threads
+    from server.api.app import create_app
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.tiny_models import build_tiny_model
+from server.demo.tiny_models import build_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,8 @@ from peft import (
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prompt_store import ModelGeometry, PromptRegistry
-from server.engine import Engine, EngineConfig
-from server.model_loader import load_base_model
+from server.engine.loop import Engine, EngineConfig
+from server.engine.model_loader import load_base_model
 
 # task name -> PEFT config; num_virtual_tokens spans 1..64, every method, prefixes with and without projection
 ADAPTERS = {

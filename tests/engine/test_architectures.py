@@ -13,10 +13,10 @@ from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, TaskType, ge
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from prompt_store import ModelGeometry, PromptRegistry
-from server.engine import Engine, EngineConfig
-from server.model_loader import load_base_model
-from server.sequence import SamplingParams
-from server.tiny_models import build_tokenizer
+from server.engine.loop import Engine, EngineConfig
+from server.engine.model_loader import load_base_model
+from server.engine.sequence import SamplingParams
+from server.demo.tiny_models import build_tokenizer
 
 SHAPE = dict(vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=512, initializer_range=0.2)

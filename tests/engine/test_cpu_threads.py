@@ -4,7 +4,7 @@ import threading
 
 import torch
 
-from server import cpu_threads
+from server.engine import threads as cpu_threads
 
 
 def test_a_thread_that_took_threads_keeps_them_when_others_drop_to_one():

@@ -1,6 +1,6 @@
 from transformers import AutoTokenizer
 
-from server.detokenizer import IncrementalText
+from server.engine.detokenizer import IncrementalText
 
 
 def stream(tokenizer, text, stop=()):

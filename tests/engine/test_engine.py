@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from server.engine import Engine, EngineConfig
-from server.errors import QueueFull, RequestCancelled, RequestFailed, RequestTooLong
-from server.model_loader import load_base_model
-from server.sequence import SamplingParams, TokenDelta
+from server.engine.loop import Engine, EngineConfig
+from server.engine.errors import QueueFull, RequestCancelled, RequestFailed, RequestTooLong
+from server.engine.model_loader import load_base_model
+from server.engine.sequence import SamplingParams, TokenDelta
 
 GREEDY8 = SamplingParams(max_new_tokens=8, ignore_eos=True)
 
@@ -176,7 +176,7 @@ def test_queue_limit(make_engine):
 def test_unsupported_models_are_refused(tmp_path):
     from transformers import T5Config
 
-    from server.errors import ModelNotSupported
+    from server.engine.errors import ModelNotSupported
 
     T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=64, d_kv=16, vocab_size=100).save_pretrained(tmp_path)
     with pytest.raises(ModelNotSupported, match="encoder-decoder"):
@@ -187,8 +187,8 @@ def test_unsupported_models_are_refused(tmp_path):
 def test_models_without_pluggable_attention_are_refused_clearly(tmp_path, model_type):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from server.errors import ModelNotSupported
-    from server.tiny_models import build_tokenizer
+    from server.engine.errors import ModelNotSupported
+    from server.demo.tiny_models import build_tokenizer
 
     config = AutoConfig.for_model(model_type, vocab_size=600, hidden_size=32, num_hidden_layers=1,
                                   num_attention_heads=2)

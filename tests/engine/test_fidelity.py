@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from server.sequence import SamplingParams
+from server.engine.sequence import SamplingParams
 from tests.engine.conftest import ADAPTERS, random_text
 
 TASKS = [*ADAPTERS, None]

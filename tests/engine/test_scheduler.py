@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from server.scheduler import Scheduler, SchedulerConfig
-from server.sequence import SamplingParams, Sequence, Status
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.sequence import SamplingParams, Sequence, Status
 
 
 def seq(prompt_len: int, max_new: int = 4, virtual: int = 0) -> Sequence:
@@ -28,7 +28,7 @@ def run_step(sched: Scheduler):
 
 
 def test_request_state_and_scheduler_import_no_torch():
-    code = "import sys, server.scheduler, server.sequence, server.detokenizer; print('torch' in sys.modules)"
+    code = "import sys, server.engine.scheduler, server.engine.sequence, server.engine.detokenizer; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -1,7 +1,7 @@
 import pytest
 
-from server.errors import InvalidParameter
-from server.sequence import SamplingParams
+from server.engine.errors import InvalidParameter
+from server.engine.sequence import SamplingParams
 
 
 @pytest.mark.parametrize(

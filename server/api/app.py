@@ -1,0 +1,108 @@
+"""create_app(settings): the whole service is built here, and nothing at import time.
+
+The lifespan loads the model, the registry and the engine at startup and drains the engine at
+shutdown; routes reach them through `app.state` (see server/deps.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+from starlette.types import Scope
+
+from server.api.limits import BodyLimitMiddleware
+from server.config import MiB, Settings
+from server.engine.errors import ModelNotSupported
+from server.api.errors import install_error_handler
+from server.api.metrics import Metrics
+from server.api.routes import generate, openai, ops, prompts
+
+log = logging.getLogger("promptswap")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(
+        title="promptswap",
+        summary="One frozen LLM, many tasks (soft prompts and prefixes), one batched forward pass.",
+        lifespan=_lifespan,
+    )
+    state = app.state
+    state.settings = settings
+    state.engine = None
+    state.registry = None
+    state.ready = False
+    state.started_at = time.time()
+    state.metrics = Metrics(
+        engine_stats=lambda: state.engine.stats() if state.engine is not None else None,
+        prompt_count=lambda: len(state.registry) if state.registry is not None else 0,
+    )
+    install_error_handler(app)
+    for module in (ops, generate, prompts, openai):
+        app.include_router(module.router)
+
+    upload_limit = settings.max_prompt_bytes + MiB  # room for the multipart envelope and the config
+
+    def limit_for(scope: Scope) -> int:
+        return upload_limit if scope["path"].startswith("/prompts") else settings.max_request_bytes
+
+    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    state = app.state
+    settings: Settings = state.settings
+    _warn_about_setup(settings)
+    # Loading takes seconds to minutes (a hub download): off the event loop.
+    try:
+        base, registry, engine = await run_in_threadpool(_build_engine, settings)
+    except (OSError, ValueError, ModelNotSupported) as exc:
+        log.error("cannot start: model %r could not be loaded: %s", settings.model or "(demo)", exc)
+        raise
+    state.engine, state.registry, state.ready = engine, registry, True
+    log.info("promptswap ready: model %s (served as %r), %d prompts from %s", base.name,
+             settings.model_name(), len(registry), registry.directory)
+    try:
+        yield
+    finally:
+        state.ready = False  # /health answers 503 while draining
+        # uvicorn has already waited (up to the same timeout) for open responses to finish.
+        await run_in_threadpool(engine.shutdown, settings.shutdown_timeout_s)
+        log.info("engine stopped")
+
+
+def _build_engine(settings: Settings):
+    from prompt_store import PromptRegistry, RegistryLimits
+    from server.engine.loop import Engine, EngineConfig
+    from server.engine.model_loader import load_base_model
+
+    if settings.demo:
+        from server.demo.tasks import BANNER, ensure_demo_model, register_demo_tasks
+
+        log.warning(BANNER)
+        model_path = str(ensure_demo_model(settings.cache_dir))
+    else:
+        model_path = settings.model
+    base = load_base_model(model_path, device=settings.device, dtype=settings.dtype)
+    limits = RegistryLimits(max_virtual_tokens=settings.max_virtual_tokens, max_bytes=settings.max_prompt_bytes)
+    registry = PromptRegistry(base.geometry, settings.resolved_prompt_dir(), dtype=base.dtype, limits=limits)
+    registry.load_all()
+    if settings.demo:
+        register_demo_tasks(registry, base)
+    engine = Engine(base, registry, EngineConfig(**settings.engine_kwargs()))
+    engine.start()
+    return base, registry, engine
+
+
+def _warn_about_setup(settings: Settings) -> None:
+    if settings.admin_token is None:
+        log.warning("no admin token: anyone who can reach this server can upload and delete prompts. "
+                    "Set PROMPTSWAP_ADMIN_TOKEN (or --admin-token) outside development.")
+    if settings.api_token is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("no API token and listening on %s: generation is open to the network", settings.host)

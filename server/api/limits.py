@@ -1,0 +1,78 @@
+"""Request body size limits, enforced before and while the body is read.
+
+A declared Content-Length over the limit is refused at once, before any byte of the body is
+read. A body without one (chunked) or one that lies is counted as it streams in, and refused
+as soon as it passes the limit, so a large upload never sits whole in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.api.errors import describe
+
+
+class BodyTooLargeError(HTTPException):
+    """An HTTPException so that FastAPI's body parsing re-raises it as is instead of wrapping it in a 400."""
+
+    def __init__(self, limit: int, actual: int, exact: bool) -> None:
+        amount = f"{actual} bytes" if exact else f"more than {actual - 1} bytes"
+        super().__init__(413, f"request body must be at most {limit} bytes, got {amount}")
+        self.param = "body"
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI middleware; `limit_for(scope)` gives the limit of each request (uploads get more)."""
+
+    def __init__(self, app: ASGIApp, limit_for: Callable[[Scope], int]) -> None:
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope)
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _respond(send, BodyTooLargeError(limit, declared, exact=True))
+            return
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLargeError(limit, received, exact=not message.get("more_body", False))
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _respond(send: Send, exc: Exception) -> None:
+    status, body, headers = describe(exc)
+    raw = json.dumps(body).encode()
+    header_list = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    header_list += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    # No "Connection: close": closing with the body still arriving makes the kernel reset the
+    # connection, and the client sees a reset instead of this 413. Kept open, uvicorn reads and
+    # discards the rest of the body (never buffering it) and the client reads the answer.
+    await send({"type": "http.response.start", "status": status, "headers": header_list})
+    await send({"type": "http.response.body", "body": raw})
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

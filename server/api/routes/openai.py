@@ -1,0 +1,204 @@
+"""OpenAI-compatible completions: `model` is a task name, or the base model's served name for none.
+
+Shapes follow OpenAI's legacy Completions API (what the official client parses); parameters
+promptswap cannot honour (n > 1, echo, logprobs, penalties, ...) are refused with a 422 rather
+than silently ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from prompt_store.errors import UnknownTask
+from server.api.auth import require_api
+from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
+from server.engine.errors import InvalidParameter, RequestTooLong
+from server.api.streaming import (
+    SSE_HEADERS,
+    Generation,
+    all_results,
+    sampling_params,
+    sse,
+    submit,
+    unless_disconnected,
+)
+from server.api.errors import describe
+from server.api.schemas import CompletionRequest
+from server.engine.sequence import Completion, TokenDelta
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api)], tags=["openai"])
+
+_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+def _model_card(model_id: str, created: float, parent: str | None) -> dict:
+    return {"id": model_id, "object": "model", "created": int(created), "owned_by": "promptswap",
+            "root": model_id, "parent": parent}
+
+
+@router.get("/models")
+def list_models(request: Request, settings: SettingsDep, registry: RegistryDep) -> dict:
+    """The base model (no prompt) first, then every task that is served."""
+    base = settings.model_name()
+    cards = [_model_card(base, request.app.state.started_at, None)]
+    cards += [_model_card(d.task, d.created_at, base) for d in registry.list() if d.error is None]
+    return {"object": "list", "data": cards}
+
+
+@router.get("/models/{model}")
+def get_model(model: str, request: Request, settings: SettingsDep, registry: RegistryDep) -> dict:
+    base = settings.model_name()
+    if model == base:
+        return _model_card(base, request.app.state.started_at, None)
+    desc = registry.get(model)  # UnknownTask -> 404
+    return _model_card(model, desc.created_at, base)
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request, engine: EngineDep, metrics: MetricsDep,
+                      settings: SettingsDep):
+    _refuse_unsupported(body)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InvalidParameter("prompt", "a string or a non-empty list of strings (token ids are not accepted)",
+                               _short(body.prompt))
+    task = None if body.model == settings.model_name() else body.model
+    params = sampling_params(
+        settings.max_new_tokens_cap, max_new_tokens=16 if body.max_tokens is None else body.max_tokens,
+        param_name="max_tokens",
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed,
+        stop=() if body.stop is None else ((body.stop,) if isinstance(body.stop, str) else tuple(body.stop)),
+        ignore_eos=bool(body.ignore_eos),
+    )
+    gens: list[Generation] = []
+    try:
+        for i, text in enumerate(prompts):
+            try:
+                gens.append(submit(engine, metrics, text, task, params))
+            except UnknownTask as exc:
+                exc.param = "model"
+                exc.message = f"{exc.message}; `model` is a task name or {settings.model_name()!r} for the base model"
+                raise
+            except (InvalidParameter, RequestTooLong) as exc:
+                if exc.param == "text":  # the engine's name for what OpenAI clients call the prompt
+                    exc.param = f"prompt[{i}]" if len(prompts) > 1 else "prompt"
+                raise
+    except BaseException:
+        for gen in gens:
+            gen.handle.cancel()
+        raise
+    reply = _Reply(body.model, usage=bool(body.stream_options and body.stream_options.include_usage))
+    if not body.stream:
+        return reply.full(await unless_disconnected(request, all_results(gens, "prompt")))
+    events = _merged(gens)
+    try:
+        first = await unless_disconnected(request, anext(events))  # errors before any token get a status
+    except BaseException:
+        await events.aclose()
+        raise
+    return StreamingResponse(reply.stream(first, events, len(gens)), media_type="text/event-stream",
+                             headers=SSE_HEADERS)
+
+
+class _Reply:
+    """Builds OpenAI's response objects for one request."""
+
+    def __init__(self, model: str, usage: bool) -> None:
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.include_usage = usage
+
+    def _envelope(self, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices}
+
+    @staticmethod
+    def _usage(completions: list[Completion]) -> dict:
+        prompt = sum(c.usage.prompt_tokens for c in completions)
+        completion = sum(c.usage.completion_tokens for c in completions)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def full(self, completions: list[Completion]) -> dict:
+        choices = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": _FINISH[c.finish_reason]}
+                   for i, c in enumerate(completions)]
+        return {**self._envelope(choices), "usage": self._usage(completions)}
+
+    async def stream(self, first, events: AsyncIterator[tuple[int, TokenDelta | Completion]], n: int):
+        done: list[Completion] = []
+        item = first
+        try:
+            while True:
+                index, piece = item
+                if isinstance(piece, Completion):
+                    done.append(piece)
+                    choice = {"index": index, "text": "", "logprobs": None,
+                              "finish_reason": _FINISH[piece.finish_reason]}
+                else:
+                    choice = {"index": index, "text": piece.text, "logprobs": None, "finish_reason": None}
+                yield sse(self._envelope([choice]))
+                if len(done) == n:
+                    break
+                item = await anext(events)
+            if self.include_usage:
+                yield sse({**self._envelope([]), "usage": self._usage(done)})
+        except Exception as exc:  # headers are sent: report in-stream, as OpenAI does
+            yield sse(describe(exc)[1])
+        finally:
+            await events.aclose()
+        yield sse("[DONE]")
+
+
+async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, TokenDelta | Completion]]:
+    """Items of several requests as they come, tagged with the request's index."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, gen: Generation) -> None:
+        try:
+            async for item in gen.events():
+                await queue.put((index, item, None))
+        except Exception as exc:
+            await queue.put((index, None, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    remaining = len(gens)
+    try:
+        while remaining:
+            index, item, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            yield index, item
+            if isinstance(item, Completion):
+                remaining -= 1
+    finally:
+        for task in tasks:  # leaving early (error, client gone) cancels the requests still running
+            task.cancel()
+
+
+def _refuse_unsupported(body: CompletionRequest) -> None:
+    checks = (
+        ("n", body.n in (None, 1), "1 (one choice per prompt)", body.n),
+        ("best_of", body.best_of in (None, 1), "1 or absent", body.best_of),
+        ("echo", not body.echo, "false", body.echo),
+        ("logprobs", body.logprobs is None, "absent (log probabilities are not returned)", body.logprobs),
+        ("suffix", not body.suffix, "absent (insertion is not supported)", body.suffix),
+        ("presence_penalty", not body.presence_penalty, "0 (penalties are not supported)", body.presence_penalty),
+        ("frequency_penalty", not body.frequency_penalty, "0 (penalties are not supported)",
+         body.frequency_penalty),
+        ("logit_bias", not body.logit_bias, "absent (logit bias is not supported)", body.logit_bias),
+    )
+    for name, ok, expected, actual in checks:
+        if not ok:
+            raise InvalidParameter(name, expected, actual)
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,131 @@
+"""Task prompts: upload or replace (PUT), list and describe (GET), delete (DELETE).
+
+An upload is either the raw safetensors file as the body (application/octet-stream) or a
+multipart form with a `weights` file and an optional PEFT `config` file. Validation, storage
+and versions are prompt_store's; this module only moves bytes between HTTP and the registry.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from server.api.auth import require_admin, require_api
+from server.api.deps import RegistryDep
+from server.engine.errors import InvalidParameter
+from server.api.schemas import PromptList
+
+router = APIRouter(tags=["prompts"])
+
+KIND_HELP = "prompt or prefix; needed only when neither the file's metadata nor a config decides it"
+
+
+def _upload_body(named: bool) -> dict:
+    """The request body for the OpenAPI docs: the route reads it itself, in either form."""
+    fields = {
+        "weights": {"type": "string", "format": "binary", "description": "adapter_model.safetensors"},
+        "config": {"type": "string", "format": "binary", "description": "PEFT adapter_config.json (optional)"},
+        "kind": {"type": "string", "enum": ["prompt", "prefix"]},
+        "description": {"type": "string"},
+    }
+    if named:
+        fields["task"] = {"type": "string"}
+    required = ["task", "weights"] if named else ["weights"]
+    form = {"schema": {"type": "object", "properties": fields, "required": required}}
+    content = {"multipart/form-data": form}
+    if not named:
+        content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+@router.get("/prompts", response_model=PromptList, dependencies=[Depends(require_api)])
+def list_prompts(registry: RegistryDep):
+    """Every task, including files in the prompt directory that failed to load (with their error)."""
+    return {"prompts": [d.to_dict() for d in registry.list()]}
+
+
+@router.get("/prompts/{task}", dependencies=[Depends(require_api)])
+def describe_prompt(task: str, registry: RegistryDep) -> dict:
+    return registry.describe(task).to_dict()
+
+
+@router.put("/prompts/{task}", dependencies=[Depends(require_admin)], status_code=201,
+            openapi_extra=_upload_body(named=False))
+async def put_prompt(task: str, request: Request, registry: RegistryDep,
+                     kind: str | None = Query(None, description=KIND_HELP),
+                     description: str | None = Query(None)) -> Response:
+    """Upload or replace `task`: 201 when created, 200 when replaced; the body is its descriptor."""
+    upload = await _read_upload(request, kind, description)
+    return await _store(registry, task, upload)
+
+
+@router.put("/prompts", dependencies=[Depends(require_admin)], status_code=201,
+            openapi_extra=_upload_body(named=True))
+async def put_prompt_form(request: Request, registry: RegistryDep,
+                          kind: str | None = Query(None, description=KIND_HELP),
+                          description: str | None = Query(None)) -> Response:
+    """The multipart form of PUT /prompts/{task}, with the task name in a `task` field."""
+    if not _is_multipart(request):
+        raise InvalidParameter("content-type", "multipart/form-data with a `task` field",
+                               request.headers.get("content-type"))
+    upload = await _read_upload(request, kind, description)
+    task = upload.pop("task", None)
+    if not task:
+        raise InvalidParameter("task", "a form field naming the task", None)
+    return await _store(registry, task, upload)
+
+
+@router.delete("/prompts/{task}", dependencies=[Depends(require_admin)], status_code=204)
+def delete_prompt(task: str, registry: RegistryDep) -> Response:
+    registry.delete(task)
+    return Response(status_code=204)
+
+
+async def _store(registry, task: str, upload: dict) -> Response:
+    # Validation, dtype conversion and the fsync'd write take a while: keep them off the event loop.
+    _, created = await run_in_threadpool(lambda: registry.put(task, **upload))
+    body = registry.describe(task).to_dict()
+    headers = {"Location": f"/prompts/{task}"} if created else None
+    return JSONResponse(body, status_code=201 if created else 200, headers=headers)
+
+
+def _is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+
+
+async def _read_upload(request: Request, kind: str | None, description: str | None) -> dict:
+    """The registry.put arguments (data, kind, config, description) from either body form."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype in ("application/json", "application/x-www-form-urlencoded", "text/plain"):
+        raise HTTPException(415, f"upload the prompt as application/octet-stream (the safetensors file) "
+                                 f"or multipart/form-data (weights + config files), got {ctype}")
+    if not _is_multipart(request):
+        return {"data": await request.body(), "kind": kind, "config": None, "description": description}
+    # At most a few small fields and two files; the body limit bounds the files' size.
+    form = await request.form(max_files=2, max_fields=8)
+    try:
+        weights = form.get("weights")
+        if not isinstance(weights, UploadFile):
+            raise InvalidParameter("weights", "a file part named `weights` (adapter_model.safetensors)",
+                                   type(weights).__name__ if weights is not None else None)
+        config = form.get("config")  # a file part, or the JSON pasted as a text field
+        if isinstance(config, UploadFile):
+            config = await config.read()
+        out = {
+            "data": await weights.read(),
+            "config": config.encode() if isinstance(config, str) and config else (config or None),
+            "kind": kind or _text(form.get("kind")),
+            "description": description or _text(form.get("description")),
+        }
+        if "task" in form:
+            out["task"] = _text(form.get("task"))
+        return out
+    finally:
+        await form.close()
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) and value else None

@@ -1,0 +1,110 @@
+"""HTTP request and response shapes. Types are checked here; ranges by SamplingParams (one place)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.engine.sequence import Completion
+
+
+class _Strict(BaseModel):
+    # A misspelt field (max_tokens on /generate) is an error, not a silently ignored default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerateParams(_Strict):
+    task: str | None = Field(None, description="Task name; null or absent: the base model alone.")
+    text: str = Field(description="Input text, tokenized exactly as tokenizer(text) does.")
+    max_new_tokens: int | None = Field(None, description="Default 64, at most the server's cap.")
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    ignore_eos: bool = False
+
+    def sampling_kwargs(self) -> dict:
+        return dict(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+            stop=_stop_tuple(self.stop), ignore_eos=self.ignore_eos,
+        )
+
+
+class GenerateRequest(GenerateParams):
+    stream: bool = False
+
+
+class BatchRequest(_Strict):
+    requests: list[GenerateParams] = Field(min_length=1)
+
+
+class UsageOut(BaseModel):
+    prompt_tokens: int
+    virtual_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    task: str | None
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["length", "stop", "eos"]
+    usage: UsageOut
+
+    @classmethod
+    def of(cls, c: Completion) -> GenerateResponse:
+        return cls(
+            task=c.task, text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
+            usage=UsageOut(
+                prompt_tokens=c.usage.prompt_tokens, virtual_tokens=c.usage.virtual_tokens,
+                completion_tokens=c.usage.completion_tokens,
+            ),
+        )
+
+
+class BatchResponse(BaseModel):
+    results: list[GenerateResponse]
+
+
+class PromptList(BaseModel):
+    prompts: list[dict]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's /v1/completions body. Unknown fields are ignored, as OpenAI clients send extras."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    n: int | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    echo: bool | None = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # Extensions, as vLLM names them.
+    top_k: int | None = None
+    ignore_eos: bool | None = None
+
+
+def _stop_tuple(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)

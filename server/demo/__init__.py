@@ -1,0 +1,1 @@
+"""The built-in offline demo: a tiny random-weight model made locally, and its demo tasks."""

@@ -1,0 +1,84 @@
+"""The built-in demo: a tiny random-weight model made locally, and two demo tasks.
+
+So that `promptswap serve` runs anywhere at once, with no network and no download. The text it
+generates is gibberish (random weights), but every path — mixed batches, both prompt kinds,
+uploads, streaming — is the real one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEMO_DIR_NAME = "promptswap-demo"
+_COMPLETE_MARKER = ".complete"
+# The soft prompt is initialised from the embeddings of this text (PEFT's PromptTuningInit.TEXT), so
+# task "demo-soft-prompt" continues exactly like the base model given this text in front.
+SOFT_PROMPT_TEXT = "Translate English to French:"
+DEMO_TASKS = ("demo-soft-prompt", "demo-prefix")
+PREFIX_TOKENS = 8
+
+BANNER = """
+============================================================================================
+  promptswap DEMO MODE: the base model is a tiny model with RANDOM WEIGHTS, built locally.
+  Its output is gibberish; it is here so that every endpoint works with no download.
+  Demo tasks: demo-soft-prompt (soft prompt), demo-prefix (prefix).
+  To serve a real model:   promptswap serve --model HuggingFaceTB/SmolLM2-135M
+============================================================================================"""
+
+
+def ensure_demo_model(cache_dir: Path) -> Path:
+    """Build the demo model once under `cache_dir` and return its directory (reused afterwards)."""
+    target = Path(cache_dir) / "demo" / DEMO_DIR_NAME
+    if (target / _COMPLETE_MARKER).exists():
+        return target
+    from server.demo.tiny_models import build_tiny_model
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so a crash (or a second server starting) never leaves
+    # a half-written model that looks complete.
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        build_tiny_model(tmp, arch="llama")
+        (tmp / _COMPLETE_MARKER).write_text("ok\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first, or a stale incomplete copy is in the way
+            if not (target / _COMPLETE_MARKER).exists():
+                shutil.rmtree(target, ignore_errors=True)
+                os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("built the demo model in %s", target)
+    return target
+
+
+def register_demo_tasks(registry, base) -> None:
+    """Put the two demo tasks into the registry unless they are there (an upload may have replaced them)."""
+    from prompt_store.format import write_prompt
+
+    known = {d.task for d in registry.list()}
+    embed = base.model.get_input_embeddings().weight.detach().float().cpu()  # [vocab, hidden]
+    ids = base.tokenizer(SOFT_PROMPT_TEXT)["input_ids"]
+    tensors = {
+        "demo-soft-prompt": ("prompt", embed[ids].clone()),  # [n, hidden]
+        "demo-prefix": ("prefix", _random_prefix(base.geometry)),  # [n, layers*2*kv_dim]
+    }
+    for task, (kind, tensor) in tensors.items():
+        if task in known:
+            continue
+        data = write_prompt(tensor, {"kind": kind, "description": f"demo {kind} (random weights)"})
+        registry.put(task, data, kind=kind, description=f"built-in demo {kind}")
+
+
+def _random_prefix(geometry):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    # Scale like the tiny model's own keys and values, so the prefix changes the output visibly.
+    return torch.randn(PREFIX_TOKENS, geometry.prefix_width, generator=gen) * 0.5

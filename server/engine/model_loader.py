@@ -1,0 +1,94 @@
+"""Load the one frozen base model and its tokenizer, and refuse models promptswap cannot serve."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prompt_store.geometry import ModelGeometry
+from server.engine.attention import ATTN_IMPLEMENTATION
+from server.engine.errors import ModelNotSupported
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    model: torch.nn.Module
+    tokenizer: object
+    geometry: ModelGeometry
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    max_context: int
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def load_base_model(name_or_path: str | Path, device: str | None = None,
+                    dtype: str | torch.dtype | None = None) -> BaseModel:
+    """Load a decoder-only causal LM frozen, in eval mode, with promptswap's attention plugged in."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    name_or_path = str(name_or_path)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    config = AutoConfig.from_pretrained(name_or_path)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelNotSupported(
+            f"{name_or_path} is an encoder-decoder model ({config.model_type}); "
+            "promptswap serves decoder-only causal LMs only"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=torch_dtype, attn_implementation=ATTN_IMPLEMENTATION
+        )
+    except (ValueError, KeyError) as exc:  # no causal-LM head, or no pluggable attention (Falcon: KeyError)
+        raise ModelNotSupported(
+            f"{name_or_path} ({config.model_type}) cannot be served: {exc}. promptswap needs a "
+            "decoder-only causal LM whose attention goes through transformers' AttentionInterface"
+        ) from exc
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ModelNotSupported(
+            f"{name_or_path} ({config.model_type}) does not support pluggable attention backends "
+            "in this transformers version, so promptswap cannot batch its requests"
+        )
+    model.to(dev).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    geometry = ModelGeometry.from_config(model.config, name_or_path)
+    max_context = _max_context(model.config, tokenizer)
+    name = Path(name_or_path.rstrip("/")).name or name_or_path
+    log.info("loaded %s (%s) on %s in %s; context %d", name_or_path, config.model_type, dev, torch_dtype,
+             max_context)
+    return BaseModel(model, tokenizer, geometry, name, dev, torch_dtype, max_context)
+
+
+def _max_context(config, tokenizer) -> int:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text_config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 10**7:
+        return value
+    return 2048

@@ -1,0 +1,49 @@
+"""Pick each request's next token from its logits, with its own settings and random stream.
+
+A seeded request draws from its own `torch.Generator`, one draw per token, so its tokens do not
+depend on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.sequence import Sequence
+
+
+def make_generator(seq: Sequence, device: torch.device) -> torch.Generator | None:
+    if seq.params.greedy:
+        return None
+    gen = torch.Generator(device="cpu")  # CPU draws: same stream whatever device the model is on
+    if seq.params.seed is not None:
+        gen.manual_seed(seq.params.seed)
+    else:
+        gen.seed()
+    return gen
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """logits `[k, vocab]` float32, one row per sequence in `seqs` -> the k next token ids."""
+    tokens = logits.argmax(dim=-1).tolist()  # greedy rows are done; sampled rows overwrite theirs
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if p.greedy:
+            continue
+        row = logits[i] / p.temperature
+        if 0 < p.top_k < row.shape[-1]:
+            kth = torch.topk(row, p.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        probs = torch.softmax(row, dim=-1)
+        if p.top_p < 1.0:
+            probs = _nucleus(probs, p.top_p)
+        tokens[i] = int(torch.multinomial(probs.cpu(), 1, generator=seq.rng).item())
+    return tokens
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one)."""
+    sorted_probs, order = torch.sort(probs, descending=True)
+    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the tokens ranked above
+    sorted_probs[before >= top_p] = 0.0
+    kept = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return kept / kept.sum()

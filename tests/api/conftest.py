@@ -1,0 +1,176 @@
+"""Live servers over real HTTP: uvicorn in a background thread on 127.0.0.1, the real app, tiny models."""
+
+from __future__ import annotations
+
+import copy
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from server.api.app import create_app
+from server.config import Settings
+
+
+class LiveServer:
+    """create_app(settings) served by uvicorn on a free port, until stop()."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=10, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        self._sock = sock
+
+    def client(self, **kw) -> httpx.Client:
+        kw.setdefault("timeout", 60)
+        return httpx.Client(base_url=self.url, **kw)
+
+    @property
+    def engine(self):
+        return self.app.state.engine
+
+    @property
+    def tokenizer(self):
+        return self.app.state.engine.tokenizer
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+        self._sock.close()
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory):
+    """start_server(**settings) -> LiveServer; every server started is stopped at the end of the session."""
+    servers: list[LiveServer] = []
+
+    def start(**settings) -> LiveServer:
+        settings.setdefault("cache_dir", tmp_path_factory.mktemp("cache"))
+        settings.setdefault("prompt_dir", tmp_path_factory.mktemp("prompts"))
+        server = LiveServer(Settings(**settings))
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        if server.thread.is_alive():
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def llama_server(start_server, llama_dir):
+    """One open server on the tiny Llama, shared by a module; tests use their own task names."""
+    server = start_server(model=str(llama_dir), max_new_tokens_cap=1000, max_context=1024)
+    yield server
+    server.stop()
+
+
+def _peft_configs():
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
+
+    causal = TaskType.CAUSAL_LM
+    # A different n per method, so that a mix-up cannot pass unnoticed.
+    return {
+        "prompt_tuning": PromptTuningConfig(task_type=causal, num_virtual_tokens=5),
+        "p_tuning": PromptEncoderConfig(task_type=causal, num_virtual_tokens=4, encoder_hidden_size=16),
+        "prefix": PrefixTuningConfig(task_type=causal, num_virtual_tokens=3),
+        "prefix_projection": PrefixTuningConfig(task_type=causal, num_virtual_tokens=6, prefix_projection=True,
+                                                encoder_hidden_size=16),
+    }
+
+
+EXPECTED = {  # method -> (kind, num_virtual_tokens)
+    "prompt_tuning": ("prompt", 5),
+    "p_tuning": ("prompt", 4),
+    "prefix": ("prefix", 3),
+    "prefix_projection": ("prefix", 6),
+}
+
+
+@pytest.fixture(scope="session")
+def adapters(llama_dir, tmp_path_factory) -> dict[str, Path]:
+    """Real PEFT adapter directories (get_peft_model + save_pretrained) on the tiny Llama, one per method."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for seed, (method, config) in enumerate(_peft_configs().items()):
+        torch.manual_seed(100 + seed)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(llama_dir)), copy.deepcopy(config))
+        model.save_pretrained(str(root / method))
+        out[method] = root / method
+    return out
+
+
+def upload_multipart(client: httpx.Client, task: str, adapter_dir: Path, *, with_config: bool = True, **kw):
+    files = {"weights": ("adapter_model.safetensors", (adapter_dir / "adapter_model.safetensors").read_bytes(),
+                         "application/octet-stream")}
+    if with_config:
+        files["config"] = ("adapter_config.json", (adapter_dir / "adapter_config.json").read_bytes(),
+                           "application/json")
+    return client.put(f"/prompts/{task}", files=files, **kw)
+
+
+def upload_raw(client: httpx.Client, task: str, data: bytes, **kw):
+    headers = {"content-type": "application/octet-stream", **kw.pop("headers", {})}
+    return client.put(f"/prompts/{task}", content=data, headers=headers, **kw)
+
+
+def iter_sse(response: httpx.Response):
+    """(event name, data) of each server-sent event of a streamed response, as soon as it arrives."""
+    name, data = None, []
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif line == "" and data:
+            yield name, "\n".join(data)
+            name, data = None, []
+    if data:
+        yield name, "\n".join(data)
+
+
+def sse_events(response: httpx.Response) -> list[tuple[str | None, str]]:
+    return list(iter_sse(response))
+
+
+@pytest.fixture(scope="session")
+def reference_greedy(llama_dir):
+    """greedy(adapter_dir or None, text, n): a greedy loop over PeftModel.forward, no cache (DESIGN.md)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(llama_dir))
+
+    @torch.inference_mode()
+    def greedy(adapter_dir: Path | None, text: str, n: int) -> list[int]:
+        model = AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval()
+        if adapter_dir is not None:
+            model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+        ids, out = list(tokenizer(text)["input_ids"]), []
+        for _ in range(n):
+            x = torch.tensor([ids + out])
+            out.append(int(model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].argmax()))
+        return out
+
+    return greedy

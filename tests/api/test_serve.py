@@ -1,0 +1,124 @@
+"""`promptswap serve`: its flags, the settings they make, the offline demo, and a graceful SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from server.cli import build_parser, main
+from server.config import Settings
+from server.demo.tasks import DEMO_TASKS, SOFT_PROMPT_TEXT
+from tests.api.conftest import iter_sse
+
+
+def test_help_documents_every_setting(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--model", "--prompt-dir", "--host", "--port", "--device", "--dtype", "--admin-token",
+                 "--api-token", "--served-model-name", "--max-new-tokens-cap", "--max-running", "--max-queue",
+                 "--max-context", "--kv-cache-bytes", "--prompt-cache-bytes", "--shutdown-timeout-s"):
+        assert flag in out, flag
+    assert "PROMPTSWAP_ADMIN_TOKEN" in out
+
+
+def test_flags_override_the_environment(monkeypatch):
+    monkeypatch.setenv("PROMPTSWAP_PORT", "9001")
+    monkeypatch.setenv("PROMPTSWAP_ADMIN_TOKEN", "from-env")
+    monkeypatch.setenv("PROMPTSWAP_MAX_RUNNING", "3")
+    args = build_parser().parse_args(["serve", "--port", "9002", "--model", "some/model"])
+    settings = Settings(**{k: v for k, v in vars(args).items() if k in Settings.model_fields})
+    assert settings.port == 9002 and settings.model == "some/model"  # from flags
+    assert settings.admin_token.get_secret_value() == "from-env" and settings.max_running == 3  # from env
+    assert settings.engine_kwargs() == {"max_running": 3}
+    assert settings.model_name() == "model"
+
+
+def test_invalid_setting_is_a_clear_error(capsys):
+    assert main(["serve", "--port", "99999"]) == 2
+    assert "port" in capsys.readouterr().err
+
+
+def test_demo_serves_two_tasks_offline(start_server, tmp_path):
+    server = start_server(model=None, cache_dir=tmp_path / "cache", prompt_dir=None)
+    try:
+        with server.client() as c:
+            assert c.get("/health").json()["demo"] is True
+            prompts = {p["task"]: p for p in c.get("/prompts").json()["prompts"]}
+            assert set(DEMO_TASKS) <= set(prompts)
+            assert prompts["demo-soft-prompt"]["kind"] == "prompt" and prompts["demo-prefix"]["kind"] == "prefix"
+            assert c.get("/v1/models").json()["data"][0]["id"] == "promptswap-demo"
+            # The soft prompt is the embeddings of SOFT_PROMPT_TEXT, so it continues like that text in front.
+            with_task = c.post("/generate", json={"task": "demo-soft-prompt", "text": " cheese =>",
+                                                  "max_new_tokens": 8, "ignore_eos": True}).json()
+            spelled = c.post("/generate", json={"text": SOFT_PROMPT_TEXT + " cheese =>", "max_new_tokens": 8,
+                                                "ignore_eos": True}).json()
+            assert with_task["token_ids"] == spelled["token_ids"]
+            prefix = c.post("/generate", json={"task": "demo-prefix", "text": "hi", "max_new_tokens": 3}).json()
+            assert prefix["usage"]["virtual_tokens"] == 8
+        assert (tmp_path / "cache" / "prompts" / "promptswap-demo" / "demo-prefix.safetensors").exists()
+    finally:
+        server.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_finishes_in_flight_streams_then_exits_zero(llama_dir, tmp_path):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTSWAP_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--model", str(llama_dir), "--port", str(port),
+         "--prompt-dir", str(tmp_path / "prompts"), "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server never became healthy"
+            time.sleep(0.2)
+
+        events: list[dict] = []
+        started = threading.Event()
+
+        def stream() -> None:
+            with httpx.stream("POST", f"{url}/generate", timeout=60, json={
+                "text": "hello", "max_new_tokens": 120, "ignore_eos": True, "stream": True}) as r:
+                for _, data in iter_sse(r):
+                    events.append(json.loads(data))
+                    started.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        reader.join(60)
+        assert proc.wait(timeout=60) == 0
+        # The request that was in flight when SIGTERM came finished whole.
+        assert events[-1]["finish_reason"] == "length" and events[-1]["usage"]["completion_tokens"] == 120
+        with pytest.raises(httpx.TransportError):  # and nothing listens any more
+            httpx.get(f"{url}/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
