@@ -21,14 +21,12 @@ def load_base(model_path: str, device: str | None, dtype: str | None):
 
 def make_registry(base, workload: Workload):
     """A registry holding the workload's tasks, uploaded as PEFT safetensors bytes like a user would."""
-    import torch
-
     from prompt_store import PromptRegistry, RegistryLimits
 
     longest = max((t.num_virtual for t in workload.tasks.values()), default=1)
-    # The registry stores prompts in float32 unless the model runs in a lower precision.
-    dtype = base.dtype if base.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    registry = PromptRegistry(base.geometry, dtype=dtype, limits=RegistryLimits(max_virtual_tokens=max(256, longest)))
+    # Stored in the model's dtype, as the service does.
+    limits = RegistryLimits(max_virtual_tokens=max(256, longest))
+    registry = PromptRegistry(base.geometry, dtype=base.dtype, limits=limits)
     for task in workload.tasks.values():
         registry.put(task.name, task.to_safetensors(), kind=task.kind)
     return registry
@@ -36,7 +34,8 @@ def make_registry(base, workload: Workload):
 
 def start_engine(base, registry, max_running: int, max_tokens_per_step: int):
     from benchmarks.threads import engine_threads
-    from server.engine.loop import Engine, EngineConfig
+    from server.engine.config import EngineConfig
+    from server.engine.loop import Engine
 
     config = EngineConfig(max_running=max_running, max_tokens_per_step=max_tokens_per_step, threads=engine_threads())
     engine = Engine(base, registry, config)

@@ -42,6 +42,7 @@ def _range(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     from benchmarks.models import DEFAULT_MODEL, PRESETS
     from benchmarks.throughput import SYSTEMS
+    from prompt_store.dtypes import DTYPE_NAMES
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=("throughput", "ttft"), default="throughput")
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-per-step", type=int, default=512, help="promptswap's engine setting")
     p.add_argument("--ttft-sizes", type=_int_list, default=[1, 16, 64, 256], help="for --mode ttft")
     p.add_argument("--repeats", type=int, default=5, help="for --mode ttft: warm requests per size")
-    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    p.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="auto")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)

@@ -22,8 +22,7 @@ class Task:
     """One task's stored prompt, as PEFT saves it: a single float32 table `[n, width]`.
 
     kind "prompt": `[n, hidden]` virtual-token embeddings. kind "prefix": `[n, layers*2*kv_dim]`,
-    split by `view(n, 2L, kv_heads, head_dim).permute(1, 2, 0, 3)`; row 2l holds layer l's keys
-    (stored without rotary), row 2l+1 its values.
+    split by `ModelGeometry.split_prefix`.
     """
 
     name: str
@@ -44,10 +43,8 @@ class Task:
         """Per-layer (keys, values), each `[kv_heads, n, head_dim]`: the PEFT split of a prefix."""
         if self.kind != "prefix":
             raise ValueError(f"task {self.name!r} is a {self.kind}, not a prefix")
-        g = geometry
-        kv = self.table.view(self.num_virtual, 2 * g.num_layers, g.num_kv_heads, g.head_dim)
-        kv = kv.permute(1, 2, 0, 3)
-        return [(kv[2 * layer], kv[2 * layer + 1]) for layer in range(g.num_layers)]
+        keys, values = geometry.split_prefix(self.table)
+        return [(keys[layer], values[layer]) for layer in range(geometry.num_layers)]
 
 
 @dataclass(frozen=True)

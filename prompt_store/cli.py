@@ -13,9 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from prompt_store.dtypes import DTYPE_NAMES, torch_dtype
 from prompt_store.validate import KINDS
-
-_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def add_prompts_command(subparsers) -> None:
@@ -42,7 +41,7 @@ def add_prompts_command(subparsers) -> None:
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="base model directory (or cached name): also check against its shape")
-    parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="the dtype it would be served in")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="the dtype it would be served in")
     parser.add_argument("--max-virtual-tokens", type=int, default=256, metavar="N")
 
 
@@ -119,8 +118,6 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def _setup(args: argparse.Namespace):
     """(geometry or None, limits, dtype), or an exit code after printing why not."""
-    import torch
-
     from prompt_store.geometry import ModelGeometry
     from prompt_store.validate import RegistryLimits
 
@@ -138,7 +135,7 @@ def _setup(args: argparse.Namespace):
         except (OSError, ValueError) as exc:
             print(f"error: cannot read the model config of {args.model!r}: {exc}", file=sys.stderr)
             return 2
-    return geometry, limits, getattr(torch, args.dtype)
+    return geometry, limits, torch_dtype(args.dtype)
 
 
 def _print_report(report: dict, as_json: bool) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from prompt_store.dtypes import ALLOWED, SAFETENSORS_CODES, dtype_name, torch_dtype
 from prompt_store.errors import BodyTooLarge, MalformedFile, MissingTensor, UnsupportedDtype, WrongRank
 from prompt_store.geometry import ModelGeometry
 
@@ -36,8 +37,7 @@ TEMP_PREFIX = ".promptswap-tmp-"
 TEMP_SUFFIX = ".tmp"
 
 # The dtypes a prompt may be stored in (safetensors header code -> torch dtype).
-STORED_DTYPES: dict[str, torch.dtype] = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-_ALLOWED = "float16, bfloat16 or float32"
+STORED_DTYPES: dict[str, torch.dtype] = {code: torch_dtype(name) for code, name in SAFETENSORS_CODES.items()}
 # Byte sizes of the safetensors dtypes, to check a header's offsets before safetensors reads them.
 _ITEM_SIZE = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
@@ -59,10 +59,6 @@ class PromptFile:
     @property
     def dtype_name(self) -> str:
         return dtype_name(self.embeddings.dtype)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
@@ -166,7 +162,7 @@ def check_prompt_tensor(names: list[str], dtype_code: str | None, shape: list[in
     if dtype_code not in STORED_DTYPES:
         actual = _CODE_NAMES.get(dtype_code, dtype_code)
         raise UnsupportedDtype(
-            f"{TENSOR_NAME} must be {_ALLOWED}, got {actual}", param="weights", expected=_ALLOWED, actual=actual
+            f"{TENSOR_NAME} must be {ALLOWED}, got {actual}", param="weights", expected=ALLOWED, actual=actual
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,14 @@ class ModelGeometry:
 
     def width_for(self, kind: str) -> int:
         return self.hidden_size if kind == "prompt" else self.prefix_width
+
+    def split_prefix(self, table: Any) -> tuple[Any, Any]:
+        """PEFT's prefix layout, the one place it is written: a `[n, layers*2*kv_dim]` tensor becomes
+        (keys, values), each a `[layers, kv_heads, n, head_dim]` view. Row 2l of the `2*layers` axis
+        is layer l's keys, row 2l+1 its values (stored as trained: no rotary applied)."""
+        n = table.shape[0]
+        kv = table.view(n, 2 * self.num_layers, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        return kv[0::2], kv[1::2]
 
     @classmethod
     def from_config(cls, config, model_name: str | None = None) -> ModelGeometry:

@@ -19,13 +19,13 @@ from typing import Literal
 
 import torch
 
+from prompt_store.dtypes import dtype_name
 from prompt_store.errors import BodyTooLarge, PromptError, UnknownTask
 from prompt_store.format import (
     TEMP_PREFIX,
     TEMP_SUFFIX,
     PromptFile,
     atomic_write,
-    dtype_name,
     fsync_dir,
     peek_metadata,
     read_bytes_limited,

@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from prompt_store.dtypes import dtype_name, served_dtypes
 from prompt_store.errors import (
     AmbiguousKind,
     ConfigMismatch,
@@ -26,12 +27,12 @@ from prompt_store.errors import (
     VirtualTokenCountOutOfRange,
     WidthMismatch,
 )
-from prompt_store.format import TENSOR_NAME, PromptFile, dtype_name, load_config
+from prompt_store.format import TENSOR_NAME, PromptFile, load_config
 from prompt_store.geometry import ModelGeometry
 
 Kind = Literal["prompt", "prefix"]
 KINDS: tuple[Kind, ...] = ("prompt", "prefix")
-SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SERVED_DTYPES = served_dtypes()
 TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # PEFT method -> the kind promptswap serves it as (P-tuning's encoder is applied before saving).
 PEFT_KINDS: dict[str, Kind] = {"PROMPT_TUNING": "prompt", "P_TUNING": "prompt", "PREFIX_TUNING": "prefix"}

@@ -1,7 +1,9 @@
 """The service's settings: the one place where environment variables and flags become values.
 
-pydantic-settings lives only here, at the edge; the engine gets a plain `EngineConfig`.
-Every field's description is also its `promptswap serve --help` text.
+pydantic-settings lives only here, at the edge; the engine gets a plain `EngineConfig`, which is
+built (and so checked, by its own rules) when the settings are, so a bad value is refused at
+startup naming its flag and variable. Every field's description is also its `promptswap serve
+--help` text.
 """
 
 from __future__ import annotations
@@ -11,8 +13,12 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from prompt_store.dtypes import DtypeName
+from server.engine.config import EngineConfig
+from server.engine.errors import InvalidConfig
 
 MiB = 1024 * 1024
 
@@ -56,7 +62,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for every interface).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
     device: str | None = Field(None, description="Device for the model: cpu, cuda, cuda:1 (default: best).")
-    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+    dtype: DtypeName | None = Field(
         None, description="Model dtype (default: bfloat16 on cuda, float32 on cpu)."
     )
     admin_token: SecretStr | None = Field(
@@ -81,22 +87,23 @@ class Settings(BaseSettings):
         4 * MiB, ge=1, description="Largest request body of the generation endpoints, in bytes."
     )
     max_batch_requests: int = Field(256, ge=1, description="Most requests in one POST /generate/batch.")
-    max_running: int | None = Field(None, ge=1, description="Most requests decoding at once (engine).")
+    # Engine settings: unset means EngineConfig's default; their ranges are EngineConfig's (checked below).
+    max_running: int | None = Field(None, description="Most requests decoding at once (engine).")
     max_tokens_per_step: int | None = Field(
-        None, ge=1, description="Most tokens in one forward pass; long prompts prefill in chunks (engine)."
+        None, description="Most tokens in one forward pass, >= max-running; long prompts prefill in chunks (engine)."
     )
     max_context: int | None = Field(
-        None, ge=1, description="Most positions per request (default: the model's own limit)."
+        None, description="Most positions per request (default: the model's own limit)."
     )
     max_queue: int | None = Field(
-        None, ge=1, description="Most requests waiting; beyond it requests get 503 (engine)."
+        None, description="Most requests waiting; beyond it requests get 503 (engine)."
     )
-    kv_cache_bytes: int | None = Field(None, ge=1, description="Byte budget of the requests' KV cache.")
+    kv_cache_bytes: int | None = Field(None, description="Byte budget of the requests' KV cache.")
     prompt_cache_bytes: int | None = Field(
-        None, ge=1, description="Byte budget of the device cache of task prefixes (least recently used out)."
+        None, description="Byte budget of the device cache of task prefixes (least recently used out)."
     )
     threads: int | None = Field(
-        None, ge=1, description="CPU threads of the engine's model work (torch intra-op); other threads use one."
+        None, description="CPU threads of the engine's model work (torch intra-op); other threads use one."
     )
     shutdown_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
@@ -117,6 +124,14 @@ class Settings(BaseSettings):
             raise ValueError("a token must not be empty or blank; leave it unset to disable the check")
         return value
 
+    @model_validator(mode="after")
+    def _engine_settings_are_valid(self) -> Settings:
+        try:
+            self.engine_config()
+        except InvalidConfig as exc:
+            raise ValueError(f"{setting_source(exc.field)}: {exc}") from None
+        return self
+
     @property
     def demo(self) -> bool:
         return self.model is None
@@ -136,5 +151,23 @@ class Settings(BaseSettings):
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model_name())
         return self.cache_dir / "prompts" / slug
 
-    def engine_kwargs(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in ENGINE_FIELDS if getattr(self, name) is not None}
+    def engine_config(self) -> EngineConfig:
+        given = {name: getattr(self, name) for name in ENGINE_FIELDS if getattr(self, name) is not None}
+        return EngineConfig(**given)
+
+
+def setting_source(name: str) -> str:
+    """Where a setting comes from, as an operator writes it: its flag and its environment variable."""
+    return f"--{name.replace('_', '-')} / PROMPTSWAP_{name.upper()}"
+
+
+def explain(error: ValidationError) -> str:
+    """One line per bad setting, naming its flag and variable, what is allowed and what was given."""
+    lines = []
+    for e in error.errors():
+        loc = [str(part) for part in e.get("loc", ())]
+        message = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+        if loc and loc[0] in Settings.model_fields:
+            message = f"{setting_source(loc[0])}: {message}, got {e.get('input')!r}"
+        lines.append(message)
+    return "\n".join(lines)

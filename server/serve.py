@@ -15,7 +15,7 @@ import typing
 
 from pydantic import SecretStr, ValidationError
 
-from server.config import ENGINE_FIELDS, Settings
+from server.config import ENGINE_FIELDS, Settings, explain
 
 log = logging.getLogger("promptswap")
 
@@ -57,14 +57,14 @@ def _flag_type(annotation) -> tuple[typing.Callable, list | None]:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.engine import threads as cpu_threads
     from server.api.app import create_app
+    from server.engine import threads as cpu_threads
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        print(f"promptswap serve: invalid settings:\n{exc}", file=sys.stderr)
+        print(f"promptswap serve: invalid settings:\n{explain(exc)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Before anything loads: the engine thread is to be the only one with an OpenMP pool.

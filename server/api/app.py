@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Scope
 
-from server.api.limits import BodyLimitMiddleware
-from server.config import MiB, Settings
-from server.engine.errors import ModelNotSupported
+from prompt_store import PromptRegistry, RegistryLimits
 from server.api.errors import install_error_handler
+from server.api.limits import BodyLimitMiddleware
 from server.api.metrics import Metrics
 from server.api.routes import generate, openai, ops, prompts
+from server.config import MiB, Settings
+from server.engine.errors import ModelNotSupported
+from server.engine.loop import Engine
+from server.engine.model_loader import BaseModel, load_base_model
 
 log = logging.getLogger("promptswap")
 
@@ -55,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 @asynccontextmanager
-async def _lifespan(app: FastAPI):
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
     settings: Settings = state.settings
     _warn_about_setup(settings)
@@ -77,11 +81,7 @@ async def _lifespan(app: FastAPI):
         log.info("engine stopped")
 
 
-def _build_engine(settings: Settings):
-    from prompt_store import PromptRegistry, RegistryLimits
-    from server.engine.loop import Engine, EngineConfig
-    from server.engine.model_loader import load_base_model
-
+def _build_engine(settings: Settings) -> tuple[BaseModel, PromptRegistry, Engine]:
     if settings.demo:
         from server.demo.tasks import BANNER, ensure_demo_model, register_demo_tasks
 
@@ -95,7 +95,7 @@ def _build_engine(settings: Settings):
     registry.load_all()
     if settings.demo:
         register_demo_tasks(registry, base)
-    engine = Engine(base, registry, EngineConfig(**settings.engine_kwargs()))
+    engine = Engine(base, registry, settings.engine_config())
     engine.start()
     return base, registry, engine
 

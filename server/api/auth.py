@@ -7,19 +7,8 @@ import hmac
 from fastapi import Request
 from pydantic import SecretStr
 
-from server.engine.errors import PromptswapError
-
-
-class Unauthorized(PromptswapError):
-    status_code = 401
-    error_type = "authentication_error"
-    headers = {"WWW-Authenticate": "Bearer"}  # noqa: RUF012 -- read-only class constant
-
-    def __init__(self, which: str) -> None:
-        super().__init__(
-            f"this endpoint needs 'Authorization: Bearer <{which} token>'; the header was missing or wrong",
-            param="authorization",
-        )
+from server.api.deps import get_settings
+from server.api.errors import Unauthorized
 
 
 def check_bearer(request: Request, required: SecretStr | None, also: SecretStr | None, which: str) -> None:
@@ -36,10 +25,10 @@ def check_bearer(request: Request, required: SecretStr | None, also: SecretStr |
 
 
 def require_admin(request: Request) -> None:
-    check_bearer(request, request.app.state.settings.admin_token, None, "admin")
+    check_bearer(request, get_settings(request).admin_token, None, "admin")
 
 
 def require_api(request: Request) -> None:
     """Generation and reading; the admin token works here too (an admin may do what a client does)."""
-    settings = request.app.state.settings
+    settings = get_settings(request)
     check_bearer(request, settings.api_token, settings.admin_token, "api")

@@ -1,57 +1,163 @@
-"""The one place where an error becomes an HTTP response: `{"error": {"type", "message", "param"}}`.
+"""The HTTP layer's own errors, and the one place where any error becomes an HTTP response.
 
-Domain errors carry their own status (`status_code`); request-shape errors from FastAPI become
-422 naming the field; anything unexpected is a 500 that hides the traceback from the client.
+Every error answer is `{"error": {"type", "message", "param"}}`. `HTTP_ERRORS` is the one table
+from error classes (the engine's, the prompt store's and this layer's) to status, error type and
+headers; request-shape errors from FastAPI become 422 naming the field; anything unexpected is a
+500 that hides the traceback from the client.
+
+Exceptions are never rewritten in flight. Where a route's client names a thing differently from
+the engine (OpenAI's `prompt[i]` for the engine's `text`, `requests[3].text` inside a batch), the
+route raises `ErrorInContext(error, ErrorContext(...))` and `describe` applies the context.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prompt_store.errors import PromptError
-from server.engine.errors import PromptswapError, RequestCancelled
+from prompt_store.errors import BodyTooLarge, InvalidTaskName, PromptError, UnknownTask
+from server.engine.errors import (
+    EngineError,
+    EngineStopped,
+    InvalidParameter,
+    QueueFull,
+    RequestCancelled,
+    RequestFailed,
+    RequestTooLong,
+)
 
 log = logging.getLogger(__name__)
 
-_TYPE_BY_STATUS = {
-    401: "authentication_error",
-    404: "not_found_error",
-    413: "invalid_request_error",
-    503: "overloaded_error",
+
+# -- this layer's errors -----------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """Base of the errors the HTTP edge itself raises (before the engine or the store is asked)."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class Unauthorized(ApiError):
+    def __init__(self, which: str) -> None:
+        super().__init__(
+            f"this endpoint needs 'Authorization: Bearer <{which} token>'; the header was missing or wrong",
+            param="authorization",
+        )
+
+
+class UnsupportedMediaType(ApiError):
+    pass
+
+
+class RequestBodyTooLarge(StarletteHTTPException):
+    """An HTTPException so that FastAPI's body parsing re-raises it as is instead of wrapping it in a 400."""
+
+    def __init__(self, limit: int, actual: int, exact: bool) -> None:
+        amount = f"{actual} bytes" if exact else f"more than {actual - 1} bytes"
+        super().__init__(413, f"request body must be at most {limit} bytes, got {amount}")
+
+
+# -- the one mapping -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HttpError:
+    status: int
+    type: str
+    param: str | None = None  # used when the error names none
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+_INVALID = "invalid_request_error"
+_OVERLOADED = "overloaded_error"
+
+# Looked up along each exception's class hierarchy: the most specific class listed wins.
+HTTP_ERRORS: dict[type[BaseException], HttpError] = {
+    # prompt store
+    PromptError: HttpError(422, _INVALID),
+    InvalidTaskName: HttpError(400, _INVALID),
+    UnknownTask: HttpError(404, "not_found_error"),
+    BodyTooLarge: HttpError(413, _INVALID),
+    # engine
+    EngineError: HttpError(400, _INVALID),
+    InvalidParameter: HttpError(422, _INVALID),
+    RequestTooLong: HttpError(422, _INVALID),
+    QueueFull: HttpError(503, _OVERLOADED, headers={"Retry-After": "1"}),
+    EngineStopped: HttpError(503, _OVERLOADED, headers={"Retry-After": "5"}),
+    # Nobody reads it (the client has gone); logged as nginx's "client closed request".
+    RequestCancelled: HttpError(499, _INVALID),
+    RequestFailed: HttpError(500, "server_error"),
+    # this layer
+    ApiError: HttpError(400, _INVALID),
+    Unauthorized: HttpError(401, "authentication_error", headers={"WWW-Authenticate": "Bearer"}),
+    UnsupportedMediaType: HttpError(415, _INVALID),
+    RequestBodyTooLarge: HttpError(413, _INVALID, param="body"),
 }
 
 
-def error_payload(error_type: str, message: str, param: str | None) -> dict:
+@dataclass(frozen=True, slots=True)
+class ErrorContext:
+    """How the client names what an error is about, when that differs from the error's own words."""
+
+    prefix: str | None = None  # the list entry the error is about: "requests[3]" -> "requests[3].text"
+    # the error's param -> the client's name (also where the message starts with the param's name)
+    rename: Mapping[str, str] = field(default_factory=dict)
+    hints: Mapping[str, str] = field(default_factory=dict)  # the client's param -> words added to the message
+
+    def apply(self, param: str | None, message: str) -> tuple[str | None, str]:
+        if param is not None and param in self.rename:
+            if message.startswith(f"{param} "):
+                message = self.rename[param] + message[len(param):]
+            param = self.rename[param]
+        if param is not None and param in self.hints:
+            message = f"{message}; {self.hints[param]}"
+        if self.prefix is not None:
+            param = f"{self.prefix}.{param}" if param else self.prefix
+            message = f"{self.prefix}: {message}"
+        return param, message
+
+
+class ErrorInContext(Exception):
+    """Carries an error out of a route together with the context to describe it in; the error is untouched."""
+
+    def __init__(self, error: BaseException, context: ErrorContext) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.context = context
+
+
+def error_payload(error_type: str, message: str, param: str | None) -> dict[str, Any]:
     return {"error": {"type": error_type, "message": message, "param": param}}
 
 
-def describe(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
+def describe(exc: BaseException, context: ErrorContext | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(status, body, headers) for any exception; streaming routes use it for their error event."""
-    if isinstance(exc, RequestCancelled):
-        # A client that cancelled is gone and reads nothing; one still waiting was cancelled by a
-        # shutdown, which is the server's doing, not the client's (the engine's 499 would blame it).
-        return 503, error_payload("overloaded_error", f"{exc.message} (the server is shutting down)", None), {
-            "Retry-After": "5"}
-    if isinstance(exc, PromptswapError | PromptError):
-        status = exc.status_code
-        error_type = getattr(exc, "error_type", None) or _type_for(status)
-        headers = dict(getattr(exc, "headers", None) or {})
-        retry_after = getattr(exc, "retry_after_s", None)
-        if retry_after is not None:
-            headers["Retry-After"] = str(retry_after)
-        return status, error_payload(error_type, exc.message, exc.param), headers
+    if isinstance(exc, ErrorInContext):
+        exc, context = exc.error, exc.context
+    mapped = _lookup(exc)
+    if mapped is not None:
+        message = str(getattr(exc, "message", None) or getattr(exc, "detail", None) or exc)
+        param = getattr(exc, "param", None) or mapped.param
+        if context is not None:
+            param, message = context.apply(param, message)
+        return mapped.status, error_payload(mapped.type, message, param), dict(mapped.headers)
     if isinstance(exc, RequestValidationError):
         return 422, _validation_payload(exc), {}
-    if isinstance(exc, StarletteHTTPException):
+    if isinstance(exc, StarletteHTTPException):  # routing: 404 unknown path, 405 wrong method
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        param = getattr(exc, "param", None)
-        return exc.status_code, error_payload(_type_for(exc.status_code), message, param), dict(exc.headers or {})
+        return exc.status_code, error_payload(_type_for(exc.status_code), message, None), dict(exc.headers or {})
     log.error("unexpected error", exc_info=exc)
     return 500, error_payload("server_error", "internal error; see the server log", None), {}
 
@@ -62,39 +168,45 @@ async def handle_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handler(app: FastAPI) -> None:
-    for cls in (PromptswapError, PromptError, RequestValidationError, StarletteHTTPException, Exception):
+    for cls in (*HTTP_ERRORS, ErrorInContext, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(cls, handle_error)
+
+
+def _lookup(exc: BaseException) -> HttpError | None:
+    for cls in type(exc).__mro__:
+        if cls in HTTP_ERRORS:
+            return HTTP_ERRORS[cls]
+    return None
 
 
 def _type_for(status: int) -> str:
     if status >= 500:
-        return _TYPE_BY_STATUS.get(status, "server_error")
-    return _TYPE_BY_STATUS.get(status, "invalid_request_error")
+        return _OVERLOADED if status == 503 else "server_error"
+    return {401: "authentication_error", 404: "not_found_error"}.get(status, _INVALID)
 
 
-def _validation_payload(exc: RequestValidationError) -> dict:
+def _validation_payload(exc: RequestValidationError) -> dict[str, Any]:
     """Name the first bad field as the client wrote it (`requests[2].temperature`) and what was wrong."""
     errors = exc.errors()
     if not errors:
-        return error_payload("invalid_request_error", "invalid request", None)
+        return error_payload(_INVALID, "invalid request", None)
     first = errors[0]
     if first.get("type") == "json_invalid":  # the body as a whole, not an element of it
-        return error_payload("invalid_request_error", f"the request body is not valid JSON: {first.get('msg')}",
-                             "body")
+        return error_payload(_INVALID, f"the request body is not valid JSON: {first.get('msg')}", "body")
     param = _param_from_loc(first.get("loc", ()))
     message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
     if first.get("type") != "missing" and "input" in first:
         message += f", got {_short(first['input'])}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return error_payload("invalid_request_error", message, param)
+    return error_payload(_INVALID, message, param)
 
 
 # Union members appear in pydantic's error locations (`stop.list[str].0`); the client never wrote them.
 _UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
 
 
-def _param_from_loc(loc: tuple | list) -> str | None:
+def _param_from_loc(loc: tuple[Any, ...] | list[Any]) -> str | None:
     parts = [
         p for p in loc
         if p not in ("body", "query", "path", "header")

@@ -10,19 +10,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import describe
-
-
-class BodyTooLargeError(HTTPException):
-    """An HTTPException so that FastAPI's body parsing re-raises it as is instead of wrapping it in a 400."""
-
-    def __init__(self, limit: int, actual: int, exact: bool) -> None:
-        amount = f"{actual} bytes" if exact else f"more than {actual - 1} bytes"
-        super().__init__(413, f"request body must be at most {limit} bytes, got {amount}")
-        self.param = "body"
+from server.api.errors import RequestBodyTooLarge, describe
 
 
 class BodyLimitMiddleware:
@@ -39,7 +29,7 @@ class BodyLimitMiddleware:
         limit = self.limit_for(scope)
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _respond(send, BodyTooLargeError(limit, declared, exact=True))
+            await _respond(send, RequestBodyTooLarge(limit, declared, exact=True))
             return
 
         received = 0
@@ -50,7 +40,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLargeError(limit, received, exact=not message.get("more_body", False))
+                    raise RequestBodyTooLarge(limit, received, exact=not message.get("more_body", False))
             return message
 
         await self.app(scope, limited_receive, send)

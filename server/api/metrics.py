@@ -6,13 +6,15 @@ engine's gauges (queue, batch, caches) are read from `engine.stats()` when /metr
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
+
+from server.engine.handle import RequestHandle
+from server.engine.loop import EngineStats
 
 # Label values that cannot be task names (those start with a letter or digit), so never collide.
 BASE_LABEL = "_base"  # a request with no task: the base model alone
@@ -28,7 +30,7 @@ def task_label(task: str | None) -> str:
 
 
 class Metrics:
-    def __init__(self, engine_stats: Callable[[], object | None], prompt_count: Callable[[], int]) -> None:
+    def __init__(self, engine_stats: Callable[[], EngineStats | None], prompt_count: Callable[[], int]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "promptswap_requests", "Generation requests by task and outcome "
@@ -53,42 +55,25 @@ class Metrics:
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
 
-    def timer(self, task: str | None) -> RequestTimer:
-        return RequestTimer(self, task_label(task))
-
     def rejected(self, task_label_value: str) -> None:
         self.requests.labels(task_label_value, "rejected").inc()
 
-
-class RequestTimer:
-    """Times one admitted request; exactly one of finish/fail is called."""
-
-    def __init__(self, metrics: Metrics, task: str) -> None:
-        self.metrics = metrics
-        self.task = task
-        self.start = time.perf_counter()
-        self.tokens = 0
-        self.done = False
-
-    def tokens_made(self, n: int) -> None:
-        if n and self.tokens == 0:
-            self.metrics.time_to_first_token.labels(self.task).observe(time.perf_counter() - self.start)
-        self.tokens += n
-
-    def finish(self, outcome: Outcome) -> None:
-        if self.done:
-            return
-        self.done = True
+    def finished(self, handle: RequestHandle, outcome: Outcome) -> None:
+        """Record an admitted request that ended (call once per request): its times come from the engine."""
+        task = task_label(handle.task)
+        ttft = handle.time_to_first_token
+        if ttft is not None:
+            self.time_to_first_token.labels(task).observe(ttft)
         if outcome == "ok":
-            self.metrics.latency.labels(self.task).observe(time.perf_counter() - self.start)
-        self.metrics.requests.labels(self.task, outcome).inc()
-        self.metrics.generated_tokens.labels(self.task, outcome).inc(self.tokens)
+            self.latency.labels(task).observe(handle.elapsed)
+        self.requests.labels(task, outcome).inc()
+        self.generated_tokens.labels(task, outcome).inc(handle.generated_tokens)
 
 
 class _EngineCollector:
     """Reads the engine's state at scrape time, so the numbers are never stale."""
 
-    def __init__(self, engine_stats: Callable[[], object | None], prompt_count: Callable[[], int]) -> None:
+    def __init__(self, engine_stats: Callable[[], EngineStats | None], prompt_count: Callable[[], int]) -> None:
         self.engine_stats = engine_stats
         self.prompt_count = prompt_count
 

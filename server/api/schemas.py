@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.engine.sequence import Completion
 
@@ -25,11 +25,9 @@ class GenerateParams(_Strict):
     stop: str | list[str] | None = None
     ignore_eos: bool = False
 
-    def sampling_kwargs(self) -> dict:
-        return dict(
-            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
-            stop=_stop_tuple(self.stop), ignore_eos=self.ignore_eos,
-        )
+    def sampling_kwargs(self) -> dict[str, Any]:
+        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+                    stop=self.stop, ignore_eos=self.ignore_eos)
 
 
 class GenerateRequest(GenerateParams):
@@ -77,34 +75,40 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    """OpenAI's /v1/completions body. Unknown fields are ignored, as OpenAI clients send extras."""
+    """OpenAI's /v1/completions body, with OpenAI's defaults (written here only). Unknown fields are
+    ignored, as OpenAI clients send extras; an explicit null means the default, as it does for OpenAI."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    temperature: float | None = 1.0
-    top_p: float | None = 1.0
-    n: int | None = 1
-    stream: bool | None = False
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    echo: bool | None = False
+    echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # Extensions, as vLLM names them.
-    top_k: int | None = None
-    ignore_eos: bool | None = None
+    top_k: int = 0
+    ignore_eos: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
-def _stop_tuple(stop: str | list[str] | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    return (stop,) if isinstance(stop, str) else tuple(stop)
+    def sampling_kwargs(self) -> dict[str, Any]:
+        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+                    stop=self.stop, ignore_eos=self.ignore_eos)

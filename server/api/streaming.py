@@ -1,7 +1,8 @@
 """One request's trip through the engine as the HTTP routes see it: submit, stream or wait, cancel.
 
 Both APIs (/generate and /v1/completions) go through here, so metrics, cancellation on client
-disconnect and error handling are written once.
+disconnect and server-sent events are written once. The request's state is its engine handle;
+this module keeps none of its own.
 """
 
 from __future__ import annotations
@@ -9,108 +10,101 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 
 from prompt_store.errors import InvalidTaskName, UnknownTask
-from server.engine.errors import InvalidParameter, PromptswapError, RequestCancelled
-from server.api.metrics import UNKNOWN_LABEL, Metrics, RequestTimer, task_label
-from server.engine.sequence import Completion, SamplingParams, TokenDelta
+from server.api.errors import ErrorContext, ErrorInContext
+from server.api.metrics import UNKNOWN_LABEL, Metrics, task_label
+from server.engine.errors import InvalidParameter, RequestCancelled
+from server.engine.handle import RequestHandle
+from server.engine.loop import Engine
+from server.engine.sequence import DEFAULT_MAX_NEW_TOKENS, Completion, SamplingParams, TokenDelta
 
 T = TypeVar("T")
+Event = TokenDelta | Completion
 
 
-class Generation:
-    """An admitted request: its engine handle and its metrics timer."""
-
-    def __init__(self, handle, timer: RequestTimer) -> None:
-        self.handle = handle
-        self.timer = timer
-
-    async def events(self) -> AsyncIterator[TokenDelta | Completion]:
-        """The engine's stream; the last item is the Completion. Leaving early cancels the request."""
-        try:
-            async for item in self.handle.stream():
-                if isinstance(item, Completion):
-                    self.timer.tokens_made(item.usage.completion_tokens - self.timer.tokens)
-                    self.timer.finish("ok")
-                else:
-                    self.timer.tokens_made(len(item.token_ids))
-                yield item
-        except RequestCancelled:
-            self.timer.finish("cancelled")
-            raise
-        except Exception:
-            self.timer.finish("error")
-            raise
-        finally:
-            if not self.timer.done:  # the consumer left (client gone, shutdown): free the slot
-                self.handle.cancel()
-                self.timer.finish("cancelled")
-
-    async def result(self) -> Completion:
-        completion = None
-        async for item in self.events():
-            completion = item
-        assert isinstance(completion, Completion), "the engine's stream must end with a Completion"
-        return completion
-
-
-async def all_results(gens: list[Generation], name: str) -> list[Completion]:
-    """Every request's Completion, in order; the first failure (named `name[i]`) cancels the rest."""
-    tasks = [asyncio.ensure_future(g.result()) for g in gens]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for i, task in enumerate(tasks):
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise with_param_prefix(task.exception(), f"{name}[{i}]")
-        return [task.result() for task in tasks]
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-def submit(engine, metrics: Metrics, text: str, task: str | None, params: SamplingParams) -> Generation:
-    """Hand a request to the engine (returns at once); a refusal is counted and re-raised."""
-    try:
-        handle = engine.submit(text, task=task, params=params)
-    except Exception as exc:
-        unknown = isinstance(exc, UnknownTask | InvalidTaskName)
-        metrics.rejected(UNKNOWN_LABEL if unknown else task_label(task))
-        raise
-    return Generation(handle, metrics.timer(task))
-
-
-def sampling_params(cap: int, *, max_new_tokens: int | None, param_name: str = "max_new_tokens", **kw):
-    """SamplingParams with the server's cap on max_new_tokens; ranges are checked by SamplingParams."""
+def sampling_params(cap: int, *, max_new_tokens: int | None, param_name: str = "max_new_tokens",
+                    **kw: Any) -> SamplingParams:
+    """SamplingParams under the server's cap on max_new_tokens; every range is checked by SamplingParams."""
     if max_new_tokens is None:
-        max_new_tokens = min(64, cap)
+        max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, cap)
     elif isinstance(max_new_tokens, int) and max_new_tokens > cap:
         raise InvalidParameter(param_name, f"an integer in [1, {cap}] (the server's cap)", max_new_tokens)
     try:
         return SamplingParams(max_new_tokens=max_new_tokens, **kw)
     except InvalidParameter as exc:
-        if exc.param == "max_new_tokens" and param_name != "max_new_tokens":
-            raise InvalidParameter(param_name, exc.expected, exc.actual) from None
+        if param_name == "max_new_tokens":
+            raise
+        raise ErrorInContext(exc, ErrorContext(rename={"max_new_tokens": param_name})) from exc
+
+
+def submit_all(engine: Engine, metrics: Metrics, requests: list[tuple[str, str | None, SamplingParams]],
+               context_of: Any) -> list[RequestHandle]:
+    """Submit each (text, task, params); a refusal is counted, cancels the ones already submitted and is
+    raised in the context `context_of(i)` gives for entry i (None: as it is)."""
+    handles: list[RequestHandle] = []
+    try:
+        for i, (text, task, params) in enumerate(requests):
+            try:
+                handles.append(engine.submit(text, task=task, params=params))
+            except Exception as exc:
+                unknown = isinstance(exc, UnknownTask | InvalidTaskName)
+                metrics.rejected(UNKNOWN_LABEL if unknown else task_label(task))
+                context = context_of(i)
+                if context is None:
+                    raise
+                raise ErrorInContext(exc, context) from exc
+    except BaseException:
+        for handle in handles:
+            handle.cancel()
         raise
+    return handles
 
 
-def with_param_prefix(exc: PromptswapError | Exception, prefix: str) -> Exception:
-    """Point an error at one entry of a list (`requests[3].text`), keeping its type and status."""
-    param = getattr(exc, "param", None)
-    if hasattr(exc, "message"):
-        exc.param = f"{prefix}.{param}" if param else prefix
-        exc.message = f"{prefix}: {exc.message}"
-        exc.args = (exc.message,)
-    return exc
+async def events(handle: RequestHandle, metrics: Metrics) -> AsyncIterator[Event]:
+    """The engine's stream; the last item is the Completion. Leaving early cancels the request.
+    Exactly one outcome is recorded in the metrics when the request ends, whichever way."""
+    outcome = "cancelled"
+    try:
+        async for item in handle.stream():
+            if isinstance(item, Completion):
+                outcome = "ok"
+            yield item
+    except RequestCancelled:
+        raise
+    except Exception:
+        outcome = "error"
+        raise
+    finally:
+        if outcome == "cancelled":  # the consumer left (client gone, shutdown): free the slot
+            handle.cancel()
+        metrics.finished(handle, outcome)
 
 
-class ClientGone(PromptswapError):
-    status_code = 499
+async def result(handle: RequestHandle, metrics: Metrics) -> Completion:
+    completion = None
+    async for item in events(handle, metrics):
+        completion = item
+    assert isinstance(completion, Completion), "the engine's stream must end with a Completion"
+    return completion
 
-    def __init__(self) -> None:
-        super().__init__("the client closed the connection")
+
+async def all_results(handles: list[RequestHandle], metrics: Metrics, name: str) -> list[Completion]:
+    """Every request's Completion, in order; the first failure (named `name[i]`) cancels the rest."""
+    tasks = [asyncio.ensure_future(result(h, metrics)) for h in handles]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for i, task in enumerate(tasks):
+            error = task.exception() if task.done() and not task.cancelled() else None
+            if error is not None:
+                raise ErrorInContext(error, ErrorContext(prefix=f"{name}[{i}]")) from error
+        return [task.result() for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -127,7 +121,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             return task.result()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        raise ClientGone()
+        raise RequestCancelled()
     finally:
         for t in (task, watch):
             t.cancel()
@@ -138,7 +132,7 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-def sse(data: dict | str, event: str | None = None) -> bytes:
+def sse(data: dict[str, Any] | str, event: str | None = None) -> bytes:
     """One server-sent event carrying JSON (or a bare string such as OpenAI's [DONE])."""
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     head = f"event: {event}\n" if event else ""

@@ -1,16 +1,14 @@
-"""Domain errors of the engine and service. The HTTP layer maps each to a status in one place.
+"""The engine's errors: what a caller can get wrong, and how a request can end without a result.
 
-Every message names the expected and the actual value, so a client can fix its request.
+No HTTP here: `server/api/errors.py` maps each class to a status in one table. Every message
+names the expected and the actual value, so a client can fix its request.
 """
 
 from __future__ import annotations
 
 
-class PromptswapError(Exception):
-    """Base of the errors a client can cause. `param` names the offending field, when one does."""
-
-    status_code = 400
-    error_type = "invalid_request_error"
+class EngineError(Exception):
+    """Base of the errors a request can end with. `param` names the offending field, when one does."""
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -18,10 +16,8 @@ class PromptswapError(Exception):
         self.param = param
 
 
-class InvalidParameter(PromptswapError):
+class InvalidParameter(EngineError):
     """A sampling or request parameter outside its allowed range."""
-
-    status_code = 422
 
     def __init__(self, param: str, expected: str, actual: object) -> None:
         super().__init__(f"{param} must be {expected}, got {actual!r}", param=param)
@@ -29,56 +25,57 @@ class InvalidParameter(PromptswapError):
         self.actual = actual
 
 
-class RequestTooLong(PromptswapError):
+class RequestTooLong(EngineError):
     """Virtual tokens + text + max_new_tokens exceed what the model's context (or the KV budget) allows."""
 
-    status_code = 422
-
     def __init__(self, limit: int, actual: int, detail: str, param: str = "text") -> None:
-        super().__init__(
-            f"request needs {actual} positions ({detail}) but at most {limit} are allowed", param=param
-        )
+        super().__init__(f"request needs {actual} positions ({detail}) but at most {limit} are allowed", param=param)
         self.limit = limit
         self.actual = actual
 
 
-class QueueFull(PromptswapError):
+class QueueFull(EngineError):
     """The waiting queue is at its configured limit; the client should retry later."""
 
-    status_code = 503
-    error_type = "overloaded_error"
-
-    def __init__(self, limit: int, retry_after_s: int = 1) -> None:
+    def __init__(self, limit: int) -> None:
         super().__init__(f"the request queue is full ({limit} waiting); retry later")
         self.limit = limit
-        self.retry_after_s = retry_after_s
 
 
-class EngineStopped(PromptswapError):
-    """The engine is shutting down and accepts no new requests."""
+class EngineStopped(EngineError):
+    """The engine is shutting down: it accepts no new request, and ends the ones still running."""
 
-    status_code = 503
-    error_type = "overloaded_error"
-    retry_after_s = 5
-
-    def __init__(self) -> None:
-        super().__init__("the server is shutting down and accepts no new requests")
+    def __init__(self, message: str = "the server is shutting down and accepts no new requests") -> None:
+        super().__init__(message)
 
 
-class RequestCancelled(PromptswapError):
-    """The request was cancelled (its client went away) before it finished."""
-
-    status_code = 499
+class RequestCancelled(EngineError):
+    """The caller cancelled the request (its client went away) before it finished."""
 
     def __init__(self) -> None:
-        super().__init__("the request was cancelled")
+        super().__init__("the request was cancelled: the client closed the connection")
 
 
-class RequestFailed(PromptswapError):
+class RequestFailed(EngineError):
     """The engine failed on this request alone; the other requests went on."""
 
-    status_code = 500
-    error_type = "server_error"
+
+class InvalidConfig(ValueError):
+    """An engine setting outside its allowed range; `field` names the setting."""
+
+    def __init__(self, field: str, expected: str, actual: object) -> None:
+        super().__init__(f"{field} must be {expected}, got {actual!r}")
+        self.field = field
+        self.expected = expected
+        self.actual = actual
+
+
+def check_int(field: str, value: object, *, low: int, optional: bool = False) -> None:
+    """Raise InvalidConfig unless `value` is an integer >= `low` (or None, when `optional`)."""
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise InvalidConfig(field, f"an integer >= {low}{' or unset' if optional else ''}", value)
 
 
 class ModelNotSupported(Exception):

@@ -1,8 +1,7 @@
 """The engine: one background loop owns the model; callers submit requests and read their tokens.
 
-Each step reads as a sentence: take in new requests and cancellations, schedule, run, sample,
-finish. Requests of every task and kind share the step; a request that fails gets its own
-error while the others and the loop go on.
+Each step reads as a sentence: schedule, run, sample, post-process. Requests of every task and
+kind share the step; a request that fails gets its own error while the others and the loop go on.
 """
 
 from __future__ import annotations
@@ -10,46 +9,38 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import torch
 
-from server.engine import threads as cpu_threads
+from prompt_store.registry import PromptSnapshot
+from server.engine import threads
+from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalText
-from server.engine.errors import EngineStopped, InvalidParameter, QueueFull, RequestCancelled, RequestFailed, RequestTooLong
+from server.engine.errors import (
+    EngineStopped,
+    InvalidParameter,
+    QueueFull,
+    RequestCancelled,
+    RequestFailed,
+    RequestTooLong,
+)
 from server.engine.handle import RequestHandle
 from server.engine.model_loader import BaseModel
 from server.engine.prompt_cache import PromptCache
 from server.engine.runner import ModelRunner
 from server.engine.sampler import make_generator, sample
-from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.engine.sequence import Completion, SamplingParams, Sequence, TokenDelta, Usage
+from server.engine.scheduler import Batch, Scheduler, SchedulerConfig
+from server.engine.sequence import SamplingParams, Sequence
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    max_running: int = 64  # requests decoding together
-    max_tokens_per_step: int = 512  # tokens in one forward pass (decodes + prefill chunks)
-    max_context: int | None = None  # positions per request, virtual tokens included; None: the model's
-    max_queue: int = 1024  # waiting requests before new ones get QueueFull
-    kv_cache_bytes: int = 2 * 2**30  # KV memory of running requests
-    prompt_cache_bytes: int = 512 * 2**20  # device memory for precomputed task prefixes
-    # torch intra-op threads of the engine thread (None: torch's default). Once the engine starts,
-    # every other thread of the process runs torch on one thread; see server/cpu_threads.py.
-    threads: int | None = None
+class TaskSource(Protocol):
+    """What the engine needs from the prompt store: a task's current prompt version, or UnknownTask."""
 
-    def __post_init__(self) -> None:
-        SchedulerConfig(self.max_running, self.max_tokens_per_step)  # same checks, one place
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
-        for name in ("max_queue", "kv_cache_bytes", "prompt_cache_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_context is not None and (not isinstance(self.max_context, int) or self.max_context < 2):
-            raise ValueError(f"max_context must be an integer >= 2 or None, got {self.max_context!r}")
+    def get(self, task: str) -> PromptSnapshot: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,24 +57,20 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, base: BaseModel, registry, config: EngineConfig | None = None) -> None:
+    def __init__(self, base: BaseModel, tasks: TaskSource, config: EngineConfig | None = None) -> None:
         self.base = base
         self.tokenizer = base.tokenizer
-        self.registry = registry
+        self.tasks = tasks
         self.config = config or EngineConfig()
         self.max_context = min(self.config.max_context or base.max_context, base.max_context)
         self.prompt_cache = PromptCache(self.config.prompt_cache_bytes)
         self.runner = ModelRunner(base, kv_budget_bytes=self.config.kv_cache_bytes, prompt_cache=self.prompt_cache,
                                   max_running=self.config.max_running)
-        kv_positions = max(1, self.config.kv_cache_bytes // self.runner.kv.bytes_per_position)
-        self.scheduler = Scheduler(SchedulerConfig(self.config.max_running, self.config.max_tokens_per_step,
-                                                   kv_positions))
-        eos = getattr(base.model.generation_config, "eos_token_id", None) or base.model.config.eos_token_id
-        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-        self._inbox: list[Sequence] = []
+        scheduler_config = SchedulerConfig(self.config.max_running, self.config.max_tokens_per_step,
+                                           self.runner.kv_budget.positions)
+        self.scheduler = Scheduler(scheduler_config, eos_ids=_eos_ids(base.model))
+        self._inbox: list[Sequence] = []  # submitted, not yet seen by the loop (guarded by _lock)
         self._lock = threading.Condition()
-        self._handles: dict[int, RequestHandle] = {}
-        self._texts: dict[int, IncrementalText] = {}
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -96,10 +83,10 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, args=(ready,), name="promptswap-engine", daemon=True)
             self._thread.start()
             ready.wait()
-            cpu_threads.single_threaded_here()  # the engine thread alone owns an OpenMP pool
+            threads.single_threaded_here()  # the engine thread alone owns an OpenMP pool
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Stop accepting, let in-flight requests finish for up to `timeout_s`, cancel the rest, stop."""
+        """Stop accepting, let in-flight requests finish for up to `timeout_s`, end the rest, stop."""
         with self._lock:
             self._accepting = False
         deadline = time.monotonic() + timeout_s
@@ -109,8 +96,6 @@ class Engine:
                     break
             time.sleep(0.01)
         with self._lock:
-            for handle in list(self._handles.values()):
-                handle.cancel()
             self._stop = True
             self._lock.notify_all()
         if self._thread is not None:
@@ -124,7 +109,7 @@ class Engine:
         params = params or SamplingParams()
         if not self._accepting:
             raise EngineStopped()
-        snapshot = self.registry.get(task) if task is not None else None  # UnknownTask
+        snapshot = self.tasks.get(task) if task is not None else None  # UnknownTask
         prompt_ids = list(self.tokenizer(text)["input_ids"])
         if not prompt_ids:
             raise InvalidParameter("text", "a text that gives at least one token", text)
@@ -134,31 +119,21 @@ class Engine:
             raise RequestTooLong(self.max_context - 1, used,
                                  f"{num_virtual} virtual + {len(prompt_ids)} text tokens, +1 to generate")
         # Generation stops at the context's end (finish_reason "length") rather than refusing.
-        room = self.max_context - used
-        if params.max_new_tokens > room:
-            params = _replace_max_new_tokens(params, room)
-        seq = Sequence(prompt_ids=prompt_ids, params=params, task=task, prompt=snapshot, num_virtual=num_virtual)
+        params = replace(params, max_new_tokens=min(params.max_new_tokens, self.max_context - used))
+        seq = Sequence(prompt_ids=prompt_ids, params=params, task=task, prompt=snapshot, num_virtual=num_virtual,
+                       detokenizer=IncrementalText(self.tokenizer, prompt_ids, params.stop))
         if not self.scheduler.fits_alone(seq):
-            limit = self.scheduler.config.kv_budget_positions
-            raise RequestTooLong(limit, seq.max_total_len, "virtual + text + max_new_tokens exceed the KV budget",
-                                 param="max_new_tokens")
-        seq.rng = make_generator(seq, self.base.device)
-        handle = RequestHandle(seq, self)
+            raise RequestTooLong(self.scheduler.budget.positions, seq.max_total_len,
+                                 "virtual + text + max_new_tokens exceed the KV budget", param="max_new_tokens")
+        seq.rng = make_generator(seq.params)
         with self._lock:
             if not self._accepting:
                 raise EngineStopped()
             if len(self._inbox) + len(self.scheduler.waiting) >= self.config.max_queue:
                 raise QueueFull(self.config.max_queue)
-            self._handles[seq.id] = handle
             self._inbox.append(seq)
             self._lock.notify_all()
-        return handle
-
-    def cancel(self, seq: Sequence) -> None:
-        """Mark a request cancelled; the loop drops it at the next step and frees its slot."""
-        with self._lock:
-            seq.cancelled = True
-            self._lock.notify_all()
+        return RequestHandle(seq)
 
     def stats(self) -> EngineStats:
         cache = self.prompt_cache.stats()
@@ -172,7 +147,7 @@ class Engine:
 
     def _loop(self, ready: threading.Event) -> None:
         try:
-            cpu_threads.take_threads(self.config.threads)
+            threads.take_threads(self.config.threads)
         finally:
             ready.set()  # start() waits for this; never leave it hanging
         while True:
@@ -183,96 +158,74 @@ class Engine:
                     break
                 for seq in self._inbox:
                     self.scheduler.add(seq)
-                    self._texts[seq.id] = IncrementalText(self.tokenizer, seq.prompt_ids, seq.params.stop)
                 self._inbox.clear()
             try:
-                self._step()
+                self.step()
             except Exception as exc:  # a bug in the loop itself: fail what runs, keep serving
                 log.exception("engine step failed")
-                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-                    self._finish(seq, error=RequestFailed(f"engine step failed: {exc}"))
-        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-            self._finish(seq, error=RequestCancelled())
+                for seq in self._unfinished():
+                    self._fail(seq, RequestFailed(f"engine step failed: {exc}"))
+        with self._lock:
+            leftovers = self._inbox + self._unfinished()
+            self._inbox = []
+        for seq in leftovers:
+            self._fail(seq, EngineStopped("the server shut down before this request finished"))
 
-    def _step(self) -> None:
-        for seq in [s for s in list(self.scheduler.running) + list(self.scheduler.waiting) if s.cancelled]:
-            self._finish(seq, error=RequestCancelled())
+    def step(self) -> None:
+        """One step of the loop: schedule, run, sample, post-process."""
+        for seq in self._unfinished():
+            if seq.cancelled:
+                self._fail(seq, RequestCancelled())
         step = self.scheduler.schedule()
-        try:
-            self.runner.reserve(step.admitted, self.scheduler.waiting)
-        except Exception:  # e.g. out of memory: each admission below then fails on its own
-            log.exception("could not size the KV slots for %d joining requests", len(step.admitted))
-        for seq in step.admitted:
-            self._admit(seq)
+        self._admit(step.admitted)
         batch = [(seq, n) for seq, n in step.batch if not seq.finished]
         if not batch:
             return
-        logits, batch = self._run_isolated(batch)
-        sampling = [seq for seq, n in batch if seq.num_cached + n == seq.num_tokens]
-        tokens = sample(logits, sampling) if sampling else []
-        for seq, n in batch:
-            seq.num_cached += n
-        for seq, token in zip(sampling, tokens, strict=True):
-            self._append(seq, token)
+        logits, batch = self._run(batch)
+        tokens = sample(logits, [seq for seq, n in batch if seq.samples_after(n)])
+        self.scheduler.postprocess(batch, tokens, release=self.runner.remove)
 
-    def _admit(self, seq: Sequence) -> None:
+    def _unfinished(self) -> list[Sequence]:
+        return [*self.scheduler.running, *self.scheduler.waiting]
+
+    def _admit(self, joining: list[Sequence]) -> None:
+        """Give each joining request its KV slot and task prefix; one that cannot have them fails alone."""
         try:
-            self.runner.add(seq)
-        except Exception as exc:
-            log.exception("could not admit request %d", seq.id)
-            self._finish(seq, error=RequestFailed(f"could not prepare the task prefix: {exc}"))
+            self.runner.reserve(joining, self.scheduler.waiting)
+        except Exception:  # e.g. out of memory: each admission below then fails on its own
+            log.exception("could not size the KV slots for %d joining requests", len(joining))
+        for seq in joining:
+            try:
+                self.runner.add(seq)
+            except Exception as exc:
+                log.exception("could not admit request %d", seq.id)
+                self._fail(seq, RequestFailed(f"could not prepare the task prefix: {exc}"))
 
-    def _run_isolated(self, batch):
+    def _run(self, batch: Batch) -> tuple[torch.Tensor, Batch]:
         """Run the batch; if it fails, run each request alone so only the failing ones get the error."""
         try:
             return self.runner.run(batch), batch
         except Exception:
             log.exception("batched step failed; retrying its %d requests one by one", len(batch))
-        kept, rows = [], []
+        kept: Batch = []
+        rows = []
         for seq, n in batch:
             try:
                 logits = self.runner.run([(seq, n)])
             except Exception as exc:
-                self._finish(seq, error=RequestFailed(f"the model failed on this request: {exc}"))
+                self._fail(seq, RequestFailed(f"the model failed on this request: {exc}"))
                 continue
             kept.append((seq, n))
             rows.append(logits)
         vocab = self.base.model.config.get_text_config().vocab_size
         return (torch.cat(rows) if rows else torch.empty(0, vocab)), kept
 
-    def _append(self, seq: Sequence, token: int) -> None:
-        seq.output_ids.append(token)
-        text = self._texts[seq.id]
-        piece = text.add(token)
-        self._handles[seq.id].push(TokenDelta(piece, (token,)))
-        if text.stopped:
-            self._finish(seq, reason="stop")
-        elif token in self.eos_ids and not seq.params.ignore_eos:
-            self._finish(seq, reason="eos")
-        elif len(seq.output_ids) >= seq.params.max_new_tokens:
-            self._finish(seq, reason="length")
-
-    def _finish(self, seq: Sequence, *, reason: str | None = None, error: BaseException | None = None) -> None:
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
         self.scheduler.finish(seq)
         self.runner.remove(seq)
-        text = self._texts.pop(seq.id, None)
-        with self._lock:
-            handle = self._handles.pop(seq.id, None)
-        if handle is None:
-            return
-        if error is not None:
-            seq.error = error
-            handle.fail(error)
-            return
-        seq.finish_reason = reason
-        tail = text.finish() if text is not None else ""
-        if tail:
-            handle.push(TokenDelta(tail, ()))
-        usage = Usage(len(seq.prompt_ids), seq.num_virtual, len(seq.output_ids))
-        handle.complete(Completion(seq.task, text.text if text else "", tuple(seq.output_ids), reason, usage))
+        seq.fail(error)
 
 
-def _replace_max_new_tokens(params: SamplingParams, value: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, max_new_tokens=value)
+def _eos_ids(model: Any) -> frozenset[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None) or model.config.eos_token_id
+    return frozenset([eos] if isinstance(eos, int) else (eos or []))

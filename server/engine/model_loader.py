@@ -8,14 +8,12 @@ from pathlib import Path
 
 import torch
 
+from prompt_store.dtypes import torch_dtype
 from prompt_store.geometry import ModelGeometry
 from server.engine.attention import ATTN_IMPLEMENTATION
 from server.engine.errors import ModelNotSupported
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 @dataclass(frozen=True)
 class BaseModel:
@@ -39,9 +37,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return dtype
     if dtype in (None, "", "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {dtype!r}")
-    return _DTYPES[dtype]
+    return torch_dtype(dtype)
 
 
 def load_base_model(name_or_path: str | Path, device: str | None = None,

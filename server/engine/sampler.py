@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.sequence import Sequence
+from server.engine.sequence import SamplingParams, Sequence
 
 
-def make_generator(seq: Sequence, device: torch.device) -> torch.Generator | None:
-    if seq.params.greedy:
+def make_generator(params: SamplingParams) -> torch.Generator | None:
+    """The request's own random stream (None when greedy): seeded, or from the OS."""
+    if params.greedy:
         return None
     gen = torch.Generator(device="cpu")  # CPU draws: same stream whatever device the model is on
-    if seq.params.seed is not None:
-        gen.manual_seed(seq.params.seed)
+    if params.seed is not None:
+        gen.manual_seed(params.seed)
     else:
         gen.seed()
     return gen

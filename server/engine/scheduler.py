@@ -1,20 +1,27 @@
-"""Which requests run in the next step, and how many of their tokens. Plain Python, no torch.
+"""Which requests run in the next step, and what their results do to them. Plain Python, no torch.
 
-Every step, in this order: each running request that decodes gets its one token; running
-requests still prefilling continue with a chunk; then waiting requests are admitted first come,
-first served, while a slot, KV memory and the step's token budget allow. A long prompt is thus
-prefilled in chunks beside the decodes and never stalls them for more than one step's budget.
+`schedule()`, every step, in this order: each running request that decodes gets its one token;
+running requests still prefilling continue with a chunk; then waiting requests are admitted first
+come, first served, while a slot, KV memory (see `kv_budget`) and the step's token budget allow. A
+long prompt is thus prefilled in chunks beside the decodes and never stalls them for more than one
+step's budget.
 
-KV memory is counted as the slot layout spends it (see `kv_store`): every running request holds
-a slot as long as the longest one may grow, so `slots * longest <= budget`.
+`postprocess()`, after the step ran: each request's cache advances by the tokens computed, the
+sampled tokens are appended, and requests that hit a stop, the end of sequence or their length
+finish.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from server.engine.errors import InvalidConfig, check_int
+from server.engine.kv_budget import SlotBudget
 from server.engine.sequence import Sequence, Status
+
+Batch = list[tuple[Sequence, int]]  # (request, tokens computed for it in this step)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,18 +32,15 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_running", "max_tokens_per_step", "kv_budget_positions"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            check_int(name, getattr(self, name), low=1)
         if self.max_tokens_per_step < self.max_running:
-            raise ValueError(
-                f"max_tokens_per_step ({self.max_tokens_per_step}) must be >= max_running ({self.max_running}) "
-                "so that every running request can decode in each step"
-            )
+            raise InvalidConfig("max_tokens_per_step", f"an integer >= max_running ({self.max_running}) so that "
+                                "every running request can decode in each step", self.max_tokens_per_step)
 
 
 @dataclass(slots=True)
 class ScheduledStep:
-    batch: list[tuple[Sequence, int]] = field(default_factory=list)  # (request, tokens to compute now)
+    batch: Batch = field(default_factory=list)
     admitted: list[Sequence] = field(default_factory=list)  # newly given a slot this step
 
     def __bool__(self) -> bool:
@@ -44,14 +48,16 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, eos_ids: frozenset[int] = frozenset()) -> None:
         self.config = config
+        self.budget = SlotBudget(config.kv_budget_positions)
+        self.eos_ids = eos_ids  # a generated token in here ends its request (unless it ignores EOS)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
     def fits_alone(self, seq: Sequence) -> bool:
         """Whether `seq` could ever run: with no one else, its slot must fit the KV budget."""
-        return seq.max_total_len <= self.config.kv_budget_positions
+        return self.budget.admits([seq])
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -72,11 +78,9 @@ class Scheduler:
                 n = min(seq.num_uncached, budget)
                 step.batch.append((seq, n))
                 budget -= n
-        longest = max((s.max_total_len for s in self.running), default=0)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             seq = self.waiting[0]
-            new_longest = max(longest, seq.max_total_len)
-            if (len(self.running) + 1) * new_longest > self.config.kv_budget_positions:
+            if not self.budget.admits([*self.running, seq]):
                 break  # first come, first served: wait for memory rather than let others overtake
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -85,13 +89,33 @@ class Scheduler:
             n = min(seq.num_uncached, budget)
             step.batch.append((seq, n))
             budget -= n
-            longest = new_longest
         return step
 
+    def postprocess(self, batch: Batch, tokens: list[int],
+                    release: Callable[[Sequence], None] = lambda seq: None) -> list[Sequence]:
+        """The step ran: advance caches, append `tokens` (one per request that sampled, in batch
+        order), finish the requests that are done and return them. A finished request's memory is
+        given back (`release`) before its caller hears the result, so a caller that sees it done never
+        sees its memory still held."""
+        sampling = [seq for seq, n in batch if seq.samples_after(n)]
+        assert len(sampling) == len(tokens), "one sampled token per request that samples"
+        # Every cache first: releasing a slot moves another request's KV, which must include this step's.
+        for seq, n in batch:
+            seq.num_cached += n
+        finished = []
+        for seq, token in zip(sampling, tokens, strict=True):
+            reason = seq.append(token, self.eos_ids)
+            if reason is not None:
+                self.finish(seq)
+                release(seq)
+                seq.finish(reason)
+                finished.append(seq)
+        return finished
+
     def finish(self, seq: Sequence) -> None:
-        """Take `seq` out of whichever queue holds it."""
+        """Take `seq` out of whichever queue holds it (if any)."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
-        elif seq.status is Status.WAITING:
+        elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED

@@ -1,8 +1,9 @@
-"""One request's whole state, from admission to its last token. No torch here.
+"""One request's whole state, from submission to its last token, in one object. No torch here.
 
-A `Sequence` is what the scheduler moves between queues and what the runner reads positions
-from; the engine fills its generated tokens. The public result types (`TokenDelta`,
-`Completion`) are what a caller of the engine receives.
+A `Sequence` carries the request's text tokens, its sampling settings, the task prompt version it
+started with, its detokenizer, its random stream, its output channel to the caller and how it
+ended. The scheduler moves it between queues, the runner reads positions from it, and
+`Sequence.append` / `finish` / `fail` are the only ways its caller hears from the engine.
 """
 
 from __future__ import annotations
@@ -10,29 +11,47 @@ from __future__ import annotations
 import enum
 import itertools
 import math
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from server.engine.errors import InvalidParameter
+from server.engine.handle import OutputChannel
+
+if TYPE_CHECKING:
+    from prompt_store.registry import PromptSnapshot
+    from server.engine.detokenizer import IncrementalText
 
 FinishReason = Literal["length", "stop", "eos"]
 
+# The one default of max_new_tokens (the service lowers it to its own cap when that is smaller).
+DEFAULT_MAX_NEW_TOKENS = 64
 # Hard ceilings that catch nonsense before it reaches the loop; the service applies tighter caps.
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_SEED = 2**63 - 1
 
 
+def normalize_stop(stop: str | Iterable[str] | None) -> tuple[str, ...]:
+    """A lone string is one stop string (not its characters); None is none."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    return tuple(stop)
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How one request picks its tokens. temperature 0 is greedy (the default)."""
+    """How one request picks its tokens. temperature 0 is greedy (the default). Every range is checked here."""
 
-    max_new_tokens: int = 64
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0  # 1.0: no nucleus filter
     seed: int | None = None
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()  # also accepts a str, a list or None (normalised here)
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
@@ -44,9 +63,7 @@ class SamplingParams:
             raise InvalidParameter("top_p", "a number in (0, 1]", self.top_p)
         if self.seed is not None:
             _check_int("seed", self.seed, 0, MAX_SEED)
-        if isinstance(self.stop, str):  # a lone string is one stop string, not its characters
-            object.__setattr__(self, "stop", (self.stop,))
-        stop = tuple(self.stop)
+        stop = normalize_stop(self.stop)
         if len(stop) > MAX_STOP_STRINGS:
             raise InvalidParameter("stop", f"at most {MAX_STOP_STRINGS} strings", len(stop))
         for s in stop:
@@ -68,7 +85,7 @@ def _is_number(value: object) -> bool:
 def _check_int(name: str, value: object, low: int, high: int | None) -> None:
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
     if ok and high is not None:
-        ok = value <= high
+        ok = value <= high  # type: ignore[operator]  # value is an int here
     if not ok:
         bound = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
         raise InvalidParameter(name, bound, value)
@@ -101,7 +118,7 @@ class Completion:
 
 
 class Status(enum.Enum):
-    WAITING = "waiting"  # admitted to the queue, no KV slot yet
+    WAITING = "waiting"  # queued, no KV slot yet
     RUNNING = "running"  # holds a KV slot; prefilling or decoding
     FINISHED = "finished"  # done (finished, failed or cancelled); its slot is free
 
@@ -122,17 +139,23 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     task: str | None = None
-    prompt: object | None = None  # the prompt_store snapshot this request started with (or None)
+    prompt: PromptSnapshot | None = None  # the task's prompt version this request started with
     num_virtual: int = 0
+    detokenizer: IncrementalText | None = None  # None: token ids only (scheduler tests)
+    rng: Any = None  # the sampler's torch.Generator; None when greedy
     id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     num_cached: int = 0
     slot: int | None = None
+    cancelled: bool = False  # set by the caller's handle; the loop drops the request at its next step
     finish_reason: FinishReason | None = None
-    cancelled: bool = False
     error: BaseException | None = None
-    rng: object | None = None  # the sampler's random stream (a torch.Generator), None when greedy
+    output: OutputChannel = field(default_factory=OutputChannel)
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+
+    # -- positions ------------------------------------------------------------------------------
 
     @property
     def all_ids(self) -> list[int]:
@@ -150,7 +173,7 @@ class Sequence:
 
     @property
     def max_total_len(self) -> int:
-        """Positions this request may need by its last token: what the scheduler reserves."""
+        """Positions this request may need by its last token: what its KV slot must hold."""
         return self.num_virtual + len(self.prompt_ids) + self.params.max_new_tokens
 
     @property
@@ -162,6 +185,45 @@ class Sequence:
     def in_prefill(self) -> bool:
         return self.num_cached < len(self.prompt_ids)
 
+    def samples_after(self, n: int) -> bool:
+        """Whether computing `n` more tokens reaches the end, so the step picks this request's next token."""
+        return self.num_cached + n == self.num_tokens
+
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    # -- what the caller hears ------------------------------------------------------------------
+
+    def append(self, token: int, eos_ids: frozenset[int]) -> FinishReason | None:
+        """Take a sampled token, hand its text to the caller; return why the request ends now, if it does."""
+        self.output_ids.append(token)
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        text = self.detokenizer
+        self.output.push(TokenDelta(text.add(token) if text is not None else "", (token,)))
+        if text is not None and text.stopped:
+            return "stop"
+        if token in eos_ids and not self.params.ignore_eos:
+            return "eos"
+        if len(self.output_ids) >= self.params.max_new_tokens:
+            return "length"
+        return None
+
+    def finish(self, reason: FinishReason) -> None:
+        """End with a result: the text held back for a possible stop string goes out, then the Completion."""
+        self.status = Status.FINISHED
+        self.finish_reason = reason
+        text = self.detokenizer
+        tail = text.finish() if text is not None else ""
+        if tail:
+            self.output.push(TokenDelta(tail, ()))
+        usage = Usage(len(self.prompt_ids), self.num_virtual, len(self.output_ids))
+        full_text = text.text if text is not None else ""
+        self.output.complete(Completion(self.task, full_text, tuple(self.output_ids), reason, usage))
+
+    def fail(self, error: BaseException) -> None:
+        """End with an error (cancelled, failed, shut down): the caller gets it instead of a result."""
+        self.status = Status.FINISHED
+        self.error = error
+        self.output.fail(error)

@@ -15,6 +15,7 @@ import uvicorn
 
 from server.api.app import create_app
 from server.config import Settings
+from tests.peft_reference import PeftReference
 
 
 class LiveServer:
@@ -156,21 +157,5 @@ def sse_events(response: httpx.Response) -> list[tuple[str | None, str]]:
 
 @pytest.fixture(scope="session")
 def reference_greedy(llama_dir):
-    """greedy(adapter_dir or None, text, n): a greedy loop over PeftModel.forward, no cache (DESIGN.md)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(llama_dir))
-
-    @torch.inference_mode()
-    def greedy(adapter_dir: Path | None, text: str, n: int) -> list[int]:
-        model = AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval()
-        if adapter_dir is not None:
-            model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
-        ids, out = list(tokenizer(text)["input_ids"]), []
-        for _ in range(n):
-            x = torch.tensor([ids + out])
-            out.append(int(model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].argmax()))
-        return out
-
-    return greedy
+    """greedy(adapter_dir or None, text, n): the shared PEFT reference on the tiny Llama."""
+    return PeftReference(llama_dir).greedy

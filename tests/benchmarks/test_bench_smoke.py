@@ -20,6 +20,7 @@ from benchmarks.run import main
 from benchmarks.throughput import SYSTEMS
 from benchmarks.workload import WorkloadSpec, embedding_std, make_workload
 from prompt_store.geometry import ModelGeometry
+from tests.peft_reference import greedy
 
 STEPS = 3  # greedy tokens compared against the PEFT reference
 
@@ -49,15 +50,9 @@ def peft_greedy(model_dir, task, ids: list[int], steps: int) -> list[int]:
     else:  # PEFT writes kv heads as attention heads under grouped-query attention
         config = PrefixTuningConfig(token_dim=g.kv_dim, num_attention_heads=g.num_kv_heads, **common)
     peft_model = get_peft_model(base, config).eval()
-    out = []
     with torch.inference_mode():
         peft_model.prompt_encoder["default"].embedding.weight.copy_(task.table)
-        seq = torch.tensor([ids])
-        for _ in range(steps):
-            token = peft_model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0, -1].argmax()
-            out.append(int(token))
-            seq = torch.cat([seq, token.view(1, 1)], dim=1)
-    return out
+    return greedy(peft_model, ids, steps)
 
 
 def test_workload_is_seeded_and_shaped(hf, workload):

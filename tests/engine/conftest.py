@@ -8,18 +8,19 @@ import random
 import pytest
 import torch
 from peft import (
-    PeftModel,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
     TaskType,
     get_peft_model,
 )
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from prompt_store import ModelGeometry, PromptRegistry
-from server.engine.loop import Engine, EngineConfig
+from server.engine.config import EngineConfig
+from server.engine.loop import Engine
 from server.engine.model_loader import load_base_model
+from tests.peft_reference import PeftReference
 
 # task name -> PEFT config; num_virtual_tokens spans 1..64, every method, prefixes with and without projection
 ADAPTERS = {
@@ -54,32 +55,14 @@ def adapter_dirs(model_dir, tmp_path_factory):
 
 
 class Reference:
-    """The semantics' reference: a greedy loop over PeftModel.forward, no cache, one request alone."""
+    """The shared PEFT reference (tests/peft_reference.py), with the adapters named by task."""
 
     def __init__(self, model_dir, adapter_dirs):
-        self.model_dir = model_dir
+        self.peft = PeftReference(model_dir)
         self.adapter_dirs = adapter_dirs
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self._models = {}
 
-    def model(self, task):
-        if task not in self._models:
-            base = AutoModelForCausalLM.from_pretrained(self.model_dir).eval()  # plain sdpa, not promptswap's path
-            if task is not None:
-                base = PeftModel.from_pretrained(base, self.adapter_dirs[task]).eval()
-            self._models[task] = base
-        return self._models[task]
-
-    @torch.inference_mode()
     def greedy(self, task, text: str, max_new_tokens: int) -> list[int]:
-        ids = list(self.tokenizer(text)["input_ids"])
-        out = []
-        model = self.model(task)
-        for _ in range(max_new_tokens):
-            x = torch.tensor([ids + out])
-            logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1]
-            out.append(int(logits.argmax()))
-        return out
+        return self.peft.greedy(None if task is None else self.adapter_dirs[task], text, max_new_tokens)
 
 
 @pytest.fixture(scope="session")

@@ -9,14 +9,16 @@ import copy
 
 import pytest
 import torch
-from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+from peft import PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from prompt_store import ModelGeometry, PromptRegistry
-from server.engine.loop import Engine, EngineConfig
+from server.demo.tiny_models import build_tokenizer
+from server.engine.config import EngineConfig
+from server.engine.loop import Engine
 from server.engine.model_loader import load_base_model
 from server.engine.sequence import SamplingParams
-from server.demo.tiny_models import build_tokenizer
+from tests.peft_reference import greedy, load_reference
 
 SHAPE = dict(vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=512, initializer_range=0.2)
@@ -45,15 +47,6 @@ def tokenizer_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tokenizer")
     build_tokenizer(path)
     return path
-
-
-def _greedy(model, ids: list[int]) -> list[int]:
-    out: list[int] = []
-    with torch.inference_mode():
-        for _ in range(NEW_TOKENS):
-            x = torch.tensor([ids + out])
-            out.append(int(model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].argmax()))
-    return out
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
@@ -88,11 +81,9 @@ def test_architecture_matches_peft(name, tokenizer_dir, tmp_path):
                                                                                        ignore_eos=True))
                    for task in [None, *ADAPTERS] for text in TEXTS}
         for task in [None, *ADAPTERS]:
-            reference = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-            if task is not None:
-                reference = PeftModel.from_pretrained(reference, tmp_path / task).eval()
+            reference = load_reference(tmp_path, None if task is None else tmp_path / task)
             for text in TEXTS:
                 got = list(handles[task, text].result(timeout=60).token_ids)
-                assert got == _greedy(reference, list(tokenizer(text)["input_ids"])), (name, task, text)
+                assert got == greedy(reference, list(tokenizer(text)["input_ids"]), NEW_TOKENS), (name, task, text)
     finally:
         engine.shutdown(timeout_s=5)

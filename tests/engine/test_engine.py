@@ -7,8 +7,9 @@ import time
 import pytest
 import torch
 
-from server.engine.loop import Engine, EngineConfig
+from server.engine.config import EngineConfig
 from server.engine.errors import QueueFull, RequestCancelled, RequestFailed, RequestTooLong
+from server.engine.loop import Engine
 from server.engine.model_loader import load_base_model
 from server.engine.sequence import SamplingParams, TokenDelta
 
@@ -41,7 +42,7 @@ def test_kv_memory_stays_within_its_budget_while_running(make_engine, base_model
     engine = make_engine(kv_cache_bytes=budget, max_running=32)
     peak = 0
     handles = [engine.submit("the quick brown fox " * 3, task="pt8", params=GREEDY8) for _ in range(12)]
-    while not all(h._done for h in handles):
+    while not all(h.done for h in handles):
         peak = max(peak, engine.stats().kv_bytes)
         time.sleep(0.001)
     assert 0 < peak <= budget
@@ -119,7 +120,7 @@ def test_eos_ends_a_request_unless_ignored(base_model, registry):
     try:
         first = engine.submit("eos test", params=SamplingParams(max_new_tokens=6, ignore_eos=True)).result(30)
         # Declare the 3rd generated token the end of sequence: the request must stop there.
-        engine.eos_ids = frozenset({first.token_ids[2]})
+        engine.scheduler.eos_ids = frozenset({first.token_ids[2]})
         ended = engine.submit("eos test", params=SamplingParams(max_new_tokens=6)).result(30)
         assert ended.finish_reason == "eos" and ended.token_ids == first.token_ids[:3]
         ignored = engine.submit("eos test", params=SamplingParams(max_new_tokens=6, ignore_eos=True)).result(30)
@@ -187,8 +188,8 @@ def test_unsupported_models_are_refused(tmp_path):
 def test_models_without_pluggable_attention_are_refused_clearly(tmp_path, model_type):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from server.engine.errors import ModelNotSupported
     from server.demo.tiny_models import build_tokenizer
+    from server.engine.errors import ModelNotSupported
 
     config = AutoConfig.for_model(model_type, vocab_size=600, hidden_size=32, num_hidden_layers=1,
                                   num_attention_heads=2)

@@ -1,34 +1,35 @@
-"""The scheduler is plain Python: tested here without torch or a model."""
+"""The scheduler is plain Python: schedule() and postprocess() tested here without torch or a model."""
 
 import subprocess
 import sys
 
 import pytest
+from transformers import AutoTokenizer
 
+from server.engine.detokenizer import IncrementalText
+from server.engine.errors import InvalidConfig
 from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.engine.sequence import SamplingParams, Sequence, Status
+from server.engine.sequence import SamplingParams, Sequence, Status, TokenDelta
+
+EOS = 0
 
 
-def seq(prompt_len: int, max_new: int = 4, virtual: int = 0) -> Sequence:
-    return Sequence(prompt_ids=list(range(prompt_len)), params=SamplingParams(max_new_tokens=max_new),
+def seq(prompt_len: int, max_new: int = 4, virtual: int = 0, **params) -> Sequence:
+    return Sequence(prompt_ids=list(range(prompt_len)), params=SamplingParams(max_new_tokens=max_new, **params),
                     num_virtual=virtual)
 
 
-def run_step(sched: Scheduler):
-    """Pretend the runner computed the step: advance caches, append a token where one is sampled."""
+def run_step(sched: Scheduler, token: int = 7):
+    """Pretend the runner computed the step and sampled `token` for each request that samples."""
     step = sched.schedule()
-    for s, n in step.batch:
-        sampled = s.num_cached + n == s.num_tokens
-        s.num_cached += n
-        if sampled:
-            s.output_ids.append(7)
-            if len(s.output_ids) >= s.params.max_new_tokens:
-                sched.finish(s)
-    return step
+    sampling = [s for s, n in step.batch if s.samples_after(n)]
+    finished = sched.postprocess(step.batch, [token] * len(sampling))
+    return step, finished
 
 
 def test_request_state_and_scheduler_import_no_torch():
-    code = "import sys, server.engine.scheduler, server.engine.sequence, server.engine.detokenizer; print('torch' in sys.modules)"
+    modules = "server.engine.scheduler, server.engine.sequence, server.engine.detokenizer, server.engine.config"
+    code = f"import sys, {modules}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -52,10 +53,58 @@ def test_chunked_prefill_completes_and_then_decodes():
     sched.add(s)
     sizes = []
     while not s.finished:
-        step = run_step(sched)
+        step, _ = run_step(sched)
         sizes.append(step.batch[0][1])
     assert sizes == [8, 8, 4, 1]  # three prefill chunks, then one decode
     assert s.output_ids == [7, 7]
+    assert s.finish_reason == "length"
+    assert s.output.result(timeout=1).token_ids == (7, 7)
+
+
+def test_postprocess_advances_caches_and_only_prefill_ends_sample():
+    sched = Scheduler(SchedulerConfig(max_running=2, max_tokens_per_step=6, kv_budget_positions=10_000))
+    a, b = seq(4, max_new=3), seq(10, max_new=3)
+    sched.add(a)
+    sched.add(b)
+    step = sched.schedule()
+    assert step.batch == [(a, 4), (b, 2)]
+    assert [s.samples_after(n) for s, n in step.batch] == [True, False]
+    assert sched.postprocess(step.batch, [5]) == []
+    assert (a.num_cached, a.output_ids, b.num_cached, b.output_ids) == (4, [5], 2, [])
+    with pytest.raises(AssertionError):  # one token per request that samples, no more
+        sched.postprocess([(a, 1)], [5, 6])
+
+
+def test_postprocess_finishes_on_eos_unless_ignored():
+    sched = Scheduler(SchedulerConfig(max_running=4, max_tokens_per_step=64, kv_budget_positions=10_000),
+                      eos_ids=frozenset({EOS}))
+    stops, ignores = seq(3, max_new=5), seq(3, max_new=5, ignore_eos=True)
+    sched.add(stops)
+    sched.add(ignores)
+    _, finished = run_step(sched, token=EOS)
+    assert finished == [stops] and stops.finish_reason == "eos" and stops.status is Status.FINISHED
+    assert sched.running == [ignores]
+    while not ignores.finished:
+        run_step(sched, token=EOS)
+    assert ignores.finish_reason == "length" and ignores.output_ids == [EOS] * 5
+
+
+def test_postprocess_finishes_on_a_stop_string_and_holds_it_back(llama_dir):
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    sched = Scheduler(SchedulerConfig(max_running=1, max_tokens_per_step=64, kv_budget_positions=10_000))
+    text_ids = tokenizer("the quick brown fox jumps")["input_ids"]
+    params = SamplingParams(max_new_tokens=len(text_ids) + 5, stop=("fox",))
+    s = Sequence(prompt_ids=[1, 2], params=params, detokenizer=IncrementalText(tokenizer, [1, 2], params.stop))
+    sched.add(s)
+    for token in text_ids:
+        step = sched.schedule()
+        sched.postprocess(step.batch, [token])
+        if s.finished:
+            break
+    assert s.finish_reason == "stop"
+    pieces = [item.text for item in s.output if isinstance(item, TokenDelta)]
+    assert "".join(pieces) == "the quick brown " == s.output.result(timeout=1).text
+    assert not sched.has_work()
 
 
 def test_max_running_and_fifo_admission():
@@ -83,18 +132,21 @@ def test_kv_budget_counts_slots_times_longest():
 
 def test_finish_removes_from_either_queue():
     sched = Scheduler(SchedulerConfig(max_running=1, max_tokens_per_step=8, kv_budget_positions=100))
-    a, b = seq(2), seq(2)
+    a, b, never_added = seq(2), seq(2), seq(2)
     sched.add(a)
     sched.add(b)
     sched.schedule()
     sched.finish(b)  # still waiting
     sched.finish(a)  # running
+    sched.finish(never_added)  # e.g. still in the engine's inbox at shutdown
     assert not sched.has_work()
-    assert a.finished and b.finished
+    assert a.finished and b.finished and never_added.finished
 
 
-@pytest.mark.parametrize("kwargs", [dict(max_running=0), dict(max_tokens_per_step=4, max_running=8),
-                                    dict(kv_budget_positions=-1)])
-def test_config_is_checked(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(("kwargs", "field"), [(dict(max_running=0), "max_running"),
+                                               (dict(max_tokens_per_step=4, max_running=8), "max_tokens_per_step"),
+                                               (dict(kv_budget_positions=-1), "kv_budget_positions")])
+def test_config_is_checked_naming_the_field(kwargs, field):
+    with pytest.raises(InvalidConfig) as err:
         SchedulerConfig(**kwargs)
+    assert err.value.field == field and str(err.value).startswith(f"{field} must be")

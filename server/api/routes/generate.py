@@ -7,22 +7,14 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from server.api import streaming
 from server.api.auth import require_api
 from server.api.deps import EngineDep, MetricsDep, SettingsDep
-from server.engine.errors import InvalidParameter
-from server.api.streaming import (
-    SSE_HEADERS,
-    Generation,
-    all_results,
-    sampling_params,
-    sse,
-    submit,
-    unless_disconnected,
-    with_param_prefix,
-)
-from server.api.errors import describe
+from server.api.errors import ErrorContext, ErrorInContext, describe
 from server.api.schemas import BatchRequest, BatchResponse, GenerateRequest, GenerateResponse
-from server.engine.sequence import Completion, TokenDelta
+from server.api.streaming import SSE_HEADERS, Event, sse, unless_disconnected
+from server.engine.errors import InvalidParameter
+from server.engine.sequence import Completion
 
 router = APIRouter(dependencies=[Depends(require_api)], tags=["generate"])
 
@@ -30,12 +22,12 @@ router = APIRouter(dependencies=[Depends(require_api)], tags=["generate"])
 @router.post("/generate", response_model=GenerateResponse)
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, metrics: MetricsDep,
                    settings: SettingsDep):
-    params = sampling_params(settings.max_new_tokens_cap, max_new_tokens=body.max_new_tokens,
-                             **body.sampling_kwargs())
-    gen = submit(engine, metrics, body.text, body.task, params)
+    params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=body.max_new_tokens,
+                                       **body.sampling_kwargs())
+    [handle] = streaming.submit_all(engine, metrics, [(body.text, body.task, params)], lambda i: None)
     if not body.stream:
-        return GenerateResponse.of(await unless_disconnected(request, gen.result()))
-    events = gen.events()
+        return GenerateResponse.of(await unless_disconnected(request, streaming.result(handle, metrics)))
+    events = streaming.events(handle, metrics)
     try:
         # Wait for the first item before answering, so an error that comes before any token
         # still gets its own status code instead of a 200 with an error event.
@@ -46,7 +38,7 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, m
     return StreamingResponse(_sse_stream(first, events), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def _sse_stream(first, events: AsyncIterator[TokenDelta | Completion]) -> AsyncIterator[bytes]:
+async def _sse_stream(first: Event, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
     """One event per new piece of text; the last carries finish_reason and usage."""
     item = first
     try:
@@ -69,27 +61,21 @@ async def _sse_stream(first, events: AsyncIterator[TokenDelta | Completion]) -> 
 async def generate_batch(body: BatchRequest, request: Request, engine: EngineDep, metrics: MetricsDep,
                          settings: SettingsDep):
     if len(body.requests) > settings.max_batch_requests:
-        raise InvalidParameter("requests", f"at most {settings.max_batch_requests} entries",
-                               len(body.requests))
+        raise InvalidParameter("requests", f"at most {settings.max_batch_requests} entries", len(body.requests))
+
+    def entry(i: int) -> ErrorContext:
+        return ErrorContext(prefix=f"requests[{i}]")
+
     # Check every entry before submitting any, so a bad entry does not leave the others running.
-    all_params = []
-    for i, entry in enumerate(body.requests):
+    submissions = []
+    for i, e in enumerate(body.requests):
         try:
-            all_params.append(sampling_params(settings.max_new_tokens_cap,
-                                              max_new_tokens=entry.max_new_tokens, **entry.sampling_kwargs()))
+            params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=e.max_new_tokens,
+                                               **e.sampling_kwargs())
         except Exception as exc:
-            raise with_param_prefix(exc, f"requests[{i}]") from None
-    gens: list[Generation] = []
-    try:
-        for i, (entry, params) in enumerate(zip(body.requests, all_params, strict=True)):
-            try:
-                gens.append(submit(engine, metrics, entry.text, entry.task, params))
-            except Exception as exc:
-                raise with_param_prefix(exc, f"requests[{i}]") from None
-    except BaseException:
-        for gen in gens:
-            gen.handle.cancel()
-        raise
+            raise ErrorInContext(exc, entry(i)) from exc
+        submissions.append((e.text, e.task, params))
+    handles = streaming.submit_all(engine, metrics, submissions, entry)
     # They all joined the engine's continuous batch; wait for all, in order.
-    completions = await unless_disconnected(request, all_results(gens, "requests"))
+    completions = await unless_disconnected(request, streaming.all_results(handles, metrics, "requests"))
     return BatchResponse(results=[GenerateResponse.of(c) for c in completions])

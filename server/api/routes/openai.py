@@ -15,22 +15,16 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from prompt_store.errors import UnknownTask
+from server.api import streaming
 from server.api.auth import require_api
 from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
-from server.engine.errors import InvalidParameter, RequestTooLong
-from server.api.streaming import (
-    SSE_HEADERS,
-    Generation,
-    all_results,
-    sampling_params,
-    sse,
-    submit,
-    unless_disconnected,
-)
-from server.api.errors import describe
+from server.api.errors import ErrorContext, describe
+from server.api.metrics import Metrics
 from server.api.schemas import CompletionRequest
-from server.engine.sequence import Completion, TokenDelta
+from server.api.streaming import SSE_HEADERS, Event, sse, unless_disconnected
+from server.engine.errors import InvalidParameter
+from server.engine.handle import RequestHandle
+from server.engine.sequence import Completion
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api)], tags=["openai"])
 
@@ -68,42 +62,27 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise InvalidParameter("prompt", "a string or a non-empty list of strings (token ids are not accepted)",
                                _short(body.prompt))
-    task = None if body.model == settings.model_name() else body.model
-    params = sampling_params(
-        settings.max_new_tokens_cap, max_new_tokens=16 if body.max_tokens is None else body.max_tokens,
-        param_name="max_tokens",
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed,
-        stop=() if body.stop is None else ((body.stop,) if isinstance(body.stop, str) else tuple(body.stop)),
-        ignore_eos=bool(body.ignore_eos),
-    )
-    gens: list[Generation] = []
-    try:
-        for i, text in enumerate(prompts):
-            try:
-                gens.append(submit(engine, metrics, text, task, params))
-            except UnknownTask as exc:
-                exc.param = "model"
-                exc.message = f"{exc.message}; `model` is a task name or {settings.model_name()!r} for the base model"
-                raise
-            except (InvalidParameter, RequestTooLong) as exc:
-                if exc.param == "text":  # the engine's name for what OpenAI clients call the prompt
-                    exc.param = f"prompt[{i}]" if len(prompts) > 1 else "prompt"
-                raise
-    except BaseException:
-        for gen in gens:
-            gen.handle.cancel()
-        raise
+    base = settings.model_name()
+    task = None if body.model == base else body.model
+    params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=body.max_tokens,
+                                       param_name="max_tokens", **body.sampling_kwargs())
+
+    def context(i: int) -> ErrorContext:
+        # OpenAI's names for the engine's: the task is the `model`, the text is the prompt.
+        return ErrorContext(rename={"task": "model", "text": f"prompt[{i}]" if len(prompts) > 1 else "prompt"},
+                            hints={"model": f"`model` is a task name or {base!r} for the base model"})
+
+    handles = streaming.submit_all(engine, metrics, [(str(text), task, params) for text in prompts], context)
     reply = _Reply(body.model, usage=bool(body.stream_options and body.stream_options.include_usage))
     if not body.stream:
-        return reply.full(await unless_disconnected(request, all_results(gens, "prompt")))
-    events = _merged(gens)
+        return reply.full(await unless_disconnected(request, streaming.all_results(handles, metrics, "prompt")))
+    events = _merged(handles, metrics)
     try:
         first = await unless_disconnected(request, anext(events))  # errors before any token get a status
     except BaseException:
         await events.aclose()
         raise
-    return StreamingResponse(reply.stream(first, events, len(gens)), media_type="text/event-stream",
+    return StreamingResponse(reply.stream(first, events, len(handles)), media_type="text/event-stream",
                              headers=SSE_HEADERS)
 
 
@@ -131,7 +110,8 @@ class _Reply:
                    for i, c in enumerate(completions)]
         return {**self._envelope(choices), "usage": self._usage(completions)}
 
-    async def stream(self, first, events: AsyncIterator[tuple[int, TokenDelta | Completion]], n: int):
+    async def stream(self, first: tuple[int, Event], events: AsyncIterator[tuple[int, Event]],
+                     n: int) -> AsyncIterator[bytes]:
         done: list[Completion] = []
         item = first
         try:
@@ -156,24 +136,25 @@ class _Reply:
         yield sse("[DONE]")
 
 
-async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, TokenDelta | Completion]]:
+async def _merged(handles: list[RequestHandle], metrics: Metrics) -> AsyncIterator[tuple[int, Event]]:
     """Items of several requests as they come, tagged with the request's index."""
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, Event | None, BaseException | None]] = asyncio.Queue()
 
-    async def pump(index: int, gen: Generation) -> None:
+    async def pump(index: int, handle: RequestHandle) -> None:
         try:
-            async for item in gen.events():
+            async for item in streaming.events(handle, metrics):
                 await queue.put((index, item, None))
         except Exception as exc:
             await queue.put((index, None, exc))
 
-    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
-    remaining = len(gens)
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    remaining = len(handles)
     try:
         while remaining:
             index, item, exc = await queue.get()
             if exc is not None:
                 raise exc
+            assert item is not None
             yield index, item
             if isinstance(item, Completion):
                 remaining -= 1
@@ -184,7 +165,7 @@ async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, TokenDelta
 
 def _refuse_unsupported(body: CompletionRequest) -> None:
     checks = (
-        ("n", body.n in (None, 1), "1 (one choice per prompt)", body.n),
+        ("n", body.n == 1, "1 (one choice per prompt)", body.n),
         ("best_of", body.best_of in (None, 1), "1 or absent", body.best_of),
         ("echo", not body.echo, "false", body.echo),
         ("logprobs", body.logprobs is None, "absent (log probabilities are not returned)", body.logprobs),

@@ -7,16 +7,19 @@ and versions are prompt_store's; this module only moves bytes between HTTP and t
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
 
+from prompt_store.registry import PromptRegistry
 from server.api.auth import require_admin, require_api
 from server.api.deps import RegistryDep
-from server.engine.errors import InvalidParameter
+from server.api.errors import UnsupportedMediaType
 from server.api.schemas import PromptList
+from server.engine.errors import InvalidParameter
 
 router = APIRouter(tags=["prompts"])
 
@@ -84,7 +87,7 @@ def delete_prompt(task: str, registry: RegistryDep) -> Response:
     return Response(status_code=204)
 
 
-async def _store(registry, task: str, upload: dict) -> Response:
+async def _store(registry: PromptRegistry, task: str, upload: dict[str, Any]) -> Response:
     # Validation, dtype conversion and the fsync'd write take a while: keep them off the event loop.
     _, created = await run_in_threadpool(lambda: registry.put(task, **upload))
     body = registry.describe(task).to_dict()
@@ -96,12 +99,12 @@ def _is_multipart(request: Request) -> bool:
     return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
 
 
-async def _read_upload(request: Request, kind: str | None, description: str | None) -> dict:
+async def _read_upload(request: Request, kind: str | None, description: str | None) -> dict[str, Any]:
     """The registry.put arguments (data, kind, config, description) from either body form."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype in ("application/json", "application/x-www-form-urlencoded", "text/plain"):
-        raise HTTPException(415, f"upload the prompt as application/octet-stream (the safetensors file) "
-                                 f"or multipart/form-data (weights + config files), got {ctype}")
+        raise UnsupportedMediaType(f"upload the prompt as application/octet-stream (the safetensors file) "
+                                   f"or multipart/form-data (weights + config files), got {ctype}")
     if not _is_multipart(request):
         return {"data": await request.body(), "kind": kind, "config": None, "description": description}
     # At most a few small fields and two files; the body limit bounds the files' size.
@@ -127,5 +130,5 @@ async def _read_upload(request: Request, kind: str | None, description: str | No
         await form.close()
 
 
-def _text(value) -> str | None:
+def _text(value: object) -> str | None:
     return value if isinstance(value, str) and value else None

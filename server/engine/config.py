@@ -1,0 +1,28 @@
+"""The engine's settings, each checked here. No torch: the service validates its settings by building one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.engine.errors import check_int
+from server.engine.scheduler import SchedulerConfig
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    max_running: int = 64  # requests decoding together
+    max_tokens_per_step: int = 512  # tokens in one forward pass (decodes + prefill chunks)
+    max_context: int | None = None  # positions per request, virtual tokens included; None: the model's
+    max_queue: int = 1024  # waiting requests before new ones get QueueFull
+    kv_cache_bytes: int = 2 * 2**30  # KV memory of running requests
+    prompt_cache_bytes: int = 512 * 2**20  # device memory for precomputed task prefixes
+    # torch intra-op threads of the engine thread (None: torch's default). Once the engine starts,
+    # every other thread of the process runs torch on one thread; see server/engine/threads.py.
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        SchedulerConfig(self.max_running, self.max_tokens_per_step)  # its checks, written once there
+        for name in ("max_queue", "kv_cache_bytes", "prompt_cache_bytes"):
+            check_int(name, getattr(self, name), low=1)
+        check_int("threads", self.threads, low=1, optional=True)
+        check_int("max_context", self.max_context, low=2, optional=True)
