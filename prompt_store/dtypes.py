@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Literal, get_args
 if TYPE_CHECKING:
     import torch
 
-DtypeName = Literal["float32", "float16", "bfloat16"]
+DtypeName = Literal["float16", "bfloat16", "float32"]
 DTYPE_NAMES: tuple[str, ...] = get_args(DtypeName)
 # safetensors header codes of the same dtypes
-SAFETENSORS_CODES: dict[str, str] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+SAFETENSORS_CODES: dict[str, str] = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 ALLOWED = ", ".join(DTYPE_NAMES[:-1]) + f" or {DTYPE_NAMES[-1]}"  # for messages
 
 

@@ -13,9 +13,11 @@ import time
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from server.cli import build_parser, main
 from server.config import Settings
+from server.engine.config import EngineConfig
 from server.demo.tasks import DEMO_TASKS, SOFT_PROMPT_TEXT
 from tests.api.conftest import iter_sse
 
@@ -40,13 +42,33 @@ def test_flags_override_the_environment(monkeypatch):
     settings = Settings(**{k: v for k, v in vars(args).items() if k in Settings.model_fields})
     assert settings.port == 9002 and settings.model == "some/model"  # from flags
     assert settings.admin_token.get_secret_value() == "from-env" and settings.max_running == 3  # from env
-    assert settings.engine_kwargs() == {"max_running": 3}
+    assert settings.engine_config() == EngineConfig(max_running=3)
     assert settings.model_name() == "model"
 
 
 def test_invalid_setting_is_a_clear_error(capsys):
     assert main(["serve", "--port", "99999"]) == 2
-    assert "port" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--port / PROMPTSWAP_PORT" in err and "99999" in err
+
+
+@pytest.mark.parametrize(("flags", "named", "allowed"), [
+    (["--max-tokens-per-step", "32"], "--max-tokens-per-step / PROMPTSWAP_MAX_TOKENS_PER_STEP", ">= max_running (64)"),
+    (["--max-running", "0"], "--max-running / PROMPTSWAP_MAX_RUNNING", "an integer >= 1"),
+    (["--max-context", "1"], "--max-context / PROMPTSWAP_MAX_CONTEXT", "an integer >= 2"),
+    (["--threads", "-2"], "--threads / PROMPTSWAP_THREADS", "an integer >= 1"),
+])
+def test_engine_settings_are_checked_at_startup_naming_the_flag(capsys, flags, named, allowed):
+    """The engine's own rules, applied when the settings are made: never 'the model could not be loaded'."""
+    assert main(["serve", *flags]) == 2
+    err = capsys.readouterr().err
+    assert named in err and allowed in err and "model" not in err.lower()
+
+
+def test_engine_settings_from_the_environment_are_checked_too(monkeypatch):
+    monkeypatch.setenv("PROMPTSWAP_MAX_QUEUE", "0")
+    with pytest.raises(ValidationError, match="PROMPTSWAP_MAX_QUEUE"):
+        Settings()
 
 
 def test_demo_serves_two_tasks_offline(start_server, tmp_path):
