@@ -105,7 +105,7 @@ def run_convert(args: argparse.Namespace) -> int:
         "kind": checked.kind,
         "num_virtual_tokens": str(checked.num_virtual_tokens),
         "source": "peft",
-        "peft_type": source.config.get("peft_type"),
+        "peft_type": (source.config or {}).get("peft_type"),
         "base_model": checked.base_model,
         "description": args.description,
     }

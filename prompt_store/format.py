@@ -179,7 +179,7 @@ def read_prompt(data: bytes) -> PromptFile:
 
     header, metadata = parse_header(data)
     entry = header.get(TENSOR_NAME)
-    check_prompt_tensor(list(header), entry and entry["dtype"], entry and entry["shape"])
+    check_prompt_tensor(list(header), entry["dtype"] if entry else None, entry["shape"] if entry else None)
     try:
         tensors = load(bytes(data))
     except Exception as exc:  # safetensors raises its own error type, KeyError for odd dtypes, ...

@@ -205,7 +205,7 @@ class PromptRegistry:
             # A version is consumed even if the write below fails, so no number is ever issued twice.
             self._last_version += 1
             snap = PromptSnapshot(
-                task=task, kind=checked.kind, num_virtual_tokens=checked.num_virtual_tokens,
+                task=task, kind=checked.served_kind, num_virtual_tokens=checked.num_virtual_tokens,
                 version=self._last_version, sha256=sha, embeddings=checked.embeddings,
                 created_at=time.time(), source=checked.source, base_model=checked.base_model,
                 description=description if description is not None else checked.description,
@@ -281,7 +281,7 @@ class PromptRegistry:
                     highest += 1
                     version = highest
                 snap = PromptSnapshot(
-                    task=task, kind=checked.kind, num_virtual_tokens=checked.num_virtual_tokens,
+                    task=task, kind=checked.served_kind, num_virtual_tokens=checked.num_virtual_tokens,
                     version=version, sha256=tensor_sha256(checked.embeddings), embeddings=checked.embeddings,
                     created_at=_float(meta.get("created_at")) or path.stat().st_mtime, source=checked.source,
                     base_model=checked.base_model, description=checked.description,

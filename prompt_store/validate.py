@@ -73,6 +73,12 @@ class CheckedPrompt:
     description: str | None
     source: Literal["file", "peft"]
 
+    @property
+    def served_kind(self) -> Kind:
+        """The kind, which checking against a base model always decides."""
+        assert self.kind is not None, "a prompt checked against a base model always has a kind"
+        return self.kind
+
 
 def check_task_name(task: object) -> str:
     if not isinstance(task, str) or not TASK_NAME_RE.fullmatch(task) or ".." in task:
@@ -85,7 +91,7 @@ def check_task_name(task: object) -> str:
 
 def check_kind(kind: object, param: str = "kind") -> Kind | None:
     if kind is None or kind in KINDS:
-        return kind  # type: ignore[return-value]
+        return kind
     raise InvalidKind(f"kind must be 'prompt' or 'prefix', got {kind!r}", param=param, expected=KINDS, actual=kind)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import types
@@ -73,7 +74,7 @@ def run_serve(args: argparse.Namespace) -> int:
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
         # On SIGTERM uvicorn stops accepting, waits this long for open responses (streams included),
         # then our lifespan drains the engine.
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
     )
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal it caught once it has shut down; with these handlers that

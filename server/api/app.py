@@ -88,6 +88,7 @@ def _build_engine(settings: Settings) -> tuple[BaseModel, PromptRegistry, Engine
         log.warning(BANNER)
         model_path = str(ensure_demo_model(settings.cache_dir))
     else:
+        assert settings.model is not None  # not the demo
         model_path = settings.model
     base = load_base_model(model_path, device=settings.device, dtype=settings.dtype)
     limits = RegistryLimits(max_virtual_tokens=settings.max_virtual_tokens, max_bytes=settings.max_prompt_bytes)

@@ -145,7 +145,8 @@ def error_payload(error_type: str, message: str, param: str | None) -> dict[str,
 def describe(exc: BaseException, context: ErrorContext | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(status, body, headers) for any exception; streaming routes use it for their error event."""
     if isinstance(exc, ErrorInContext):
-        exc, context = exc.error, exc.context
+        context = exc.context
+        exc = exc.error
     mapped = _lookup(exc)
     if mapped is not None:
         message = str(getattr(exc, "message", None) or getattr(exc, "detail", None) or exc)

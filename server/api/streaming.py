@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, TypeVar
 
 from fastapi import Request
 
 from prompt_store.errors import InvalidTaskName, UnknownTask
 from server.api.errors import ErrorContext, ErrorInContext
-from server.api.metrics import UNKNOWN_LABEL, Metrics, task_label
+from server.api.metrics import UNKNOWN_LABEL, Metrics, Outcome, task_label
 from server.engine.errors import InvalidParameter, RequestCancelled
 from server.engine.handle import RequestHandle
 from server.engine.loop import Engine
@@ -64,10 +64,10 @@ def submit_all(engine: Engine, metrics: Metrics, requests: list[tuple[str, str |
     return handles
 
 
-async def events(handle: RequestHandle, metrics: Metrics) -> AsyncIterator[Event]:
+async def events(handle: RequestHandle, metrics: Metrics) -> AsyncGenerator[Event, None]:
     """The engine's stream; the last item is the Completion. Leaving early cancels the request.
     Exactly one outcome is recorded in the metrics when the request ends, whichever way."""
-    outcome = "cancelled"
+    outcome: Outcome = "cancelled"
     try:
         async for item in handle.stream():
             if isinstance(item, Completion):

@@ -19,9 +19,11 @@ from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from server.engine.sequence import Completion, Sequence, TokenDelta
 
-    Item = TokenDelta | Completion | BaseException
+    Item: TypeAlias = TokenDelta | Completion | BaseException
 
 
 class OutputChannel:
@@ -53,7 +55,7 @@ class OutputChannel:
                 return  # ended already: nothing after the last item
             self._items.append(item)
             if last:
-                self._final = item  # type: ignore[assignment]  # last is a Completion or an error
+                self._final = item  # type: ignore[assignment]  # the last item is never a TokenDelta
             self._cond.notify_all()
             waiters = list(self._waiters)
         for loop, event in waiters:

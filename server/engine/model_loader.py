@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BaseModel:
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer
     geometry: ModelGeometry
     name: str
     device: torch.device

@@ -17,8 +17,8 @@ from pydantic import ValidationError
 
 from server.cli import build_parser, main
 from server.config import Settings
-from server.engine.config import EngineConfig
 from server.demo.tasks import DEMO_TASKS, SOFT_PROMPT_TEXT
+from server.engine.config import EngineConfig
 from tests.api.conftest import iter_sse
 
 

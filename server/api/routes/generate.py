@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
@@ -38,7 +38,7 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, m
     return StreamingResponse(_sse_stream(first, events), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def _sse_stream(first: Event, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+async def _sse_stream(first: Event, events: AsyncGenerator[Event, None]) -> AsyncIterator[bytes]:
     """One event per new piece of text; the last carries finish_reason and usage."""
     item = first
     try:

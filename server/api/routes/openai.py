@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
@@ -41,7 +41,7 @@ def list_models(request: Request, settings: SettingsDep, registry: RegistryDep) 
     """The base model (no prompt) first, then every task that is served."""
     base = settings.model_name()
     cards = [_model_card(base, request.app.state.started_at, None)]
-    cards += [_model_card(d.task, d.created_at, base) for d in registry.list() if d.error is None]
+    cards += [_model_card(d.task, d.created_at or 0.0, base) for d in registry.list() if d.error is None]
     return {"object": "list", "data": cards}
 
 
@@ -110,7 +110,7 @@ class _Reply:
                    for i, c in enumerate(completions)]
         return {**self._envelope(choices), "usage": self._usage(completions)}
 
-    async def stream(self, first: tuple[int, Event], events: AsyncIterator[tuple[int, Event]],
+    async def stream(self, first: tuple[int, Event], events: AsyncGenerator[tuple[int, Event], None],
                      n: int) -> AsyncIterator[bytes]:
         done: list[Completion] = []
         item = first
@@ -136,7 +136,7 @@ class _Reply:
         yield sse("[DONE]")
 
 
-async def _merged(handles: list[RequestHandle], metrics: Metrics) -> AsyncIterator[tuple[int, Event]]:
+async def _merged(handles: list[RequestHandle], metrics: Metrics) -> AsyncGenerator[tuple[int, Event], None]:
     """Items of several requests as they come, tagged with the request's index."""
     queue: asyncio.Queue[tuple[int, Event | None, BaseException | None]] = asyncio.Queue()
 

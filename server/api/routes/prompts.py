@@ -114,12 +114,14 @@ async def _read_upload(request: Request, kind: str | None, description: str | No
         if not isinstance(weights, UploadFile):
             raise InvalidParameter("weights", "a file part named `weights` (adapter_model.safetensors)",
                                    type(weights).__name__ if weights is not None else None)
-        config = form.get("config")  # a file part, or the JSON pasted as a text field
-        if isinstance(config, UploadFile):
-            config = await config.read()
+        config_part = form.get("config")  # a file part, or the JSON pasted as a text field
+        if isinstance(config_part, UploadFile):
+            config: bytes | None = await config_part.read() or None
+        else:
+            config = config_part.encode() if config_part else None
         out = {
             "data": await weights.read(),
-            "config": config.encode() if isinstance(config, str) and config else (config or None),
+            "config": config,
             "kind": kind or _text(form.get("kind")),
             "description": description or _text(form.get("description")),
         }
