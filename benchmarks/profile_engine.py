@@ -88,9 +88,9 @@ def instrument(engine, timer: PhaseTimer, shapes: StepShapes) -> None:
     engine._admit = timer.wrap("engine._admit (KV slot + prefix)", engine._admit)
     engine.runner.reserve = timer.wrap("runner.reserve (KV slots sized)", engine.runner.reserve)
     engine.runner.run = timer.wrap("runner.run (forward pass)", engine.runner.run)
-    engine._append = timer.wrap("engine._append (detok + push)", engine._append)
-    engine._finish = timer.wrap("engine._finish", engine._finish)
-    engine.runner._compute_prefix = timer.wrap("runner._compute_prefix", engine.runner._compute_prefix)
+    engine.scheduler.postprocess = timer.wrap("scheduler.postprocess (detok + push + finish)",
+                                              engine.scheduler.postprocess)
+    engine.runner.compute_prefix = timer.wrap("runner.compute_prefix", engine.runner.compute_prefix)
     engine_module.sample = timer.wrap("sample", engine_module.sample)
 
 
@@ -100,8 +100,7 @@ def profile_in_engine_thread(engine, timer: PhaseTimer, trace: Path | None, with
 
     state = {"prof": None, "steps": 0}
     done = threading.Event()
-    step = engine._step
-    timed_step = timer.wrap("engine._step (whole)", step)
+    timed_step = timer.wrap("engine.step (whole)", engine.step)
 
     def profiled_step():
         if state["prof"] is None and with_torch:
@@ -109,14 +108,14 @@ def profile_in_engine_thread(engine, timer: PhaseTimer, trace: Path | None, with
             state["prof"].start()
         timed_step()
         state["steps"] += 1
-        if not engine.scheduler.has_work() and not engine._inbox:
+        if not engine.scheduler.has_work() and engine.stats().waiting == 0:
             if state["prof"] is not None:
                 state["prof"].stop()
                 if trace is not None:
                     state["prof"].export_chrome_trace(str(trace))
             done.set()
 
-    engine._step = profiled_step
+    engine.step = profiled_step
     return state, done
 
 

@@ -2,7 +2,7 @@
 
 Every message names the expected and the actual value. `param` is the request field at fault
 ("task", "weights", "kind", "config"), so the HTTP layer can point the client at it.
-`status_code` is the HTTP status the service should answer with; prompt_store imports no web code.
+prompt_store knows no HTTP: the service maps each class to a status in `server/api/errors.py`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 class PromptError(ValueError):
     """Base of every refusal of a prompt or task name."""
 
-    status_code = 422
     default_param: str | None = "weights"
 
     def __init__(
@@ -30,21 +29,18 @@ class PromptError(ValueError):
 class InvalidTaskName(PromptError):
     """The task name is not `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$` or contains `..`."""
 
-    status_code = 400
     default_param = "task"
 
 
 class UnknownTask(PromptError, LookupError):
     """get/delete/describe of a task the registry does not serve."""
 
-    status_code = 404
     default_param = "task"
 
 
 class BodyTooLarge(PromptError):
     """The upload (or file) is larger than `RegistryLimits.max_bytes`."""
 
-    status_code = 413
 
 
 class MalformedFile(PromptError):

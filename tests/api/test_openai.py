@@ -88,12 +88,16 @@ def test_errors_reach_the_client_as_openai_errors(oa, task):
     with pytest.raises(openai.NotFoundError) as err:
         oa.completions.create(model="no-such-task", prompt=TEXT, max_tokens=2)
     assert "no-such-task" in str(err.value)
+    assert err.value.body["param"] == "model" and "`model` is a task name" in err.value.body["message"]
     with pytest.raises(openai.UnprocessableEntityError) as err:
         oa.completions.create(model=task, prompt=TEXT, max_tokens=2, n=2)
     assert err.value.body["param"] == "n"
     with pytest.raises(openai.UnprocessableEntityError) as err:
         oa.completions.create(model=task, prompt=TEXT, max_tokens=100_000)
     assert err.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        oa.completions.create(model=task, prompt=TEXT, max_tokens=0)
+    assert err.value.body["param"] == "max_tokens" and err.value.body["message"].startswith("max_tokens must be")
     with pytest.raises(openai.UnprocessableEntityError):
         oa.completions.create(model=task, prompt=[1, 2, 3], max_tokens=2)
     with pytest.raises(openai.UnprocessableEntityError):
