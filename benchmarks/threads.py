@@ -1,6 +1,6 @@
 """Torch's CPU threads in a benchmark run: every system computes in a thread of its own.
 
-promptswap's engine owns the process's one OpenMP pool while it runs (server/cpu_threads.py says
+promptswap's engine owns the process's one OpenMP pool while it runs (server/engine/threads.py says
 why: a second pool slows every step). To keep the comparison fair, the main thread runs torch on
 one thread and each transformers baseline runs in a fresh thread holding the same number of
 threads as the engine; that thread's pool ends with it, before the next system starts.

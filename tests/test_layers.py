@@ -67,3 +67,9 @@ def test_the_engine_knows_no_http():
     for name, path in modules():
         if name.startswith(("server.engine", "prompt_store")):
             assert not [m for m in imports_of(path) if m.split(".")[0] in web], name
+
+
+def test_every_source_folder_is_a_package():
+    """setuptools' find_packages skips a folder without __init__.py: the wheel would lack it."""
+    folders = {path.parent for package in ("server", "prompt_store") for path in (ROOT / package).rglob("*.py")}
+    assert sorted(str(f.relative_to(ROOT)) for f in folders if not (f / "__init__.py").exists()) == []
