@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.engine.sequence import Completion
+from server.engine.sequence import DEFAULT_MAX_NEW_TOKENS, Completion, SamplingParams
 
 
 class _Strict(BaseModel):
@@ -14,16 +14,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# promptswap's own API takes the engine's defaults as they are: written once, in SamplingParams.
+_ENGINE = SamplingParams()
+
+
 class GenerateParams(_Strict):
     task: str | None = Field(None, description="Task name; null or absent: the base model alone.")
     text: str = Field(description="Input text, tokenized exactly as tokenizer(text) does.")
-    max_new_tokens: int | None = Field(None, description="Default 64, at most the server's cap.")
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
+    max_new_tokens: int | None = Field(
+        None, description=f"Default {DEFAULT_MAX_NEW_TOKENS}, at most the server's cap."
+    )
+    temperature: float = _ENGINE.temperature
+    top_k: int = _ENGINE.top_k
+    top_p: float = _ENGINE.top_p
+    seed: int | None = _ENGINE.seed
     stop: str | list[str] | None = None
-    ignore_eos: bool = False
+    ignore_eos: bool = _ENGINE.ignore_eos
 
     def sampling_kwargs(self) -> dict[str, Any]:
         return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,

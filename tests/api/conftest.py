@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import socket
 import threading
 import time
@@ -153,6 +154,23 @@ def iter_sse(response: httpx.Response):
 
 def sse_events(response: httpx.Response) -> list[tuple[str | None, str]]:
     return list(iter_sse(response))
+
+
+def stream_in_background(open_stream) -> tuple[list[dict], threading.Event, threading.Thread]:
+    """Read a streamed response (`open_stream()` gives its context manager) in a thread, parsing each
+    event's JSON. Returns (the events so far, an Event set at the first one, the started thread)."""
+    events: list[dict] = []
+    first = threading.Event()
+
+    def read() -> None:
+        with open_stream() as response:
+            for _, data in iter_sse(response):
+                events.append(json.loads(data))
+                first.set()
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    return events, first, thread
 
 
 @pytest.fixture(scope="session")

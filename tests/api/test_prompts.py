@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save
 
 from server.demo.tiny_models import build_tiny_model
-from tests.api.conftest import EXPECTED, iter_sse, upload_multipart, upload_raw
+from tests.api.conftest import EXPECTED, iter_sse, stream_in_background, upload_multipart, upload_raw
 
 TEXT = "the quick brown fox"
 
@@ -188,17 +188,8 @@ def test_replace_while_streaming_keeps_the_old_version_for_running_requests(clie
     request = {"task": task, "text": TEXT, "max_new_tokens": 60, "ignore_eos": True}
     old = client.post("/generate", json=request).json()
 
-    streamed: list[dict] = []
-    first_piece = threading.Event()
-
-    def stream() -> None:
-        with client.stream("POST", "/generate", json={**request, "stream": True}) as r:
-            for _, data in iter_sse(r):
-                streamed.append(json.loads(data))
-                first_piece.set()
-
-    thread = threading.Thread(target=stream)
-    thread.start()
+    streamed, first_piece, thread = stream_in_background(
+        lambda: client.stream("POST", "/generate", json={**request, "stream": True}))
     assert first_piece.wait(30)
     r = upload_multipart(client, task, adapters["prefix_projection"])  # replaced mid-stream
     assert r.status_code == 200

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -19,7 +17,7 @@ from server.cli import build_parser, main
 from server.config import Settings
 from server.demo.tasks import DEMO_TASKS, SOFT_PROMPT_TEXT
 from server.engine.config import EngineConfig
-from tests.api.conftest import iter_sse
+from tests.api.conftest import stream_in_background
 
 
 def test_help_documents_every_setting(capsys):
@@ -120,18 +118,9 @@ def test_sigterm_finishes_in_flight_streams_then_exits_zero(llama_dir, tmp_path)
             assert time.monotonic() < deadline, "the server never became healthy"
             time.sleep(0.2)
 
-        events: list[dict] = []
-        started = threading.Event()
-
-        def stream() -> None:
-            with httpx.stream("POST", f"{url}/generate", timeout=60, json={
-                "text": "hello", "max_new_tokens": 120, "ignore_eos": True, "stream": True}) as r:
-                for _, data in iter_sse(r):
-                    events.append(json.loads(data))
-                    started.set()
-
-        reader = threading.Thread(target=stream)
-        reader.start()
+        body = {"text": "hello", "max_new_tokens": 120, "ignore_eos": True, "stream": True}
+        events, started, reader = stream_in_background(
+            lambda: httpx.stream("POST", f"{url}/generate", timeout=60, json=body))
         assert started.wait(60)
         proc.send_signal(signal.SIGTERM)
         reader.join(60)
