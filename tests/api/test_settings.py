@@ -1,0 +1,39 @@
+"""Settings that choose the model: the demos, GGUF files, and the served name each gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from server.config import DEMO_MODEL_NAME, RANDOM_DEMO, Settings
+from server.demo import smollm2
+
+
+def test_random_demo_is_asked_for_by_name():
+    settings = Settings(model=RANDOM_DEMO)
+    assert settings.demo_kind() == "random" and settings.demo and settings.model_name() == DEMO_MODEL_NAME
+    assert settings.resolved_prompt_dir().name == DEMO_MODEL_NAME
+
+
+def test_no_model_is_the_real_demo_when_its_package_is_installed():
+    settings = Settings()
+    expected = "smollm2" if smollm2.available() else "random"
+    assert settings.demo_kind() == expected
+    assert settings.model_name() == (smollm2.SERVED_NAME if expected == "smollm2" else DEMO_MODEL_NAME)
+
+
+def test_a_gguf_file_is_served_under_its_stem(tmp_path):
+    settings = Settings(model=str(tmp_path / "Tiny-Qwen.Q8_0.gguf"))
+    assert not settings.demo and settings.gguf_path() == tmp_path / "Tiny-Qwen.Q8_0.gguf"
+    assert settings.model_name() == "Tiny-Qwen.Q8_0"
+    in_dir = Settings(model=str(tmp_path), gguf_file="model.gguf")
+    assert in_dir.gguf_path() == Path(tmp_path) / "model.gguf"
+    assert Settings(model=str(tmp_path)).gguf_path() is None
+
+
+@pytest.mark.parametrize("model", [None, RANDOM_DEMO, "x.gguf"])
+def test_gguf_file_needs_a_model_directory(model):
+    with pytest.raises(ValidationError, match="--gguf-file / PROMPTSWAP_GGUF_FILE"):
+        Settings(model=model, gguf_file="model.gguf")
