@@ -37,3 +37,18 @@ def test_a_gguf_file_is_served_under_its_stem(tmp_path):
 def test_gguf_file_needs_a_model_directory(model):
     with pytest.raises(ValidationError, match="--gguf-file / PROMPTSWAP_GGUF_FILE"):
         Settings(model=model, gguf_file="model.gguf")
+
+
+def test_serve_a_gguf_file_under_its_stem(start_server, tmp_path):
+    from tests.gguf_files import write_tiny_qwen2_gguf
+
+    path, _ = write_tiny_qwen2_gguf(tmp_path / "gguf")
+    server = start_server(model=str(path), cache_dir=tmp_path / "cache")
+    try:
+        with server.client() as c:
+            assert c.get("/health").json()["model"] == path.stem
+            r = c.post("/generate", json={"text": "the quick brown fox", "max_new_tokens": 4, "ignore_eos": True})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        assert any((tmp_path / "cache" / "models").glob(f"{path.stem}-*/config.json"))  # converted into the cache
+    finally:
+        server.stop()
