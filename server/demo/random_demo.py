@@ -9,15 +9,13 @@ uploads, streaming — is the real one.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from server.engine.build_once import build_once
 
 log = logging.getLogger(__name__)
 
 DEMO_DIR_NAME = "promptswap-demo"
-_COMPLETE_MARKER = ".complete"
 # The soft prompt is initialised from the embeddings of this text (PEFT's PromptTuningInit.TEXT), so
 # task "demo-soft-prompt" continues exactly like the base model given this text in front.
 SOFT_PROMPT_TEXT = "Translate English to French:"
@@ -35,28 +33,10 @@ BANNER = """
 
 def ensure_demo_model(cache_dir: Path) -> Path:
     """Build the demo model once under `cache_dir` and return its directory (reused afterwards)."""
-    target = Path(cache_dir) / "demo" / DEMO_DIR_NAME
-    if (target / _COMPLETE_MARKER).exists():
-        return target
     from server.demo.tiny_models import build_tiny_model
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename, so a crash (or a second server starting) never leaves
-    # a half-written model that looks complete.
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
-        build_tiny_model(tmp, arch="llama")
-        (tmp / _COMPLETE_MARKER).write_text("ok\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first, or a stale incomplete copy is in the way
-            if not (target / _COMPLETE_MARKER).exists():
-                shutil.rmtree(target, ignore_errors=True)
-                os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built the demo model in %s", target)
-    return target
+    target = Path(cache_dir) / "demo" / DEMO_DIR_NAME
+    return build_once(target, lambda out: build_tiny_model(out, arch="llama"))
 
 
 def register_demo_tasks(registry, base) -> None:

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from server.engine.build_once import build_once
 
 log = logging.getLogger(__name__)
 
-COMPLETE_MARKER = ".complete"
 GGUF_SUFFIX = ".gguf"
 
 
@@ -41,25 +39,12 @@ def converted_dir(gguf_path: str | Path, cache_dir: str | Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist or is not a file")
     target = Path(cache_dir) / "models" / f"{path.stem}-{file_digest(path)[:16]}"
-    if (target / COMPLETE_MARKER).exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Convert beside the target and rename, so a crash (or a second server starting) never leaves a
-    # half-written directory that looks complete.
-    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-    try:
+
+    def convert(out: Path) -> None:
         log.info("converting %s (dequantizing GGUF, once) into %s", path, target)
-        _convert(path, tmp)
-        (tmp / COMPLETE_MARKER).write_text(f"converted from {path.name}\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first, or a stale incomplete copy is in the way
-            if not (target / COMPLETE_MARKER).exists():
-                shutil.rmtree(target, ignore_errors=True)
-                os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        _convert(path, out)
+
+    return build_once(target, convert)
 
 
 def _convert(path: Path, out: Path) -> None:

@@ -11,8 +11,9 @@ from peft import PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_mode
 from transformers import AutoModelForCausalLM
 
 from prompt_store import PromptRegistry
+from server.engine.build_once import COMPLETE_MARKER
 from server.engine.config import EngineConfig
-from server.engine.gguf import COMPLETE_MARKER, converted_dir
+from server.engine.gguf import converted_dir
 from server.engine.loop import Engine
 from server.engine.model_loader import load_base_model
 from server.engine.sequence import SamplingParams
