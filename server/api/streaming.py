@@ -8,11 +8,13 @@ this module keeps none of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, TypeVar
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from prompt_store.errors import InvalidTaskName, UnknownTask
 from server.api.errors import ErrorContext, ErrorInContext
@@ -41,10 +43,23 @@ def sampling_params(cap: int, *, max_new_tokens: int | None, param_name: str = "
         raise ErrorInContext(exc, ErrorContext(rename={"max_new_tokens": param_name})) from exc
 
 
-def submit_all(engine: Engine, metrics: Metrics, requests: list[tuple[str, str | None, SamplingParams]],
-               context_of: Any) -> list[RequestHandle]:
-    """Submit each (text, task, params); a refusal is counted, cancels the ones already submitted and is
-    raised in the context `context_of(i)` gives for entry i (None: as it is)."""
+async def submit_all(engine: Engine, metrics: Metrics, requests: list[tuple[str, str | None, SamplingParams]],
+                     context_of: Any) -> list[RequestHandle]:
+    """Submit each (text, task, params) from a worker thread: tokenizing is CPU work, and the event loop
+    must go on serving meanwhile. A refusal is counted, cancels the ones already submitted and is raised
+    in the context `context_of(i)` gives for entry i (None: as it is)."""
+    work = asyncio.ensure_future(run_in_threadpool(_submit_all, engine, metrics, requests, context_of))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:  # the handler is cancelled mid-submission: cancel what got submitted
+        with contextlib.suppress(Exception):
+            for handle in await work:
+                handle.cancel()
+        raise
+
+
+def _submit_all(engine: Engine, metrics: Metrics, requests: list[tuple[str, str | None, SamplingParams]],
+                context_of: Any) -> list[RequestHandle]:
     handles: list[RequestHandle] = []
     try:
         for i, (text, task, params) in enumerate(requests):

@@ -69,6 +69,9 @@ class Engine:
         scheduler_config = SchedulerConfig(self.config.max_running, self.config.max_tokens_per_step,
                                            self.runner.kv_budget.positions)
         self.scheduler = Scheduler(scheduler_config, eos_ids=_eos_ids(base.model))
+        # No token spans more characters than the longest vocabulary entry, so a text of N characters
+        # has at least N / this many tokens: a cheap bound that refuses a huge text before tokenizing it.
+        self.longest_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=1) or 1
         self._inbox: list[Sequence] = []  # submitted, not yet seen by the loop (guarded by _lock)
         self._lock = threading.Condition()
         self._accepting = True
@@ -110,10 +113,16 @@ class Engine:
         if not self._accepting:
             raise EngineStopped()
         snapshot = self.tasks.get(task) if task is not None else None  # UnknownTask
+        num_virtual = snapshot.num_virtual_tokens if snapshot is not None else 0
+        _check_encodable(text)
+        at_least = -(-len(text) // self.longest_token_chars)
+        if num_virtual + at_least + 1 > self.max_context:
+            raise RequestTooLong(self.max_context - 1, num_virtual + at_least,
+                                 f"{num_virtual} virtual + at least {at_least} text tokens in {len(text)} characters, "
+                                 "+1 to generate")
         prompt_ids = list(self.tokenizer(text)["input_ids"])
         if not prompt_ids:
             raise InvalidParameter("text", "a text that gives at least one token", text)
-        num_virtual = snapshot.num_virtual_tokens if snapshot is not None else 0
         used = num_virtual + len(prompt_ids)
         if used + 1 > self.max_context:
             raise RequestTooLong(self.max_context - 1, used,
@@ -224,6 +233,15 @@ class Engine:
         self.scheduler.finish(seq)
         self.runner.remove(seq)
         seq.fail(error)
+
+
+def _check_encodable(text: str) -> None:
+    """A lone UTF-16 surrogate (e.g. JSON's "\\ud800") is a valid Python str but no text a tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParameter("text", "text that can be encoded as UTF-8 (no lone surrogate code points)",
+                               f"{exc.object[exc.start:exc.end]!r} at character {exc.start}") from None
 
 
 def _eos_ids(model: Any) -> frozenset[int]:

@@ -24,7 +24,7 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, m
                    settings: SettingsDep):
     params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=body.max_new_tokens,
                                        **body.sampling_kwargs())
-    [handle] = streaming.submit_all(engine, metrics, [(body.text, body.task, params)], lambda i: None)
+    [handle] = await streaming.submit_all(engine, metrics, [(body.text, body.task, params)], lambda i: None)
     if not body.stream:
         return GenerateResponse.of(await unless_disconnected(request, streaming.result(handle, metrics)))
     events = streaming.events(handle, metrics)
@@ -75,7 +75,7 @@ async def generate_batch(body: BatchRequest, request: Request, engine: EngineDep
         except Exception as exc:
             raise ErrorInContext(exc, entry(i)) from exc
         submissions.append((e.text, e.task, params))
-    handles = streaming.submit_all(engine, metrics, submissions, entry)
+    handles = await streaming.submit_all(engine, metrics, submissions, entry)
     # They all joined the engine's continuous batch; wait for all, in order.
     completions = await unless_disconnected(request, streaming.all_results(handles, metrics, "requests"))
     return BatchResponse(results=[GenerateResponse.of(c) for c in completions])

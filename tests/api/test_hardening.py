@@ -1,0 +1,104 @@
+"""Holes found from outside (issue 10), each with a test that failed before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from server.engine.errors import InvalidParameter, RequestTooLong
+
+SURROGATE_BODY = '{"text": "abc \\ud800 def", "max_new_tokens": 2}'  # JSON for a lone surrogate
+
+
+def post_raw(client, path: str, body: str):
+    return client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/generate", SURROGATE_BODY, "text"),
+    ("/generate", SURROGATE_BODY[:-1] + ', "stream": true}', "text"),
+    ("/generate/batch", '{"requests": [{"text": "fine"}, ' + SURROGATE_BODY + "]}", "requests[1].text"),
+])
+def test_text_that_cannot_be_encoded_is_a_422_naming_it(llama_server, path, body, param):
+    with llama_server.client() as c:
+        r = post_raw(c, path, body)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["param"] == param and "UTF-8" in r.json()["error"]["message"]
+        assert c.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize(("prompt", "param"), [('"x \\ud800"', "prompt"), ('["ok", "x \\udfff y"]', "prompt[1]")])
+def test_openai_prompts_that_cannot_be_encoded_are_a_422_naming_the_prompt(llama_server, prompt, param):
+    model = llama_server.settings.model_name()
+    with llama_server.client() as c:
+        r = post_raw(c, "/v1/completions", f'{{"model": "{model}", "prompt": {prompt}, "max_tokens": 2}}')
+        assert r.status_code == 422 and r.json()["error"]["param"] == param
+
+
+class RecordingTokenizer:
+    """The engine's real tokenizer, recording whether each call ran on a thread with a running event loop."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.calls: list[tuple[str, bool]] = []
+
+    def __call__(self, *args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        self.calls.append((threading.current_thread().name, on_loop))
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+@pytest.fixture
+def recording(llama_server):
+    engine = llama_server.engine
+    real = engine.tokenizer
+    engine.tokenizer = RecordingTokenizer(real)
+    yield engine.tokenizer
+    engine.tokenizer = real
+
+
+def test_tokenization_never_runs_on_the_event_loop(llama_server, recording):
+    model = llama_server.settings.model_name()
+    with llama_server.client() as c:
+        assert c.post("/generate", json={"text": "hello there", "max_new_tokens": 2}).status_code == 200
+        assert c.post("/generate", json={"text": "hello", "max_new_tokens": 2, "stream": True}).status_code == 200
+        r = c.post("/generate/batch", json={"requests": [{"text": "a b"}, {"text": "c d"}]})
+        assert r.status_code == 200
+        r = c.post("/v1/completions", json={"model": model, "prompt": ["x", "y"], "max_tokens": 2})
+        assert r.status_code == 200
+    assert len(recording.calls) >= 6
+    assert [call for call in recording.calls if call[1]] == []  # none ran where an event loop runs
+
+
+def test_a_text_far_too_long_is_refused_before_it_is_tokenized(make_engine_for_llama):
+    engine, tokenizer = make_engine_for_llama
+    text = "x" * (engine.max_context * engine.longest_token_chars + 1)  # more tokens than the context, surely
+    with pytest.raises(RequestTooLong) as err:
+        engine.submit(text)
+    assert err.value.param == "text" and "characters" in err.value.message
+    assert tokenizer.calls == []  # refused by the cheap bound alone
+    with pytest.raises(InvalidParameter, match="UTF-8"):
+        engine.submit("fine \ud800")
+    assert tokenizer.calls == []
+
+
+@pytest.fixture
+def make_engine_for_llama(llama_dir, tmp_path):
+    from prompt_store import PromptRegistry
+    from server.engine.config import EngineConfig
+    from server.engine.loop import Engine
+    from server.engine.model_loader import load_base_model
+
+    base = load_base_model(llama_dir)
+    engine = Engine(base, PromptRegistry(base.geometry, tmp_path / "prompts"), EngineConfig(max_context=64))
+    engine.tokenizer = RecordingTokenizer(engine.tokenizer)
+    yield engine, engine.tokenizer
