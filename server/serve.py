@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import signal
 import sys
 import types
@@ -55,6 +56,24 @@ def _flag_type(annotation) -> tuple[typing.Callable, list | None]:
     return str, None
 
 
+# Query parameters whose values are secrets by their names (access_token, api_key, X-Amz-Signature, ...).
+_SECRET_PARAM = re.compile(r"(?i)((?:^|[?&])[^=&?]*(?:token|key|secret|passw|auth|signature|credential)[^=&]*=)[^&]*")
+
+
+def redact_query_secrets(path: str) -> str:
+    return _SECRET_PARAM.sub(r"\1[redacted]", path)
+
+
+class RedactQuerySecrets(logging.Filter):
+    """Rewrites uvicorn's access-log line, whose third argument is the path with its query string."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            record.args = (*args[:2], redact_query_secrets(args[2]), *args[3:])
+        return True
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -76,6 +95,8 @@ def run_serve(args: argparse.Namespace) -> int:
         # then our lifespan drains the engine.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
     )
+    # uvicorn set up its loggers in Config(); a token sent as a query parameter must not be logged.
+    logging.getLogger("uvicorn.access").addFilter(RedactQuerySecrets())
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal it caught once it has shut down; with these handlers that
     # re-raise is a no-op, so a graceful SIGTERM ends with exit status 0 instead of death by signal.

@@ -1,21 +1,41 @@
-"""Bearer-token checks for the admin (prompt upload/delete) and API (generation) endpoints."""
+"""Bearer tokens: which endpoints need which token, checked before a byte of the body is read.
+
+`required_token` is the one table. `AuthMiddleware` applies it to every request before routing, so a
+client without a token gets 401 rather than learning the schema from 400s and 422s (FastAPI would
+run a route's dependencies only after parsing its body).
+"""
 
 from __future__ import annotations
 
 import hmac
+from typing import Literal
 
-from fastapi import Request
 from pydantic import SecretStr
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.api.deps import get_settings
-from server.api.errors import Unauthorized
+from server.api.errors import Unauthorized, send_error
+from server.config import Settings
+
+Token = Literal["admin", "api"]
+_WRITES = ("PUT", "PATCH", "POST", "DELETE")
 
 
-def check_bearer(request: Request, required: SecretStr | None, also: SecretStr | None, which: str) -> None:
-    """Raise Unauthorized unless the request carries `required` (or `also`). None required: open."""
+def required_token(method: str, path: str) -> Token | None:
+    """Prompt writes need the admin token; generation and reading need the API token (the admin token works
+    there too); health, metrics and the API docs are open, so load balancers and Prometheus reach them."""
+    if path == "/prompts" or path.startswith("/prompts/"):
+        return "admin" if method in _WRITES else "api"
+    if path.startswith(("/generate", "/v1/")) or path == "/v1":
+        return "api"
+    return None
+
+
+def check_bearer(authorization: str, required: SecretStr | None, also: SecretStr | None, which: Token) -> None:
+    """Raise Unauthorized unless the header carries `required` (or `also`). None required: open."""
     if required is None:
         return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    scheme, _, given = authorization.partition(" ")
     given_bytes = given.strip().encode()
     # compare_digest runs in constant time, so the response time does not leak how much matched.
     # Both are compared every time, for the same reason.
@@ -24,11 +44,22 @@ def check_bearer(request: Request, required: SecretStr | None, also: SecretStr |
         raise Unauthorized(which)
 
 
-def require_admin(request: Request) -> None:
-    check_bearer(request, get_settings(request).admin_token, None, "admin")
+class AuthMiddleware:
+    """Pure ASGI: a request whose endpoint needs a token it does not carry is answered 401 at once."""
 
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
 
-def require_api(request: Request) -> None:
-    """Generation and reading; the admin token works here too (an admin may do what a client does)."""
-    settings = get_settings(request)
-    check_bearer(request, settings.api_token, settings.admin_token, "api")
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            which = required_token(scope["method"], scope["path"])
+            if which is not None:
+                s = self.settings
+                required, also = (s.admin_token, None) if which == "admin" else (s.api_token, s.admin_token)
+                try:
+                    check_bearer(Headers(scope=scope).get("authorization", ""), required, also, which)
+                except Unauthorized as exc:
+                    await send_error(send, exc)
+                    return
+        await self.app(scope, receive, send)

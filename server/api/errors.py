@@ -12,6 +12,7 @@ route raises `ErrorInContext(error, ErrorContext(...))` and `describe` applies t
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from prompt_store.errors import BodyTooLarge, InvalidTaskName, PromptError, UnknownTask
 from server.engine.errors import (
@@ -161,6 +163,19 @@ def describe(exc: BaseException, context: ErrorContext | None = None) -> tuple[i
         return exc.status_code, error_payload(_type_for(exc.status_code), message, None), dict(exc.headers or {})
     log.error("unexpected error", exc_info=exc)
     return 500, error_payload("server_error", "internal error; see the server log", None), {}
+
+
+async def send_error(send: Send, exc: BaseException) -> None:
+    """Answer with `exc` straight from an ASGI middleware, before any route (or the body) is reached."""
+    status, body, headers = describe(exc)
+    raw = json.dumps(body).encode()
+    header_list = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    header_list += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    # No "Connection: close": closing with the body still arriving makes the kernel reset the
+    # connection, and the client sees a reset instead of this answer. Kept open, uvicorn reads and
+    # discards the rest of the body (never buffering it) and the client reads the answer.
+    await send({"type": "http.response.start", "status": status, "headers": header_list})
+    await send({"type": "http.response.body", "body": raw})
 
 
 async def handle_error(request: Request, exc: Exception) -> JSONResponse:

@@ -7,12 +7,11 @@ as soon as it passes the limit, so a large upload never sits whole in memory.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import RequestBodyTooLarge, describe
+from server.api.errors import RequestBodyTooLarge, send_error
 
 
 class BodyLimitMiddleware:
@@ -29,7 +28,7 @@ class BodyLimitMiddleware:
         limit = self.limit_for(scope)
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _respond(send, RequestBodyTooLarge(limit, declared, exact=True))
+            await send_error(send, RequestBodyTooLarge(limit, declared, exact=True))
             return
 
         received = 0
@@ -44,18 +43,6 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
-
-
-async def _respond(send: Send, exc: Exception) -> None:
-    status, body, headers = describe(exc)
-    raw = json.dumps(body).encode()
-    header_list = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
-    header_list += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    # No "Connection: close": closing with the body still arriving makes the kernel reset the
-    # connection, and the client sees a reset instead of this 413. Kept open, uvicorn reads and
-    # discards the rest of the body (never buffering it) and the client reads the answer.
-    await send({"type": "http.response.start", "status": status, "headers": header_list})
-    await send({"type": "http.response.body", "body": raw})
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -134,3 +134,18 @@ def test_no_input_crashes_the_server(secured):
             "content-type": "multipart/form-data; boundary=x"})
         assert 400 <= r.status_code < 500
         assert c.get("/health").status_code == 200
+
+
+def test_a_request_without_its_token_gets_401_before_its_body_is_read(secured):
+    """Otherwise a client without a token learns the schema from 400s and 422s (issue 10, item 5)."""
+    json_type = {"content-type": "application/json"}
+    with secured.client() as c:
+        assert c.post("/generate", content=b"{not json", headers=json_type).status_code == 401
+        assert c.post("/generate", json={"txt": 1}).status_code == 401  # would be a 422 with the token
+        assert c.post("/generate/batch", json={"requests": "nope"}, headers=bearer("wrong")).status_code == 401
+        assert c.post("/v1/completions", json={"prompt": 3}).status_code == 401
+        assert c.put("/prompts/x", content=b"garbage", headers={"content-type": "text/plain"}).status_code == 401
+        assert c.put("/prompts/x", content=b"garbage", headers=bearer(API)).status_code == 401  # admin needed
+        with_token = c.post("/generate", json={"txt": 1}, headers=bearer(API))
+        assert with_token.status_code == 422 and with_token.json()["error"]["param"] == "text"
+        assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200  # open

@@ -97,26 +97,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_finishes_in_flight_streams_then_exits_zero(llama_dir, tmp_path):
+def start_serve_process(model_dir, tmp_path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`promptswap serve` as its own process on a free port, once /health answers; (process, base URL)."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTSWAP_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(llama_dir), "--port", str(port),
-         "--prompt-dir", str(tmp_path / "prompts"), "--log-level", "warning"],
+        [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--port", str(port),
+         "--prompt-dir", str(tmp_path / "prompts"), *flags],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server never became healthy"
+        time.sleep(0.2)
+
+
+def test_secrets_in_the_query_string_never_reach_the_access_log(llama_dir, tmp_path):
+    proc, url = start_serve_process(llama_dir, tmp_path, "--log-level", "info", "--api-token", "api-secret")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server never became healthy"
-            time.sleep(0.2)
+        for path in ("/generate?access_token=SECRET-ONE&x=1", "/v1/models?api_key=SECRET-TWO"):
+            assert httpx.post(f"{url}{path}", json={"text": "hi"}, timeout=30).status_code in (401, 405)
+        assert httpx.get(f"{url}/health?token=SECRET-THREE", timeout=30).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    assert "SECRET-" not in out and "api-secret" not in out
+    assert "access_token=[redacted]&x=1" in out and "token=[redacted]" in out  # the line itself is still there
+
+
+def test_sigterm_finishes_in_flight_streams_then_exits_zero(llama_dir, tmp_path):
+    proc, url = start_serve_process(llama_dir, tmp_path, "--log-level", "warning")
+    try:
 
         body = {"text": "hello", "max_new_tokens": 120, "ignore_eos": True, "stream": True}
         events, started, reader = stream_in_background(

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from prompt_store.registry import PromptRegistry
-from server.api.auth import require_admin, require_api
 from server.api.deps import RegistryDep
 from server.api.errors import UnsupportedMediaType
 from server.api.schemas import PromptList
 from server.engine.errors import InvalidParameter
 
-router = APIRouter(tags=["prompts"])
+router = APIRouter(tags=["prompts"])  # reads need the API token, writes the admin token (server/api/auth.py)
 
 KIND_HELP = "prompt or prefix; needed only when neither the file's metadata nor a config decides it"
 
@@ -44,18 +43,18 @@ def _upload_body(named: bool) -> dict:
     return {"requestBody": {"required": True, "content": content}}
 
 
-@router.get("/prompts", response_model=PromptList, dependencies=[Depends(require_api)])
+@router.get("/prompts", response_model=PromptList)
 def list_prompts(registry: RegistryDep):
     """Every task, including files in the prompt directory that failed to load (with their error)."""
     return {"prompts": [d.to_dict() for d in registry.list()]}
 
 
-@router.get("/prompts/{task}", dependencies=[Depends(require_api)])
+@router.get("/prompts/{task}")
 def describe_prompt(task: str, registry: RegistryDep) -> dict:
     return registry.describe(task).to_dict()
 
 
-@router.put("/prompts/{task}", dependencies=[Depends(require_admin)], status_code=201,
+@router.put("/prompts/{task}", status_code=201,
             openapi_extra=_upload_body(named=False))
 async def put_prompt(task: str, request: Request, registry: RegistryDep,
                      kind: str | None = Query(None, description=KIND_HELP),
@@ -65,7 +64,7 @@ async def put_prompt(task: str, request: Request, registry: RegistryDep,
     return await _store(registry, task, upload)
 
 
-@router.put("/prompts", dependencies=[Depends(require_admin)], status_code=201,
+@router.put("/prompts", status_code=201,
             openapi_extra=_upload_body(named=True))
 async def put_prompt_form(request: Request, registry: RegistryDep,
                           kind: str | None = Query(None, description=KIND_HELP),
@@ -81,7 +80,7 @@ async def put_prompt_form(request: Request, registry: RegistryDep,
     return await _store(registry, task, upload)
 
 
-@router.delete("/prompts/{task}", dependencies=[Depends(require_admin)], status_code=204)
+@router.delete("/prompts/{task}", status_code=204)
 def delete_prompt(task: str, registry: RegistryDep) -> Response:
     registry.delete(task)
     return Response(status_code=204)
