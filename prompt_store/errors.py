@@ -38,6 +38,12 @@ class UnknownTask(PromptError, LookupError):
     default_param = "task"
 
 
+class OutsidePromptDirectory(PromptError):
+    """A file in the prompt directory is a symbolic link to a place outside it: never served."""
+
+    default_param = "task"
+
+
 class BodyTooLarge(PromptError):
     """The upload (or file) is larger than `RegistryLimits.max_bytes`."""
 

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 from prompt_store.dtypes import dtype_name
-from prompt_store.errors import BodyTooLarge, PromptError, UnknownTask
+from prompt_store.errors import BodyTooLarge, OutsidePromptDirectory, PromptError, UnknownTask
 from prompt_store.format import (
     TEMP_PREFIX,
     TEMP_SUFFIX,
@@ -261,6 +261,7 @@ class PromptRegistry:
                 task = path.stem
                 try:
                     check_task_name(task)
+                    self._check_inside(path)
                     data = read_bytes_limited(path, self.limits.max_bytes)
                     source = read_prompt(data)
                     checked = self._check(source, kind=None, config=None)
@@ -293,6 +294,16 @@ class PromptRegistry:
                 self._snapshots = snapshots
                 self._descriptors = descriptors
         log.info("loaded %d prompts from %s (%d failed)", len(snapshots), self.directory, len(failed))
+
+    def _check_inside(self, path: Path) -> None:
+        """Only files that resolve inside the prompt directory are served: a symlink must not reach out."""
+        assert self.directory is not None
+        target = path.resolve()
+        if not target.is_relative_to(self.directory.resolve()):
+            raise OutsidePromptDirectory(
+                f"{path.name} is a symbolic link to {target}, outside the prompt directory {self.directory}; "
+                "it is not served", expected=str(self.directory), actual=str(target),
+            )
 
     def _check(self, source: PromptFile, *, kind: str | None, config) -> CheckedPrompt:
         checked = check_prompt(

@@ -199,3 +199,22 @@ def test_in_memory_registry(tiny_geometry, make_file):
 def test_registry_refuses_an_unservable_dtype(tiny_geometry):
     with pytest.raises(ValueError, match="dtype must be one of"):
         PromptRegistry(tiny_geometry, dtype=torch.float64)
+
+
+def test_a_symlink_out_of_the_prompt_directory_is_never_served(tiny_geometry, make_file, tmp_path):
+    """Issue 10, item 8: a link to a file outside the directory was served as a task."""
+    prompts, outside = tmp_path / "prompts", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "elsewhere.safetensors").write_bytes(make_file(torch.randn(2, 64)))
+    registry = PromptRegistry(tiny_geometry, prompts)
+    registry.put("inside", make_file(torch.randn(2, 64)))
+    (prompts / "escape.safetensors").symlink_to(outside / "elsewhere.safetensors")
+    (prompts / "alias.safetensors").symlink_to(prompts / "inside.safetensors")  # stays inside: fine
+    registry.load_all()
+    assert "escape" not in registry and {"inside", "alias"} <= {d.task for d in registry.list() if d.error is None}
+    error = registry.describe("escape").error
+    assert error.startswith("OutsidePromptDirectory") and "outside the prompt directory" in error
+    with pytest.raises(UnknownTask, match="OutsidePromptDirectory"):
+        registry.get("escape")
+    registry.delete("escape")  # removes the link, never what it points to
+    assert not (prompts / "escape.safetensors").is_symlink() and (outside / "elsewhere.safetensors").exists()
