@@ -18,7 +18,14 @@ class _Strict(BaseModel):
 _ENGINE = SamplingParams()
 
 
-class GenerateParams(_Strict):
+class _Sampling:
+    """The body fields that go to SamplingParams as they are (each route caps max_new_tokens / max_tokens)."""
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in ("temperature", "top_k", "top_p", "seed", "stop", "ignore_eos")}
+
+
+class GenerateParams(_Sampling, _Strict):
     task: str | None = Field(None, description="Task name; null or absent: the base model alone.")
     text: str = Field(description="Input text, tokenized exactly as tokenizer(text) does.")
     max_new_tokens: int | None = Field(
@@ -30,10 +37,6 @@ class GenerateParams(_Strict):
     seed: int | None = _ENGINE.seed
     stop: str | list[str] | None = None
     ignore_eos: bool = _ENGINE.ignore_eos
-
-    def sampling_kwargs(self) -> dict[str, Any]:
-        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
-                    stop=self.stop, ignore_eos=self.ignore_eos)
 
 
 class GenerateRequest(GenerateParams):
@@ -80,7 +83,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(_Sampling, BaseModel):
     """OpenAI's /v1/completions body, with OpenAI's defaults (written here only). Unknown fields are
     ignored, as OpenAI clients send extras; an explicit null means the default, as it does for OpenAI."""
 
@@ -114,7 +117,3 @@ class CompletionRequest(BaseModel):
         if isinstance(data, dict):
             return {k: v for k, v in data.items() if v is not None}
         return data
-
-    def sampling_kwargs(self) -> dict[str, Any]:
-        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
-                    stop=self.stop, ignore_eos=self.ignore_eos)
