@@ -7,6 +7,8 @@ prompt_store knows no HTTP: the service maps each class to a status in `server/a
 
 from __future__ import annotations
 
+import errno
+
 
 class PromptError(ValueError):
     """Base of every refusal of a prompt or task name."""
@@ -111,3 +113,45 @@ class AmbiguousKind(PromptError):
     """No metadata, no argument, and the shape fits both kinds: the caller must say which."""
 
     default_param = "kind"
+
+
+class StorageError(Exception):
+    """The prompt was fine but the prompt directory could not be changed. Nothing was changed: the
+    registry still serves what it served before. Not a PromptError: the client's upload is not at fault."""
+
+    param = "task"
+
+    def __init__(self, message: str, *, cause: OSError) -> None:
+        super().__init__(message)
+        self.message = message
+        self.cause = cause
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class StorageFull(StorageError):
+    """The prompt directory's filesystem has no space (or quota) left. A delete still works."""
+
+
+class StorageUnavailable(StorageError):
+    """The prompt directory is read-only, not writable (permissions, an immutable directory) or failing."""
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+_REASONS = {
+    errno.ENOSPC: "is full",
+    errno.EDQUOT: "is over its disk quota",
+    errno.EROFS: "is on a read-only filesystem",
+    errno.EACCES: "is not writable (permission denied)",
+    errno.EPERM: "is not writable (operation not permitted; an immutable directory?)",
+}
+
+
+def storage_error(exc: OSError, *, action: str, task: str, directory: object) -> StorageError:
+    """The one translation of an OSError from the prompt directory into what callers are told."""
+    reason = _REASONS.get(exc.errno or 0, "is unavailable")
+    message = f"could not {action} task {task!r}: the prompt directory {directory} {reason} ({exc.strerror or exc})"
+    if exc.errno in _FULL:
+        return StorageFull(message + "; delete tasks or free space", cause=exc)
+    return StorageUnavailable(message, cause=exc)

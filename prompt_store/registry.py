@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,7 +21,13 @@ from typing import Literal
 import torch
 
 from prompt_store.dtypes import dtype_name
-from prompt_store.errors import BodyTooLarge, OutsidePromptDirectory, PromptError, UnknownTask
+from prompt_store.errors import (
+    BodyTooLarge,
+    OutsidePromptDirectory,
+    PromptError,
+    UnknownTask,
+    storage_error,
+)
 from prompt_store.format import (
     TEMP_PREFIX,
     TEMP_SUFFIX,
@@ -47,9 +54,12 @@ from prompt_store.validate import (
 log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
-# The highest version ever issued, written before a delete: the file holding it may be the one
-# deleted, and versions must never repeat after a restart.
-VERSION_FILE = ".promptswap-version"
+# A delete leaves an empty marker whose *name* records the highest version issued so far: the file
+# deleted may have held it, and versions must never repeat after a restart. A name and not content,
+# so that a delete needs no free block on a full disk: the task's own file is renamed to the marker
+# and truncated, which frees its space.
+VERSION_MARKER = ".promptswap-version-"
+LEGACY_VERSION_FILE = ".promptswap-version"  # the floor as file content, written by earlier releases
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -214,7 +224,8 @@ class PromptRegistry:
             # loses nothing.
             blob = write_prompt(checked.stored, _metadata(snap))
             if self.directory is not None:
-                atomic_write(self._path(task), blob)
+                with self._storage("store", task):
+                    atomic_write(self._path(task), blob)  # a failed write leaves the old file, whole
             with self._lock:
                 created = task not in self._snapshots
                 self._snapshots[task] = snap
@@ -230,10 +241,8 @@ class PromptRegistry:
             if not known:
                 raise self._unknown(task)
             if self.directory is not None:
-                self._save_version_floor()
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._path(task))
-                fsync_dir(self.directory)
+                with self._storage("delete", task):
+                    self._remove_file(task)
             with self._lock:
                 self._snapshots.pop(task, None)
                 self._descriptors.pop(task, None)
@@ -290,6 +299,7 @@ class PromptRegistry:
                 snapshots[task] = snap
                 descriptors[task] = PromptDescriptor.of(snap, nbytes)
             self._last_version = highest
+            self._remove_old_markers()
             with self._lock:
                 self._snapshots = snapshots
                 self._descriptors = descriptors
@@ -316,20 +326,68 @@ class PromptRegistry:
         assert self.directory is not None
         return self.directory / f"{task}{SUFFIX}"
 
+    @contextlib.contextmanager
+    def _storage(self, action: str, task: str) -> Iterator[None]:
+        """Turn the prompt directory's OSErrors into a StorageError, logged once, without a traceback."""
+        try:
+            yield
+        except OSError as exc:
+            error = storage_error(exc, action=action, task=task, directory=self.directory)
+            log.error("%s", error)
+            raise error from exc
+
+    def _remove_file(self, task: str) -> None:
+        """Remove the task's file and record the version floor in one rename, which needs no free space."""
+        assert self.directory is not None
+        path = self._path(task)
+        marker = self.directory / f"{VERSION_MARKER}{self._last_version}"
+        if path.is_symlink():  # remove the link only: truncating would reach the file it points to
+            marker.touch()
+            path.unlink()
+        else:
+            try:
+                os.replace(path, marker)
+            except FileNotFoundError:  # removed by hand meanwhile: the floor still needs recording
+                marker.touch()
+            else:
+                try:
+                    os.truncate(marker, 0)
+                except OSError as exc:  # the task is gone from disk either way; only its bytes linger
+                    log.warning("could not truncate %s: %s", marker.name, exc)
+        fsync_dir(self.directory)
+        self._remove_old_markers()
+
+    def _version_markers(self) -> dict[Path, int]:
+        assert self.directory is not None
+        markers = {}
+        for path in self.directory.glob(f"{VERSION_MARKER}*"):
+            version = _int(path.name[len(VERSION_MARKER):])
+            if version is not None:
+                markers[path] = version
+        return markers
+
+    def _remove_old_markers(self) -> None:
+        """Only the highest marker counts; the others are removed where the directory allows."""
+        markers = self._version_markers()
+        if len(markers) < 2:
+            return
+        top = max(markers.values())
+        for path, version in markers.items():
+            if version < top:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
     def _read_version_floor(self) -> int:
         assert self.directory is not None
-        path = self.directory / VERSION_FILE
+        floor = max(self._version_markers().values(), default=0)
+        legacy = self.directory / LEGACY_VERSION_FILE
         try:
-            return int(path.read_text().strip())
+            floor = max(floor, int(legacy.read_text().strip()))
         except FileNotFoundError:
-            return 0
+            pass
         except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable %s: %s", path, exc)
-            return 0
-
-    def _save_version_floor(self) -> None:
-        assert self.directory is not None
-        atomic_write(self.directory / VERSION_FILE, f"{self._last_version}\n".encode())
+            log.warning("ignoring unreadable %s: %s", legacy, exc)
+        return floor
 
 
 def _metadata(snap: PromptSnapshot) -> dict[str, str]:

@@ -25,7 +25,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Send
 
-from prompt_store.errors import BodyTooLarge, InvalidTaskName, PromptError, UnknownTask
+from prompt_store.errors import (
+    BodyTooLarge,
+    InvalidTaskName,
+    PromptError,
+    StorageFull,
+    StorageUnavailable,
+    UnknownTask,
+)
 from server.engine.errors import (
     EngineError,
     EngineStopped,
@@ -84,6 +91,7 @@ class HttpError:
 
 _INVALID = "invalid_request_error"
 _OVERLOADED = "overloaded_error"
+_STORAGE = "storage_error"  # the prompt directory failed; the upload itself was fine
 
 # Looked up along each exception's class hierarchy: the most specific class listed wins.
 HTTP_ERRORS: dict[type[BaseException], HttpError] = {
@@ -92,6 +100,8 @@ HTTP_ERRORS: dict[type[BaseException], HttpError] = {
     InvalidTaskName: HttpError(400, _INVALID),
     UnknownTask: HttpError(404, "not_found_error"),
     BodyTooLarge: HttpError(413, _INVALID),
+    StorageFull: HttpError(507, _STORAGE),
+    StorageUnavailable: HttpError(503, _STORAGE),
     # engine
     EngineError: HttpError(400, _INVALID),
     InvalidParameter: HttpError(422, _INVALID),

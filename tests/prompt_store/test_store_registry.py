@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from prompt_store import PromptDescriptor, PromptRegistry, UnknownTask
+from prompt_store import PromptDescriptor, PromptRegistry, StorageUnavailable, UnknownTask
 from prompt_store.format import TEMP_PREFIX, TEMP_SUFFIX, read_prompt
 
 
@@ -159,7 +159,7 @@ def test_crash_before_rename_keeps_the_old_version(tiny_geometry, make_file, tmp
         raise OSError("simulated crash between write and rename")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(StorageUnavailable, match="simulated crash"):
         registry.put("t", make_file(torch.zeros(7, 64)))
     monkeypatch.undo()
 
