@@ -17,7 +17,7 @@ from starlette.types import Scope
 
 from prompt_store import PromptRegistry, RegistryLimits
 from server.api.auth import AuthMiddleware
-from server.api.errors import install_error_handler
+from server.api.errors import UnexpectedErrorMiddleware, install_error_handler
 from server.api.limits import BodyLimitMiddleware
 from server.api.metrics import Metrics
 from server.api.routes import generate, openai, ops, prompts
@@ -57,10 +57,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def limit_for(scope: Scope) -> int:
         return upload_limit if scope["path"].startswith("/prompts") else settings.max_request_bytes
 
-    # The outermost runs first: a declared Content-Length over the limit is refused (413) before the
-    # token is checked (401), and both before any byte of the body is read.
+    # The outermost (added last) runs first: any unexpected error becomes one clean 500; a declared
+    # Content-Length over the limit is refused (413) before the token is checked (401), and both
+    # before any byte of the body is read.
     app.add_middleware(AuthMiddleware, settings=settings)
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+    app.add_middleware(UnexpectedErrorMiddleware)
     return app
 
 

@@ -23,14 +23,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prompt_store.errors import (
     BodyTooLarge,
     InvalidTaskName,
     PromptError,
+    StorageError,
     StorageFull,
-    StorageUnavailable,
     UnknownTask,
 )
 from server.engine.errors import (
@@ -100,8 +100,8 @@ HTTP_ERRORS: dict[type[BaseException], HttpError] = {
     InvalidTaskName: HttpError(400, _INVALID),
     UnknownTask: HttpError(404, "not_found_error"),
     BodyTooLarge: HttpError(413, _INVALID),
+    StorageError: HttpError(503, _STORAGE),  # read-only, not writable, failing
     StorageFull: HttpError(507, _STORAGE),
-    StorageUnavailable: HttpError(503, _STORAGE),
     # engine
     EngineError: HttpError(400, _INVALID),
     InvalidParameter: HttpError(422, _INVALID),
@@ -194,8 +194,42 @@ async def handle_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handler(app: FastAPI) -> None:
-    for cls in (*HTTP_ERRORS, ErrorInContext, RequestValidationError, StarletteHTTPException, Exception):
+    """Known errors are answered by FastAPI's exception handlers; anything else by UnexpectedErrorMiddleware."""
+    for cls in (*HTTP_ERRORS, ErrorInContext, RequestValidationError, StarletteHTTPException):
         app.add_exception_handler(cls, handle_error)
+
+
+class UnexpectedErrorMiddleware:
+    """An unexpected error is one 500 and one log line, and the keep-alive connection stays usable.
+
+    Starlette's own handler for `Exception` re-raises after answering: uvicorn then logs a second
+    traceback and resets the connection, so the client's next request on it fails. This sits outside
+    every other middleware of ours and never re-raises.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if not started:
+                await send_error(send, exc)  # describe() logs it, once
+                return
+            # Too late for a status: ending the body would pass a truncated answer off as whole, so
+            # the response is left incomplete and uvicorn closes the connection.
+            log.error("unexpected error after the response started; closing the connection", exc_info=exc)
 
 
 def _lookup(exc: BaseException) -> HttpError | None:

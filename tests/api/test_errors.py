@@ -34,6 +34,8 @@ def test_every_request_error_class_has_a_status(module):
     (store_errors.InvalidTaskName("bad name"), 400, "invalid_request_error"),
     (store_errors.BodyTooLarge("too big"), 413, "invalid_request_error"),
     (store_errors.WidthMismatch("wrong width"), 422, "invalid_request_error"),
+    (store_errors.StorageFull("full", cause=OSError(28, "No space left on device")), 507, "storage_error"),
+    (store_errors.StorageUnavailable("ro", cause=OSError(30, "Read-only file system")), 503, "storage_error"),
     (InvalidParameter("top_p", "a number in (0, 1]", 2.0), 422, "invalid_request_error"),
     (QueueFull(3), 503, "overloaded_error"),
     (engine_errors.EngineStopped(), 503, "overloaded_error"),

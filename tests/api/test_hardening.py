@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 
 import pytest
@@ -102,3 +103,21 @@ def make_engine_for_llama(llama_dir, tmp_path):
     engine = Engine(base, PromptRegistry(base.geometry, tmp_path / "prompts"), EngineConfig(max_context=64))
     engine.tokenizer = RecordingTokenizer(engine.tokenizer)
     yield engine, engine.tokenizer
+
+
+@pytest.mark.parametrize("path", ["/prompts", "/prompts/whatever"])
+def test_after_a_500_the_keep_alive_connection_still_works(llama_server, monkeypatch, caplog, path):
+    registry = llama_server.app.state.registry
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(registry, "list", broken)
+    monkeypatch.setattr(registry, "describe", broken)
+    with llama_server.client() as c:
+        r = c.get(path)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert "a bug" not in r.text  # the traceback stays in the log
+        assert c.get("/health").status_code == 200  # the same connection: no reset
+    logged = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert len(logged) == 1 and "a bug" in str(logged[0].exc_info[1])
