@@ -104,7 +104,7 @@ class Settings(BaseSettings):
         None, description="Most positions per request (default: the model's own limit)."
     )
     max_queue: int | None = Field(
-        None, description="Most requests waiting; beyond it requests get 503 (engine)."
+        None, description="Most requests waiting beyond the max-running running ones; more get 503 (engine)."
     )
     kv_cache_bytes: int | None = Field(None, description="Byte budget of the requests' KV cache.")
     prompt_cache_bytes: int | None = Field(

@@ -13,7 +13,7 @@ class EngineConfig:
     max_running: int = 64  # requests decoding together
     max_tokens_per_step: int = 512  # tokens in one forward pass (decodes + prefill chunks)
     max_context: int | None = None  # positions per request, virtual tokens included; None: the model's
-    max_queue: int = 1024  # waiting requests before new ones get QueueFull
+    max_queue: int = 1024  # requests waiting beyond the max_running running ones before new ones get QueueFull
     kv_cache_bytes: int = 2 * 2**30  # KV memory of running requests
     prompt_cache_bytes: int = 512 * 2**20  # device memory for precomputed task prefixes
     # torch intra-op threads of the engine thread (None: torch's default). Once the engine starts,

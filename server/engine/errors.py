@@ -35,7 +35,7 @@ class RequestTooLong(EngineError):
 
 
 class QueueFull(EngineError):
-    """The waiting queue is at its configured limit; the client should retry later."""
+    """max_running requests run and max_queue more wait; the client should retry later."""
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"the request queue is full ({limit} waiting); retry later")

@@ -73,6 +73,9 @@ class Engine:
         # has at least N / this many tokens: a cheap bound that refuses a huge text before tokenizing it.
         self.longest_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=1) or 1
         self._inbox: list[Sequence] = []  # submitted, not yet seen by the loop (guarded by _lock)
+        # Submitted and not yet finished, wherever they are (inbox, waiting, running); guarded by _lock.
+        # Admission counts this one number: the loop moves requests between its queues without the lock.
+        self._in_flight = 0
         self._lock = threading.Condition()
         self._accepting = True
         self._stop = False
@@ -138,8 +141,11 @@ class Engine:
         with self._lock:
             if not self._accepting:
                 raise EngineStopped()
-            if len(self._inbox) + len(self.scheduler.waiting) >= self.config.max_queue:
+            # Up to max_running run and max_queue more wait: a burst of exactly that many is all accepted,
+            # even before the loop has moved the first ones into the running batch.
+            if self._in_flight >= self.config.max_running + self.config.max_queue:
                 raise QueueFull(self.config.max_queue)
+            self._in_flight += 1
             self._inbox.append(seq)
             self._lock.notify_all()
         return RequestHandle(seq)
@@ -192,7 +198,14 @@ class Engine:
             return
         logits, batch = self._run(batch)
         tokens = sample(logits, [seq for seq, n in batch if seq.samples_after(n)])
-        self.scheduler.postprocess(batch, tokens, release=self.runner.remove)
+        finished = self.scheduler.postprocess(batch, tokens, release=self.runner.remove)
+        self._left(len(finished))
+
+    def _left(self, count: int) -> None:
+        """`count` requests finished or failed: their places in the queue are free again."""
+        if count:
+            with self._lock:
+                self._in_flight -= count
 
     def _unfinished(self) -> list[Sequence]:
         return [*self.scheduler.running, *self.scheduler.waiting]
@@ -233,6 +246,7 @@ class Engine:
         self.scheduler.finish(seq)
         self.runner.remove(seq)
         seq.fail(error)
+        self._left(1)
 
 
 def _check_encodable(text: str) -> None:

@@ -174,6 +174,24 @@ def test_queue_limit(make_engine):
         h.cancel()
 
 
+def test_a_burst_of_max_running_plus_max_queue_is_all_accepted(base_model, registry):
+    # The loop is not started yet, so nothing has moved into the running batch: the admission count
+    # alone must leave room for max_running + max_queue requests, and refuse the next one.
+    engine = Engine(base_model, registry, EngineConfig(max_running=2, max_tokens_per_step=8, max_queue=3))
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    try:
+        handles = [engine.submit(f"burst {i}", params=params) for i in range(5)]
+        with pytest.raises(QueueFull):
+            engine.submit("one too many", params=params)
+        engine.start()
+        assert [h.result(30).finish_reason for h in handles] == ["length"] * 5
+        # Finished requests leave: the same burst fits again.
+        again = [engine.submit(f"again {i}", params=params) for i in range(5)]
+        assert all(h.result(30).usage.completion_tokens == 3 for h in again)
+    finally:
+        engine.shutdown(timeout_s=5)
+
+
 def test_unsupported_models_are_refused(tmp_path):
     from transformers import T5Config
 
