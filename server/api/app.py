@@ -20,6 +20,7 @@ from server.api.auth import AuthMiddleware
 from server.api.errors import UnexpectedErrorMiddleware, install_error_handler
 from server.api.limits import BodyLimitMiddleware
 from server.api.metrics import Metrics
+from server.api.openapi import install_openapi
 from server.api.routes import generate, openai, ops, prompts
 from server.config import MiB, Settings
 from server.demo import random_demo, smollm2
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         prompt_count=lambda: len(state.registry) if state.registry is not None else 0,
     )
     install_error_handler(app)
+    install_openapi(app, settings)
     for module in (ops, generate, prompts, openai):
         app.include_router(module.router)
 

@@ -21,8 +21,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prompt_store.errors import (
@@ -188,9 +189,28 @@ async def send_error(send: Send, exc: BaseException) -> None:
     await send({"type": "http.response.body", "body": raw})
 
 
-async def handle_error(request: Request, exc: Exception) -> JSONResponse:
+async def handle_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, StarletteHTTPException) and exc.status_code == 405:
+        # Starlette names only the first route whose path matched; the client needs every method.
+        allow = {"Allow": ", ".join(_allowed_methods(request))}
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers=allow)
+        exc = StarletteHTTPException(405, f"{request.method} is not allowed here; allowed: {allow['Allow']}", allow)
     status, body, headers = describe(exc)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route fully matches at this path (asked of the router, nested routers included)."""
+    allowed = {"OPTIONS"}
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.add(method)
+    return sorted(allowed)
 
 
 def install_error_handler(app: FastAPI) -> None:
@@ -250,17 +270,24 @@ def _validation_payload(exc: RequestValidationError) -> dict[str, Any]:
     errors = exc.errors()
     if not errors:
         return error_payload(_INVALID, "invalid request", None)
-    first = errors[0]
+    # A value that fits no member of a union fails once per member: the deepest location is the
+    # member the client meant (prompt[1] inside a list, rather than "prompt is not a string").
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
     if first.get("type") == "json_invalid":  # the body as a whole, not an element of it
         return error_payload(_INVALID, f"the request body is not valid JSON: {first.get('msg')}", "body")
     param = _param_from_loc(first.get("loc", ()))
-    message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+    message = f"{param or 'body'}: {_MESSAGES.get(first.get('type', ''), first.get('msg', 'invalid value'))}"
     if first.get("type") != "missing" and "input" in first:
         message += f", got {_short(first['input'])}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return error_payload(_INVALID, message, param)
 
+
+# Clearer words than pydantic's for what clients get wrong in practice.
+_MESSAGES = {
+    "string_unicode": "must be text that can be encoded as UTF-8 (no lone surrogate code points)",
+}
 
 # Union members appear in pydantic's error locations (`stop.list[str].0`); the client never wrote them.
 _UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
@@ -270,7 +297,7 @@ def _param_from_loc(loc: tuple[Any, ...] | list[Any]) -> str | None:
     parts = [
         p for p in loc
         if p not in ("body", "query", "path", "header")
-        and not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))
+        and not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p or p.startswith("constrained-")))
     ]
     out = ""
     for part in parts:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -10,9 +10,12 @@ from server.engine.sequence import DEFAULT_MAX_NEW_TOKENS, Completion, SamplingP
 
 
 class _Strict(BaseModel):
-    # A misspelt field (max_tokens on /generate) is an error, not a silently ignored default.
-    model_config = ConfigDict(extra="forbid")
+    # A misspelt field (max_tokens on /generate) is an error, not a silently ignored default; a value of
+    # another JSON type ("5" for 5, 0 for false) is an error, not quietly converted.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
+
+_Text = Annotated[str, Field(min_length=1)]  # "" gives no token to start from
 
 # promptswap's own API takes the engine's defaults as they are: written once, in SamplingParams.
 _ENGINE = SamplingParams()
@@ -27,7 +30,7 @@ class _Sampling:
 
 class GenerateParams(_Sampling, _Strict):
     task: str | None = Field(None, description="Task name; null or absent: the base model alone.")
-    text: str = Field(description="Input text, tokenized exactly as tokenizer(text) does.")
+    text: _Text = Field(description="Input text, tokenized exactly as tokenizer(text) does.")
     max_new_tokens: int | None = Field(
         None, description=f"Default {DEFAULT_MAX_NEW_TOKENS}, at most the server's cap."
     )
@@ -85,12 +88,14 @@ class StreamOptions(BaseModel):
 
 class CompletionRequest(_Sampling, BaseModel):
     """OpenAI's /v1/completions body, with OpenAI's defaults (written here only). Unknown fields are
-    ignored, as OpenAI clients send extras; an explicit null means the default, as it does for OpenAI."""
+    ignored, as OpenAI clients send extras; an explicit null means the default, as it does for OpenAI;
+    values must have their JSON type, as OpenAI requires."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # Text only: token-id prompts (OpenAI's list[int] forms) are not accepted.
+    prompt: _Text | list[_Text] = Field(min_length=1)
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -117,3 +122,23 @@ class CompletionRequest(_Sampling, BaseModel):
         if isinstance(data, dict):
             return {k: v for k, v in data.items() if v is not None}
         return data
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="invalid_request_error, authentication_error, not_found_error, "
+                                  "overloaded_error, storage_error or server_error")
+    message: str = Field(description="What was wrong, with the expected and the actual value")
+    param: str | None = Field(description="The request field at fault (text, requests[2].text, task, ...), if any")
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer, whatever the status."""
+
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"] = Field(description="unavailable while starting or draining (503)")
+    model: str | None = Field(None, description="The base model's served name")
+    prompts: int | None = Field(None, description="How many tasks are served")
+    demo: bool | None = Field(None, description="Whether this is the offline demo")

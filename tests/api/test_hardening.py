@@ -121,3 +121,48 @@ def test_after_a_500_the_keep_alive_connection_still_works(llama_server, monkeyp
         assert c.get("/health").status_code == 200  # the same connection: no reset
     logged = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
     assert len(logged) == 1 and "a bug" in str(logged[0].exc_info[1])
+
+
+@pytest.fixture(scope="module")
+def secured_openapi(start_server, llama_dir):
+    server = start_server(model=str(llama_dir), api_token="api-secret", admin_token="admin-secret")
+    with server.client() as c:
+        yield server, c.get("/openapi.json").json()
+    server.stop()
+
+
+def test_the_openapi_document_lists_every_status_with_the_error_schema(secured_openapi):
+    _, doc = secured_openapi
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    generate = doc["paths"]["/generate"]["post"]["responses"]
+    assert {"200", "400", "401", "404", "413", "422", "500", "503"} <= set(generate)
+    for status in ("401", "404", "413", "422", "503"):
+        assert generate[status]["content"]["application/json"]["schema"] == error, status
+    assert "text/event-stream" in generate["200"]["content"]  # stream: true
+    put = doc["paths"]["/prompts/{task}"]["put"]["responses"]
+    assert {"200", "201", "400", "401", "413", "415", "422", "503", "507"} <= set(put)
+    assert doc["paths"]["/prompts/{task}"]["put"]["security"] == [{"bearer": []}]
+    assert "401" not in doc["paths"]["/health"]["get"]["responses"]  # open
+    assert "HTTPValidationError" not in doc["components"]["schemas"]  # not what this server answers
+    metrics = doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert "text/plain" in metrics and "application/json" not in metrics
+    text = doc["components"]["schemas"]["GenerateParams"]["properties"]["text"]
+    assert text.get("minLength") == 1  # "" is refused by the schema, not after it
+
+
+def test_empty_text_is_refused_by_the_schema_naming_the_field(llama_server):
+    with llama_server.client() as c:
+        r = c.post("/generate", json={"text": ""})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "text"
+        assert "at least 1 character" in r.json()["error"]["message"]
+
+
+def test_options_and_405_list_every_method_of_the_path(secured_openapi):
+    server, _ = secured_openapi
+    with server.client() as c:
+        r = c.options("/prompts/some-task")  # open: it only lists methods
+        assert r.status_code == 204 and r.headers["allow"] == "DELETE, GET, OPTIONS, PUT"
+        r = c.patch("/prompts/some-task", headers={"Authorization": "Bearer admin-secret"})
+        assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, OPTIONS, PUT"
+        assert r.json()["error"]["type"] == "invalid_request_error"
+        assert c.options("/no/such/path").status_code == 404

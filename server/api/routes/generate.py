@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 from server.api import streaming
 from server.api.deps import EngineDep, MetricsDep, SettingsDep
 from server.api.errors import ErrorContext, ErrorInContext, describe
+from server.api.openapi import SSE_CONTENT, errors
 from server.api.schemas import BatchRequest, BatchResponse, GenerateRequest, GenerateResponse
 from server.api.streaming import SSE_HEADERS, Event, sse, unless_disconnected
 from server.engine.errors import InvalidParameter
@@ -18,7 +19,10 @@ from server.engine.sequence import Completion
 router = APIRouter(tags=["generate"])  # needs the API token (server/api/auth.py)
 
 
-@router.post("/generate", response_model=GenerateResponse)
+@router.post("/generate", response_model=GenerateResponse, responses={**errors(404, 422, 503), 200: {
+    "description": "The completion; with `stream: true`, server-sent events instead (a final event with "
+                   "finish_reason and usage, or an `error` event)",
+    "content": SSE_CONTENT}})
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, metrics: MetricsDep,
                    settings: SettingsDep):
     params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=body.max_new_tokens,
@@ -56,7 +60,7 @@ async def _sse_stream(first: Event, events: AsyncGenerator[Event, None]) -> Asyn
         await events.aclose()
 
 
-@router.post("/generate/batch", response_model=BatchResponse)
+@router.post("/generate/batch", response_model=BatchResponse, responses=errors(404, 422, 503))
 async def generate_batch(body: BatchRequest, request: Request, engine: EngineDep, metrics: MetricsDep,
                          settings: SettingsDep):
     if len(body.requests) > settings.max_batch_requests:

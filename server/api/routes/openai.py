@@ -19,6 +19,7 @@ from server.api import streaming
 from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
 from server.api.errors import ErrorContext, describe
 from server.api.metrics import Metrics
+from server.api.openapi import SSE_CONTENT, errors
 from server.api.schemas import CompletionRequest
 from server.api.streaming import SSE_HEADERS, Event, sse, unless_disconnected
 from server.engine.errors import InvalidParameter
@@ -44,7 +45,7 @@ def list_models(request: Request, settings: SettingsDep, registry: RegistryDep) 
     return {"object": "list", "data": cards}
 
 
-@router.get("/models/{model}")
+@router.get("/models/{model}", responses=errors(404))
 def get_model(model: str, request: Request, settings: SettingsDep, registry: RegistryDep) -> dict:
     base = settings.model_name()
     if model == base:
@@ -53,14 +54,14 @@ def get_model(model: str, request: Request, settings: SettingsDep, registry: Reg
     return _model_card(model, desc.created_at, base)
 
 
-@router.post("/completions")
+@router.post("/completions", responses={**errors(404, 422, 503), 200: {
+    "description": "OpenAI's text_completion object; with `stream: true`, server-sent events ending in "
+                   "`data: [DONE]`",
+    "content": {"application/json": {"schema": {"type": "object"}}, **SSE_CONTENT}}})
 async def completions(body: CompletionRequest, request: Request, engine: EngineDep, metrics: MetricsDep,
                       settings: SettingsDep):
     _refuse_unsupported(body)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise InvalidParameter("prompt", "a string or a non-empty list of strings (token ids are not accepted)",
-                               _short(body.prompt))
     base = settings.model_name()
     task = None if body.model == base else body.model
     params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=body.max_tokens,
@@ -177,8 +178,3 @@ def _refuse_unsupported(body: CompletionRequest) -> None:
     for name, ok, expected, actual in checks:
         if not ok:
             raise InvalidParameter(name, expected, actual)
-
-
-def _short(value: object, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

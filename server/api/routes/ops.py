@@ -6,11 +6,13 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from server.api.deps import MetricsDep
+from server.api.schemas import Health
 
 router = APIRouter(tags=["ops"])
 
 
-@router.get("/health")
+@router.get("/health", response_model=Health,
+            responses={503: {"model": Health, "description": "Starting or draining"}})
 def health(request: Request) -> Response:
     """200 once the model is loaded and the engine runs; 503 while starting or draining."""
     state = request.app.state
@@ -21,7 +23,13 @@ def health(request: Request) -> Response:
                          "demo": state.settings.demo})
 
 
-@router.get("/metrics")
+# The exposition format follows the Accept header: Prometheus text, or OpenMetrics when asked for.
+_METRICS_MEDIA = {"text/plain": {"schema": {"type": "string"}},
+                  "application/openmetrics-text": {"schema": {"type": "string"}}}
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"description": "Prometheus metrics", "content": _METRICS_MEDIA}})
 def metrics(request: Request, metrics: MetricsDep) -> Response:
     content, content_type = metrics.render(request.headers.get("accept"))
     return Response(content, media_type=content_type)

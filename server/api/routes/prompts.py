@@ -7,7 +7,7 @@ and versions are prompt_store's; this module only moves bytes between HTTP and t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -17,12 +17,14 @@ from starlette.datastructures import UploadFile
 from prompt_store.registry import PromptRegistry
 from server.api.deps import RegistryDep
 from server.api.errors import UnsupportedMediaType
+from server.api.openapi import errors
 from server.api.schemas import PromptList
 from server.engine.errors import InvalidParameter
 
 router = APIRouter(tags=["prompts"])  # reads need the API token, writes the admin token (server/api/auth.py)
 
-KIND_HELP = "prompt or prefix; needed only when neither the file's metadata nor a config decides it"
+KindQuery = Annotated[Literal["prompt", "prefix"] | None, Query(
+    description="prompt or prefix; needed only when neither the file's metadata nor a config decides it")]
 
 
 def _upload_body(named: bool) -> dict:
@@ -49,25 +51,32 @@ def list_prompts(registry: RegistryDep):
     return {"prompts": [d.to_dict() for d in registry.list()]}
 
 
-@router.get("/prompts/{task}")
+_STORED = {
+    **errors(400, 415, 422, 503, 507),
+    200: {"description": "Replaced: the task's new descriptor"},
+    201: {"description": "Created: the task's descriptor (Location: /prompts/{task})"},
+}
+
+
+@router.get("/prompts/{task}", responses=errors(404))
 def describe_prompt(task: str, registry: RegistryDep) -> dict:
     return registry.describe(task).to_dict()
 
 
-@router.put("/prompts/{task}", status_code=201,
+@router.put("/prompts/{task}", status_code=201, responses=_STORED,
             openapi_extra=_upload_body(named=False))
 async def put_prompt(task: str, request: Request, registry: RegistryDep,
-                     kind: str | None = Query(None, description=KIND_HELP),
+                     kind: KindQuery = None,
                      description: str | None = Query(None)) -> Response:
     """Upload or replace `task`: 201 when created, 200 when replaced; the body is its descriptor."""
     upload = await _read_upload(request, kind, description)
     return await _store(registry, task, upload)
 
 
-@router.put("/prompts", status_code=201,
+@router.put("/prompts", status_code=201, responses=_STORED,
             openapi_extra=_upload_body(named=True))
 async def put_prompt_form(request: Request, registry: RegistryDep,
-                          kind: str | None = Query(None, description=KIND_HELP),
+                          kind: KindQuery = None,
                           description: str | None = Query(None)) -> Response:
     """The multipart form of PUT /prompts/{task}, with the task name in a `task` field."""
     if not _is_multipart(request):
@@ -80,7 +89,7 @@ async def put_prompt_form(request: Request, registry: RegistryDep,
     return await _store(registry, task, upload)
 
 
-@router.delete("/prompts/{task}", status_code=204)
+@router.delete("/prompts/{task}", status_code=204, responses=errors(404, 503, 507))
 def delete_prompt(task: str, registry: RegistryDep) -> Response:
     registry.delete(task)
     return Response(status_code=204)
