@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -18,6 +13,7 @@ from server.config import Settings
 from server.demo.random_demo import DEMO_TASKS, SOFT_PROMPT_TEXT
 from server.engine.config import EngineConfig
 from tests.api.conftest import stream_in_background
+from tests.serve_process import start_serve_process
 
 
 def test_help_documents_every_setting(capsys):
@@ -89,34 +85,6 @@ def test_random_demo_serves_two_tasks_offline(start_server, tmp_path):
         assert (tmp_path / "cache" / "prompts" / "promptswap-demo" / "demo-prefix.safetensors").exists()
     finally:
         server.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_serve_process(model_dir, tmp_path, *flags: str) -> tuple[subprocess.Popen, str]:
-    """`promptswap serve` as its own process on a free port, once /health answers; (process, base URL)."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTSWAP_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--port", str(port),
-         "--prompt-dir", str(tmp_path / "prompts"), *flags],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server never became healthy"
-        time.sleep(0.2)
 
 
 def test_secrets_in_the_query_string_never_reach_the_access_log(llama_dir, tmp_path):

@@ -74,7 +74,8 @@ def safetensors_bytes(draw) -> bytes:
     return blob
 
 
-configs = st.none() | st.none() | st.none() | st.dictionaries(st.sampled_from(CONFIG_KEYS), JSON_SCALARS, max_size=6) | st.binary(max_size=40)
+configs = (st.none() | st.none() | st.none()
+           | st.dictionaries(st.sampled_from(CONFIG_KEYS), JSON_SCALARS, max_size=6) | st.binary(max_size=40))
 
 
 def _bounded(call, data: bytes):
