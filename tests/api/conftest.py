@@ -13,6 +13,7 @@ import httpx
 import pytest
 import torch
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.api.app import create_app
 from server.config import Settings
@@ -121,6 +122,17 @@ def adapters(llama_dir, tmp_path_factory) -> dict[str, Path]:
         model.save_pretrained(str(root / method))
         out[method] = root / method
     return out
+
+
+def scrape_metrics(client: httpx.Client) -> dict[tuple[str, tuple], float]:
+    """GET /metrics as {(sample name, sorted labels): value}."""
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
 
 
 def upload_multipart(client: httpx.Client, task: str, adapter_dir: Path, *, with_config: bool = True, **kw):

@@ -7,10 +7,9 @@ import time
 
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save
 
-from tests.api.conftest import upload_multipart, upload_raw
+from tests.api.conftest import scrape_metrics, upload_multipart, upload_raw
 
 ADMIN, API = "admin-secret", "api-secret"
 
@@ -65,16 +64,6 @@ def test_open_prompt_endpoints_are_warned_about(start_server, llama_dir, caplog)
     assert "no admin token" in caplog.text
 
 
-def _metrics(client) -> dict:
-    r = client.get("/metrics")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    samples = {}
-    for family in text_string_to_metric_families(r.text):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples
-
-
 def test_metrics_count_requests_tokens_and_caches(start_server, llama_dir, adapters):
     server = start_server(model=str(llama_dir))
     try:
@@ -85,7 +74,7 @@ def test_metrics_count_requests_tokens_and_caches(start_server, llama_dir, adapt
                                           "ignore_eos": True})
             c.post("/generate", json={"text": "hi", "max_new_tokens": 2, "ignore_eos": True, "stream": True})
             c.post("/generate", json={"task": "unknown-task", "text": "hi"})
-            m = _metrics(c)
+            m = scrape_metrics(c)
     finally:
         server.stop()
     ok = (("outcome", "ok"), ("task", "m-soft"))
