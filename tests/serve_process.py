@@ -18,12 +18,13 @@ def _free_port() -> int:
 
 
 def start_serve_process(model_dir, tmp_path, *flags: str, prompt_dir=None) -> tuple[subprocess.Popen, str]:
-    """`promptswap serve` as its own process on a free port, once /health answers; (process, base URL)."""
+    """`promptswap serve` as its own process on a free port, once /health answers; (process, base URL).
+    No model_dir: the offline demo."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTSWAP_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--port", str(port),
-         "--prompt-dir", str(prompt_dir or tmp_path / "prompts"), *flags],
+        [sys.executable, "-m", "server.cli", "serve", *(["--model", str(model_dir)] if model_dir else []),
+         "--port", str(port), "--prompt-dir", str(prompt_dir or tmp_path / "prompts"), *flags],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     url = f"http://127.0.0.1:{port}"
