@@ -139,6 +139,7 @@ class PromptRegistry:
     # -- reading ---------------------------------------------------------------------------------
 
     def get(self, task: str) -> PromptSnapshot:
+        check_task_name(task)  # a name no task can have is a bad request, not an unknown task
         with self._lock:
             snap = self._snapshots.get(task)
         if snap is None:
@@ -146,6 +147,7 @@ class PromptRegistry:
         return snap
 
     def describe(self, task: str) -> PromptDescriptor:
+        check_task_name(task)
         with self._lock:
             desc = self._descriptors.get(task)
         if desc is None:
@@ -235,6 +237,7 @@ class PromptRegistry:
 
     def delete(self, task: str) -> None:
         """Forget `task` and remove its file. Snapshots already handed out stay valid."""
+        check_task_name(task)
         with self._write_lock:
             with self._lock:
                 known = task in self._descriptors

@@ -28,7 +28,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prompt_store.errors import (
     BodyTooLarge,
-    InvalidTaskName,
     PromptError,
     StorageError,
     StorageFull,
@@ -98,7 +97,6 @@ _STORAGE = "storage_error"  # the prompt directory failed; the upload itself was
 HTTP_ERRORS: dict[type[BaseException], HttpError] = {
     # prompt store
     PromptError: HttpError(422, _INVALID),
-    InvalidTaskName: HttpError(400, _INVALID),
     UnknownTask: HttpError(404, "not_found_error"),
     BodyTooLarge: HttpError(413, _INVALID),
     StorageError: HttpError(503, _STORAGE),  # read-only, not writable, failing
@@ -190,6 +188,11 @@ async def send_error(send: Send, exc: BaseException) -> None:
 
 
 async def handle_error(request: Request, exc: Exception) -> Response:
+    if (isinstance(exc, RequestValidationError) and not _is_json(request.headers.get("content-type"))
+            and any(e.get("loc", ())[:1] == ("body",) for e in exc.errors())):
+        # FastAPI reads only JSON bodies as JSON; any other declared type fails validation as a whole.
+        got = request.headers.get("content-type", "").split(";")[0].strip()
+        exc = UnsupportedMediaType(f"send the body as application/json, got {got}", param="content-type")
     if isinstance(exc, StarletteHTTPException) and exc.status_code == 405:
         # Starlette names only the first route whose path matched; the client needs every method.
         allow = {"Allow": ", ".join(_allowed_methods(request))}
@@ -198,6 +201,14 @@ async def handle_error(request: Request, exc: Exception) -> Response:
         exc = StarletteHTTPException(405, f"{request.method} is not allowed here; allowed: {allow['Allow']}", allow)
     status, body, headers = describe(exc)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _is_json(content_type: str | None) -> bool:
+    """No declared type (FastAPI then reads JSON), application/json, or a +json type."""
+    if not content_type:
+        return True
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
 
 
 _METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")

@@ -1,4 +1,4 @@
-"""Request body size limits, enforced before and while the body is read.
+"""Request size limits: the body's bytes, enforced before and while it is read, and list lengths.
 
 A declared Content-Length over the limit is refused at once, before any byte of the body is
 read. A body without one (chunked) or one that lies is counted as it streams in, and refused
@@ -12,6 +12,13 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import RequestBodyTooLarge, send_error
+from server.engine.errors import InvalidParameter
+
+
+def check_count(param: str, count: int, cap: int) -> None:
+    """A list of requests (a batch, OpenAI's prompt list) holds at most `cap` entries."""
+    if count > cap:
+        raise InvalidParameter(param, f"at most {cap} entries (--max-batch-requests)", count)
 
 
 class BodyLimitMiddleware:

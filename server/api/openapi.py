@@ -19,13 +19,13 @@ from server.api.schemas import ErrorResponse
 from server.config import Settings
 
 ERROR_DESCRIPTIONS = {
-    400: "Bad request: a body that cannot be parsed at all (not UTF-8, a malformed multipart form), "
-         "or an invalid task name",
+    400: "Bad request: a body that cannot be parsed at all (not UTF-8, a malformed multipart form)",
     401: "The bearer token is missing or wrong; checked before the body is read",
     404: "Unknown task (or model)",
     413: "The request body is over the limit",
-    415: "Unsupported media type",
-    422: "A field is missing, of the wrong type or out of range; `param` names it",
+    415: "Unsupported media type; the message names the one to send",
+    422: "A field is missing, of the wrong type or out of range, or a task name breaks the naming rules; "
+         "`param` names it",
     500: "Internal error; the details are in the server log",
     503: "Overloaded or shutting down (see Retry-After), or the prompt directory is read-only or unavailable",
     507: "The prompt directory is full; deleting tasks frees it",

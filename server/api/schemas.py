@@ -6,7 +6,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.engine.sequence import DEFAULT_MAX_NEW_TOKENS, Completion, SamplingParams
+from server.config import Settings
+from server.engine.sequence import (
+    DEFAULT_MAX_NEW_TOKENS,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    Completion,
+    SamplingParams,
+)
 
 
 class _Strict(BaseModel):
@@ -16,6 +23,9 @@ class _Strict(BaseModel):
 
 
 _Text = Annotated[str, Field(min_length=1)]  # "" gives no token to start from
+# Caps written in the document; the engine (stop strings) and the routes (--max-batch-requests) enforce them.
+_STOP_HELP = f"A stop string or a list of at most {MAX_STOP_STRINGS}, each of 1..{MAX_STOP_CHARS} characters."
+_LIST_HELP = f"at most --max-batch-requests entries ({Settings.model_fields['max_batch_requests'].default} by default)"
 
 # promptswap's own API takes the engine's defaults as they are: written once, in SamplingParams.
 _ENGINE = SamplingParams()
@@ -38,7 +48,7 @@ class GenerateParams(_Sampling, _Strict):
     top_k: int = _ENGINE.top_k
     top_p: float = _ENGINE.top_p
     seed: int | None = _ENGINE.seed
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, description=_STOP_HELP)
     ignore_eos: bool = _ENGINE.ignore_eos
 
 
@@ -47,7 +57,7 @@ class GenerateRequest(GenerateParams):
 
 
 class BatchRequest(_Strict):
-    requests: list[GenerateParams] = Field(min_length=1)
+    requests: list[GenerateParams] = Field(min_length=1, description=f"The requests, {_LIST_HELP}.")
 
 
 class UsageOut(BaseModel):
@@ -95,14 +105,14 @@ class CompletionRequest(_Sampling, BaseModel):
 
     model: str
     # Text only: token-id prompts (OpenAI's list[int] forms) are not accepted.
-    prompt: _Text | list[_Text] = Field(min_length=1)
+    prompt: _Text | list[_Text] = Field(min_length=1, description=f"A text, or a list of texts ({_LIST_HELP}).")
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, description=_STOP_HELP)
     seed: int | None = None
     echo: bool = False
     logprobs: int | None = None

@@ -31,7 +31,7 @@ def test_every_request_error_class_has_a_status(module):
 
 @pytest.mark.parametrize(("error", "status", "kind"), [
     (store_errors.UnknownTask("no task 'x'"), 404, "not_found_error"),
-    (store_errors.InvalidTaskName("bad name"), 400, "invalid_request_error"),
+    (store_errors.InvalidTaskName("bad name"), 422, "invalid_request_error"),
     (store_errors.BodyTooLarge("too big"), 413, "invalid_request_error"),
     (store_errors.WidthMismatch("wrong width"), 422, "invalid_request_error"),
     (store_errors.StorageFull("full", cause=OSError(28, "No space left on device")), 507, "storage_error"),

@@ -10,16 +10,16 @@ from fastapi.responses import StreamingResponse
 from server.api import streaming
 from server.api.deps import EngineDep, MetricsDep, SettingsDep
 from server.api.errors import ErrorContext, ErrorInContext, describe
+from server.api.limits import check_count
 from server.api.openapi import SSE_CONTENT, errors
 from server.api.schemas import BatchRequest, BatchResponse, GenerateRequest, GenerateResponse
 from server.api.streaming import SSE_HEADERS, Event, sse, unless_disconnected
-from server.engine.errors import InvalidParameter
 from server.engine.sequence import Completion
 
 router = APIRouter(tags=["generate"])  # needs the API token (server/api/auth.py)
 
 
-@router.post("/generate", response_model=GenerateResponse, responses={**errors(404, 422, 503), 200: {
+@router.post("/generate", response_model=GenerateResponse, responses={**errors(404, 415, 422, 503), 200: {
     "description": "The completion; with `stream: true`, server-sent events instead (a final event with "
                    "finish_reason and usage, or an `error` event)",
     "content": SSE_CONTENT}})
@@ -60,11 +60,10 @@ async def _sse_stream(first: Event, events: AsyncGenerator[Event, None]) -> Asyn
         await events.aclose()
 
 
-@router.post("/generate/batch", response_model=BatchResponse, responses=errors(404, 422, 503))
+@router.post("/generate/batch", response_model=BatchResponse, responses=errors(404, 415, 422, 503))
 async def generate_batch(body: BatchRequest, request: Request, engine: EngineDep, metrics: MetricsDep,
                          settings: SettingsDep):
-    if len(body.requests) > settings.max_batch_requests:
-        raise InvalidParameter("requests", f"at most {settings.max_batch_requests} entries", len(body.requests))
+    check_count("requests", len(body.requests), settings.max_batch_requests)
 
     def entry(i: int) -> ErrorContext:
         return ErrorContext(prefix=f"requests[{i}]")

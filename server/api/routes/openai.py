@@ -15,9 +15,11 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from prompt_store.errors import PromptError
 from server.api import streaming
 from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
-from server.api.errors import ErrorContext, describe
+from server.api.errors import ErrorContext, ErrorInContext, describe
+from server.api.limits import check_count
 from server.api.metrics import Metrics
 from server.api.openapi import SSE_CONTENT, errors
 from server.api.schemas import CompletionRequest
@@ -45,16 +47,19 @@ def list_models(request: Request, settings: SettingsDep, registry: RegistryDep) 
     return {"object": "list", "data": cards}
 
 
-@router.get("/models/{model}", responses=errors(404))
+@router.get("/models/{model}", responses=errors(404, 422))
 def get_model(model: str, request: Request, settings: SettingsDep, registry: RegistryDep) -> dict:
     base = settings.model_name()
     if model == base:
         return _model_card(base, request.app.state.started_at, None)
-    desc = registry.get(model)  # UnknownTask -> 404
+    try:
+        desc = registry.get(model)  # UnknownTask -> 404, a malformed name -> 422
+    except PromptError as exc:
+        raise ErrorInContext(exc, ErrorContext(rename={"task": "model"})) from exc
     return _model_card(model, desc.created_at, base)
 
 
-@router.post("/completions", responses={**errors(404, 422, 503), 200: {
+@router.post("/completions", responses={**errors(404, 415, 422, 503), 200: {
     "description": "OpenAI's text_completion object; with `stream: true`, server-sent events ending in "
                    "`data: [DONE]`",
     "content": {"application/json": {"schema": {"type": "object"}}, **SSE_CONTENT}}})
@@ -62,6 +67,7 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
                       settings: SettingsDep):
     _refuse_unsupported(body)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    check_count("prompt", len(prompts), settings.max_batch_requests)
     base = settings.model_name()
     task = None if body.model == base else body.model
     params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=body.max_tokens,

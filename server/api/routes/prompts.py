@@ -52,13 +52,13 @@ def list_prompts(registry: RegistryDep):
 
 
 _STORED = {
-    **errors(400, 415, 422, 503, 507),
+    **errors(415, 422, 503, 507),
     200: {"description": "Replaced: the task's new descriptor"},
     201: {"description": "Created: the task's descriptor (Location: /prompts/{task})"},
 }
 
 
-@router.get("/prompts/{task}", responses=errors(404))
+@router.get("/prompts/{task}", responses=errors(404, 422))
 def describe_prompt(task: str, registry: RegistryDep) -> dict:
     return registry.describe(task).to_dict()
 
@@ -89,7 +89,7 @@ async def put_prompt_form(request: Request, registry: RegistryDep,
     return await _store(registry, task, upload)
 
 
-@router.delete("/prompts/{task}", status_code=204, responses=errors(404, 503, 507))
+@router.delete("/prompts/{task}", status_code=204, responses=errors(404, 422, 503, 507))
 def delete_prompt(task: str, registry: RegistryDep) -> Response:
     registry.delete(task)
     return Response(status_code=204)
