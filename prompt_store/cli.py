@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from prompt_store.dtypes import DTYPE_NAMES, torch_dtype
-from prompt_store.validate import KINDS
+from prompt_store.geometry import KINDS
 
 
 def add_prompts_command(subparsers) -> None:

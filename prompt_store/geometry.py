@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+# A soft prompt (virtual-token embeddings, hidden_size wide) or a prefix (keys and values of every layer).
+Kind = Literal["prompt", "prefix"]
+KINDS: tuple[Kind, ...] = ("prompt", "prefix")
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,10 +28,8 @@ from prompt_store.errors import (
     WidthMismatch,
 )
 from prompt_store.format import TENSOR_NAME, PromptFile, load_config
-from prompt_store.geometry import ModelGeometry
+from prompt_store.geometry import KINDS, Kind, ModelGeometry
 
-Kind = Literal["prompt", "prefix"]
-KINDS: tuple[Kind, ...] = ("prompt", "prefix")
 SERVED_DTYPES = served_dtypes()
 TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # PEFT method -> the kind promptswap serves it as (P-tuning's encoder is applied before saving).

@@ -28,9 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "run", None) is None:
-        parser.print_help(sys.stderr)
-        return 2
+    if getattr(args, "run", None) is None:  # a bare `promptswap`: say what it can do
+        parser.print_help()
+        print("\nStart the server with `promptswap serve` (see `promptswap serve --help`).")
+        return 0
     return int(args.run(args) or 0)
 
 

@@ -101,7 +101,7 @@ class Settings(BaseSettings):
         None, description="Most tokens in one forward pass, >= max-running; long prompts prefill in chunks (engine)."
     )
     max_context: int | None = Field(
-        None, description="Most positions per request (default: the model's own limit)."
+        None, description="Most positions per request, virtual tokens included (engine)."
     )
     max_queue: int | None = Field(
         None, description="Most requests waiting beyond the max-running running ones; more get 503 (engine)."

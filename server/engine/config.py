@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from server.engine.errors import check_int
 from server.engine.scheduler import SchedulerConfig
@@ -26,3 +26,17 @@ class EngineConfig:
             check_int(name, getattr(self, name), low=1)
         check_int("threads", self.threads, low=1, optional=True)
         check_int("max_context", self.max_context, low=2, optional=True)
+
+
+# What a None default means, for the settings whose default depends on the model or the machine.
+_NONE_MEANS = {"max_context": "the model's own limit", "threads": "torch's default, one per core"}
+
+
+def describe_default(name: str) -> str:
+    """A field's default as `serve --help` shows it: the number, or what decides it."""
+    default = {f.name: f.default for f in fields(EngineConfig)}[name]
+    if default is None:
+        return _NONE_MEANS[name]
+    if name.endswith("_bytes"):
+        return f"{default} ({default / 2**20:g} MiB)"
+    return str(default)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -26,6 +28,34 @@ def test_help_documents_every_setting(capsys):
                  "--max-context", "--kv-cache-bytes", "--prompt-cache-bytes", "--shutdown-timeout-s"):
         assert flag in out, flag
     assert "PROMPTSWAP_ADMIN_TOKEN" in out
+    # Real defaults, or what decides them, never "the engine's own".
+    flat = " ".join(out.split())
+    assert "PROMPTSWAP_MAX_RUNNING; default: 64]" in flat and "PROMPTSWAP_MAX_QUEUE; default: 1024]" in flat
+    assert "PROMPTSWAP_MAX_CONTEXT; default: the model's own limit]" in flat
+    assert "engine's own" not in flat
+
+
+HELP_WITHOUT_TORCH = """
+import contextlib, io, sys
+from server.cli import main
+for argv in (["--help"], ["serve", "--help"], ["prompts", "--help"], ["prompts", "inspect", "--help"],
+             ["prompts", "convert", "--help"], []):
+    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
+        main(argv)
+assert "torch" not in sys.modules and "transformers" not in sys.modules, "--help imported torch"
+"""
+
+
+def test_help_of_every_command_never_imports_torch():
+    # What makes `--help` take seconds is importing torch; measured as a fact, not a wall-clock time.
+    done = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_bare_promptswap_lists_the_commands(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "serve" in out and "prompts" in out and "promptswap serve" in out
 
 
 def test_flags_override_the_environment(monkeypatch):
