@@ -37,6 +37,6 @@ def describe_default(name: str) -> str:
     default = {f.name: f.default for f in fields(EngineConfig)}[name]
     if default is None:
         return _NONE_MEANS[name]
-    if name.endswith("_bytes"):
+    if name.endswith("_bytes") and isinstance(default, int):
         return f"{default} ({default / 2**20:g} MiB)"
     return str(default)
