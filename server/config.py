@@ -21,6 +21,7 @@ from server.demo import smollm2
 from server.engine.config import EngineConfig
 from server.engine.errors import InvalidConfig
 from server.engine.gguf import is_gguf
+from server.logs import LogFormat
 
 MiB = 1024 * 1024
 
@@ -122,6 +123,9 @@ class Settings(BaseSettings):
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level."
+    )
+    log_format: LogFormat = Field(
+        "text", description="Log lines as text (key=value fields) or as one JSON object per line."
     )
 
     @field_validator("admin_token", "api_token")

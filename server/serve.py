@@ -19,6 +19,7 @@ from pydantic import SecretStr, ValidationError
 
 from server.config import ENGINE_FIELDS, Settings, explain
 from server.engine.config import describe_default
+from server.logs import configure_logging
 
 log = logging.getLogger("promptswap")
 
@@ -88,11 +89,12 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"promptswap serve: invalid settings:\n{explain(exc)}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     # Before anything loads: the engine thread is to be the only one with an OpenMP pool.
     cpu_threads.single_threaded_here()
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+        log_config=None,  # uvicorn's loggers go through ours (server/logs.py): one format for every line
         # On SIGTERM uvicorn stops accepting, waits this long for open responses (streams included),
         # then our lifespan drains the engine.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),

@@ -21,6 +21,7 @@ from server.api.errors import UnexpectedErrorMiddleware, install_error_handler
 from server.api.limits import BodyLimitMiddleware
 from server.api.metrics import Metrics
 from server.api.openapi import install_openapi
+from server.api.request_id import RequestIdMiddleware
 from server.api.routes import generate, openai, ops, prompts
 from server.config import MiB, Settings
 from server.demo import random_demo, smollm2
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AuthMiddleware, settings=settings)
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
     app.add_middleware(UnexpectedErrorMiddleware)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer, errors included, carries the id
     return app
 
 

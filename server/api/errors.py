@@ -153,6 +153,20 @@ def error_payload(error_type: str, message: str, param: str | None) -> dict[str,
     return {"error": {"type": error_type, "message": message, "param": param}}
 
 
+def status_of(exc: BaseException) -> int:
+    """The status `describe` answers `exc` with, without describing (or logging) it."""
+    if isinstance(exc, ErrorInContext):
+        exc = exc.error
+    mapped = _lookup(exc)
+    if mapped is not None:
+        return mapped.status
+    if isinstance(exc, RequestValidationError):
+        return 422
+    if isinstance(exc, StarletteHTTPException):
+        return exc.status_code
+    return 500
+
+
 def describe(exc: BaseException, context: ErrorContext | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(status, body, headers) for any exception; streaming routes use it for their error event."""
     if isinstance(exc, ErrorInContext):

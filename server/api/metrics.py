@@ -20,7 +20,9 @@ from server.engine.loop import EngineStats
 BASE_LABEL = "_base"  # a request with no task: the base model alone
 UNKNOWN_LABEL = "_unknown"  # a refused request whose task is not served (bounds label cardinality)
 
-Outcome = Literal["ok", "cancelled", "rejected", "error"]
+# ok; cancelled: the client left; client_error: refused or failed with a 4xx (the request was at fault);
+# server_error: a 5xx (overloaded, shutting down, or a failure of the server's own).
+Outcome = Literal["ok", "cancelled", "client_error", "server_error"]
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -33,8 +35,8 @@ class Metrics:
     def __init__(self, engine_stats: Callable[[], EngineStats | None], prompt_count: Callable[[], int]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "promptswap_requests", "Generation requests by task and outcome "
-            "(ok, cancelled: client gone, rejected: refused before running, error: failed while running).",
+            "promptswap_requests", "Generation requests by task and outcome (ok; cancelled: client gone; "
+            "client_error: a 4xx, the request was at fault; server_error: a 5xx, overload or a server failure).",
             ["task", "outcome"], registry=self.registry,
         )
         self.generated_tokens = Counter(
@@ -55,8 +57,9 @@ class Metrics:
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
 
-    def rejected(self, task_label_value: str) -> None:
-        self.requests.labels(task_label_value, "rejected").inc()
+    def refused(self, task_label_value: str, outcome: Outcome) -> None:
+        """A request refused before it ran."""
+        self.requests.labels(task_label_value, outcome).inc()
 
     def finished(self, handle: RequestHandle, outcome: Outcome) -> None:
         """Record an admitted request that ended (call once per request): its times come from the engine."""

@@ -17,7 +17,8 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from prompt_store.errors import InvalidTaskName, UnknownTask
-from server.api.errors import ErrorContext, ErrorInContext
+from server.api import request_log
+from server.api.errors import ErrorContext, ErrorInContext, status_of
 from server.api.metrics import UNKNOWN_LABEL, Metrics, Outcome, task_label
 from server.engine.errors import InvalidParameter, RequestCancelled
 from server.engine.handle import RequestHandle
@@ -67,7 +68,9 @@ def _submit_all(engine: Engine, metrics: Metrics, requests: list[tuple[str, str 
                 handles.append(engine.submit(text, task=task, params=params))
             except Exception as exc:
                 unknown = isinstance(exc, UnknownTask | InvalidTaskName)
-                metrics.rejected(UNKNOWN_LABEL if unknown else task_label(task))
+                outcome = outcome_of(exc)
+                metrics.refused(UNKNOWN_LABEL if unknown else task_label(task), outcome)
+                request_log.refused(task, outcome, exc)
                 context = context_of(i)
                 if context is None:
                     raise
@@ -81,8 +84,9 @@ def _submit_all(engine: Engine, metrics: Metrics, requests: list[tuple[str, str 
 
 async def events(handle: RequestHandle, metrics: Metrics) -> AsyncGenerator[Event, None]:
     """The engine's stream; the last item is the Completion. Leaving early cancels the request.
-    Exactly one outcome is recorded in the metrics when the request ends, whichever way."""
+    Exactly one outcome is recorded (metrics and the request's log line) when it ends, whichever way."""
     outcome: Outcome = "cancelled"
+    error: BaseException | None = None
     try:
         async for item in handle.stream():
             if isinstance(item, Completion):
@@ -90,13 +94,19 @@ async def events(handle: RequestHandle, metrics: Metrics) -> AsyncGenerator[Even
             yield item
     except RequestCancelled:
         raise
-    except Exception:
-        outcome = "error"
+    except Exception as exc:
+        outcome, error = outcome_of(exc), exc
         raise
     finally:
         if outcome == "cancelled":  # the consumer left (client gone, shutdown): free the slot
             handle.cancel()
         metrics.finished(handle, outcome)
+        request_log.finished(handle, outcome, error)
+
+
+def outcome_of(error: BaseException) -> Outcome:
+    """How a failed request is counted: by the status its error is answered with."""
+    return "server_error" if status_of(error) >= 500 else "client_error"
 
 
 async def result(handle: RequestHandle, metrics: Metrics) -> Completion:

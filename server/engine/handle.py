@@ -128,6 +128,15 @@ class RequestHandle:
         return self._seq.task
 
     @property
+    def version(self) -> int | None:
+        """The version of the task's prompt this request runs with (None: the base model alone)."""
+        return self._seq.prompt.version if self._seq.prompt is not None else None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._seq.finish_reason
+
+    @property
     def prompt_tokens(self) -> int:
         return len(self._seq.prompt_ids)
 

@@ -81,7 +81,7 @@ def test_metrics_count_requests_tokens_and_caches(start_server, llama_dir, adapt
     assert m[("promptswap_requests_total", ok)] == 3
     assert m[("promptswap_generated_tokens_total", ok)] == 12
     assert m[("promptswap_requests_total", (("outcome", "ok"), ("task", "_base")))] == 1
-    assert m[("promptswap_requests_total", (("outcome", "rejected"), ("task", "_unknown")))] == 1
+    assert m[("promptswap_requests_total", (("outcome", "client_error"), ("task", "_unknown")))] == 1
     assert m[("promptswap_time_to_first_token_seconds_count", (("task", "m-soft"),))] == 3
     assert m[("promptswap_request_latency_seconds_count", (("task", "m-soft"),))] == 3
     assert m[("promptswap_prompt_cache_misses_total", ())] >= 1

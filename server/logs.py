@@ -1,0 +1,78 @@
+"""The server's log lines: one format for every logger (ours, uvicorn's, the libraries'), as text or JSON.
+
+    2026-11-29T14:03:07.123Z INFO promptswap.requests: request ok request_id=3f2a... task=sentiment ...
+    {"time": "2026-11-29T14:03:07.123Z", "level": "INFO", "logger": "promptswap.requests", ...}
+
+A record's `fields` (a dict, see server/api/request_log.py) become `key=value` pairs or JSON keys.
+Progress bars (model downloads and loading) are turned off: they are for terminals, not logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Literal
+
+LogFormat = Literal["text", "json"]
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields = getattr(record, "fields", None)
+    return fields if isinstance(fields, dict) else {}
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{_timestamp(record)} {record.levelname} {record.name}: {record.getMessage()}"
+        pairs = " ".join(f"{k}={_text_value(v)}" for k, v in _fields(record).items())
+        if pairs:
+            line = f"{line} {pairs}"
+        if record.exc_info:
+            line = f"{line}\n{self.formatException(record.exc_info)}"
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"time": _timestamp(record), "level": record.levelname, "logger": record.name,
+                               "message": record.getMessage(), **_fields(record)}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def _text_value(value: object) -> str:
+    text = "-" if value is None else str(value)
+    return json.dumps(text) if (not text or any(c.isspace() or c in "\"=" for c in text)) else text
+
+
+def configure_logging(level: str, log_format: LogFormat) -> None:
+    """Send every logger through one handler on stderr, in the chosen format."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # through the root handler, not their own
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    quiet_progress_bars()
+
+
+def quiet_progress_bars() -> None:
+    """No tqdm bars from huggingface_hub or transformers (downloads, loading weights, GGUF conversion)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import huggingface_hub.utils
+        import transformers.utils.logging
+
+        huggingface_hub.utils.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover -- both are dependencies
+        pass
