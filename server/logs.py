@@ -66,13 +66,14 @@ def configure_logging(level: str, log_format: LogFormat) -> None:
 
 
 def quiet_progress_bars() -> None:
-    """No tqdm bars from huggingface_hub or transformers (downloads, loading weights, GGUF conversion)."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        import huggingface_hub.utils
-        import transformers.utils.logging
+    """No tqdm bars from huggingface_hub or transformers (downloads, loading weights, GGUF conversion).
 
-        huggingface_hub.utils.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover -- both are dependencies
-        pass
+    Set before either is imported: transformers takes its setting from huggingface_hub's at import.
+    """
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    import sys
+
+    if "huggingface_hub" in sys.modules:  # already imported (a test process): tell it directly
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()

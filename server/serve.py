@@ -17,6 +17,7 @@ import typing
 
 from pydantic import SecretStr, ValidationError
 
+from server import startup
 from server.config import ENGINE_FIELDS, Settings, explain
 from server.engine.config import describe_default
 from server.logs import configure_logging
@@ -80,9 +81,6 @@ class RedactQuerySecrets(logging.Filter):
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.api.app import create_app
-    from server.engine import threads as cpu_threads
-
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     try:
         settings = Settings(**overrides)
@@ -90,6 +88,17 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"promptswap serve: invalid settings:\n{explain(exc)}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    # Mistakes that would otherwise surface only after the model has loaded (minutes for a real one).
+    try:
+        sock = startup.bind(settings.host, settings.port)
+        startup.check_prompt_dir(settings.resolved_prompt_dir())
+        startup.check_model(settings)
+    except startup.StartupError as exc:
+        print(f"promptswap serve: cannot start: {exc}", file=sys.stderr)
+        return 1
+    from server.api.app import create_app  # imports torch: after the checks, which need none of it
+    from server.engine import threads as cpu_threads
+
     # Before anything loads: the engine thread is to be the only one with an OpenMP pool.
     cpu_threads.single_threaded_here()
     config = uvicorn.Config(
@@ -106,7 +115,7 @@ def run_serve(args: argparse.Namespace) -> int:
     # re-raise is a no-op, so a graceful SIGTERM ends with exit status 0 instead of death by signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
-    server.run()
+    server.run(sockets=[sock])
     if not server.started:
         return 1  # startup failed (the model did not load); uvicorn has logged why
     return 0

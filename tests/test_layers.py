@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("prompt_store",),
     ("server.engine",),
-    ("server.config", "server.demo"),
+    ("server.config", "server.demo", "server.logs"),
     ("server.api",),
-    ("server.serve", "server.cli"),
+    ("server.serve", "server.startup", "server.cli"),
 ]
 
 

@@ -79,7 +79,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         base, registry, engine = await run_in_threadpool(_build_engine, settings)
     except (OSError, ValueError, ModelNotSupported) as exc:
-        log.error("cannot start: model %r could not be loaded: %s", settings.model or "(the demo)", exc)
+        log.error("cannot start: %s: %s", type(exc).__name__, exc)
         raise
     state.engine, state.registry, state.ready = engine, registry, True
     log.info("promptswap ready: model %s (served as %r), %d prompts from %s", base.name,

@@ -41,34 +41,45 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return torch_dtype(dtype)
 
 
+def check_architecture(name_or_path: str | Path) -> Any:
+    """Refuse a model promptswap cannot serve, from its config alone (no weights); returns the config."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(str(name_or_path))
+    what = f"{name_or_path} ({config.model_type})"
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelNotSupported(f"{what} is an encoder-decoder model; promptswap serves decoder-only causal LMs")
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise ModelNotSupported(f"{what} has no causal-LM head in transformers, so it cannot be served") from None
+    if not getattr(model_class, "_supports_attention_backend", False):
+        raise ModelNotSupported(
+            f"{what} cannot be served: its attention does not support pluggable attention backends in this "
+            "transformers version, and promptswap batches requests of different tasks through one"
+        )
+    return config
+
+
 def load_base_model(name_or_path: str | Path, device: str | None = None,
                     dtype: str | torch.dtype | None = None) -> BaseModel:
     """Load a decoder-only causal LM frozen, in eval mode, with promptswap's attention plugged in."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name_or_path = str(name_or_path)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    config = AutoConfig.from_pretrained(name_or_path)
-    if getattr(config, "is_encoder_decoder", False):
-        raise ModelNotSupported(
-            f"{name_or_path} is an encoder-decoder model ({config.model_type}); "
-            "promptswap serves decoder-only causal LMs only"
-        )
+    config = check_architecture(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=torch_dtype, attn_implementation=ATTN_IMPLEMENTATION
         )
-    except (ValueError, KeyError) as exc:  # no causal-LM head, or no pluggable attention (Falcon: KeyError)
+    except (ValueError, KeyError) as exc:  # what the config did not tell
         raise ModelNotSupported(
-            f"{name_or_path} ({config.model_type}) cannot be served: {exc}. promptswap needs a "
-            "decoder-only causal LM whose attention goes through transformers' AttentionInterface"
+            f"{name_or_path} ({config.model_type}) cannot be served ({type(exc).__name__}: {exc}); promptswap "
+            "needs a decoder-only causal LM whose attention goes through transformers' AttentionInterface"
         ) from exc
-    if not getattr(model, "_supports_attention_backend", False):
-        raise ModelNotSupported(
-            f"{name_or_path} ({config.model_type}) does not support pluggable attention backends "
-            "in this transformers version, so promptswap cannot batch its requests"
-        )
     model.to(dev).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     geometry = ModelGeometry.from_config(model.config, name_or_path)

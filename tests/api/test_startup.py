@@ -1,0 +1,74 @@
+"""`promptswap serve` fails fast and clearly (issue 11): the port, the prompt directory and the model are
+checked before the model loads; each mistake is one line naming the cause and the fix, and exit 1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+
+def serve(*flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PROMPTSWAP_", "HF_HUB_OFFLINE"))}
+    return subprocess.run([sys.executable, "-m", "server.cli", "serve", *flags], capture_output=True, text=True,
+                          timeout=120, env={**base, **(env or {})})
+
+
+def one_line(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr  # one line, no traceback
+    assert lines[0].startswith("promptswap serve: cannot start: ") and "; " in lines[0]  # the cause; the fix
+    return lines[0]
+
+
+def test_a_missing_model_directory(tmp_path):
+    line = one_line(serve("--model", str(tmp_path / "no-such-model"), "--prompt-dir", str(tmp_path / "p")))
+    assert "does not exist" in line and "no-such-model" in line and "hub id" in line
+
+
+def test_a_directory_that_is_no_model(tmp_path):
+    line = one_line(serve("--model", str(tmp_path), "--prompt-dir", str(tmp_path / "p")))
+    assert "has no config.json" in line
+
+
+def test_an_unreachable_or_unknown_hub_id(tmp_path):
+    flags = ("--model", "promptswap-tests/no-such-model", "--prompt-dir", str(tmp_path / "p"),
+             "--cache-dir", str(tmp_path / "cache"))
+    line = one_line(serve(*flags, env={"HF_HOME": str(tmp_path / "hf")}))
+    assert "cannot reach the Hugging Face hub" in line or "has no model" in line
+    line = one_line(serve(*flags, env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}))
+    assert "not in the Hugging Face cache and HF_HUB_OFFLINE is set" in line
+
+
+def test_a_port_in_use_is_found_before_the_model_loads(llama_dir, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = serve("--model", str(llama_dir), "--port", str(port), "--prompt-dir", str(tmp_path / "p"))
+    line = one_line(done)
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "--port" in line
+
+
+def test_an_unwritable_prompt_directory(llama_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    line = one_line(serve("--model", str(llama_dir), "--prompt-dir", str(blocker / "prompts")))
+    assert "prompt directory" in line and "not writable" in line and "--prompt-dir" in line
+    assert "model" not in line.split(";")[0]  # the cause is the directory, not the model
+
+
+@pytest.mark.parametrize("model_type", ["falcon", "t5"])
+def test_an_unsupported_architecture_is_one_clear_line(tmp_path, model_type):
+    from transformers import AutoConfig
+
+    kw = {"d_model": 32, "num_layers": 1, "num_heads": 2} if model_type == "t5" else \
+        {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    AutoConfig.for_model(model_type, vocab_size=100, **kw).save_pretrained(tmp_path / "model")
+    line = one_line(serve("--model", str(tmp_path / "model"), "--prompt-dir", str(tmp_path / "p")))
+    assert f"({model_type})" in line and "decoder-only causal LM" in line
+    assert "'promptswap'" not in line  # not a KeyError's text
