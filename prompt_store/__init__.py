@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from prompt_store.errors import (
     AmbiguousKind,
+    BaseModelMismatch,
     BodyTooLarge,
     ConfigMismatch,
     InvalidKind,
@@ -60,6 +61,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "AmbiguousKind",
+    "BaseModelMismatch",
     "BodyTooLarge",
     "ConfigMismatch",
     "InvalidKind",

@@ -91,6 +91,13 @@ class UnsupportedPeftType(PromptError):
     default_param = "config"
 
 
+class BaseModelMismatch(PromptError):
+    """The adapter records a base model (base_model_name_or_path) that is plainly not the one served;
+    refused only with strict base-model checking, otherwise stored with a warning."""
+
+    default_param = "config"
+
+
 class ConfigMismatch(PromptError):
     """The PEFT config (or the file's own metadata) disagrees with the tensor or the base model."""
 

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -47,8 +47,10 @@ from prompt_store.validate import (
     CheckedPrompt,
     Kind,
     RegistryLimits,
+    base_model_mismatch,
     check_prompt,
     check_task_name,
+    model_key,
 )
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ class PromptSnapshot:
     source: Literal["file", "peft"]
     base_model: str | None = None
     description: str | None = None
+    warnings: tuple[str, ...] = ()  # noticed when it was stored (an adapter recorded for another model)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -98,6 +101,7 @@ class PromptDescriptor:
     source: str | None = None
     base_model: str | None = None
     description: str | None = None
+    warnings: tuple[str, ...] = ()
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -109,7 +113,7 @@ class PromptDescriptor:
             task=snap.task, kind=snap.kind, num_virtual_tokens=snap.num_virtual_tokens,
             dtype=dtype_name(snap.embeddings.dtype), bytes=nbytes, sha256=snap.sha256, version=snap.version,
             created_at=snap.created_at, source=snap.source, base_model=snap.base_model,
-            description=snap.description,
+            description=snap.description, warnings=snap.warnings,
         )  # fmt: skip
 
 
@@ -121,12 +125,19 @@ class PromptRegistry:
         *,
         dtype: torch.dtype = torch.float32,
         limits: RegistryLimits = RegistryLimits(),  # noqa: B008 -- frozen, so sharing the default is safe
+        base_model_names: Iterable[str] = (),
+        strict_base_model: bool = False,
     ) -> None:
+        """`base_model_names`: every name the served model goes by (served name, hub id, path, its config's
+        own name). An adapter that records another base model is stored with a warning, or refused with
+        BaseModelMismatch when `strict_base_model`. Without names nothing is checked."""
         if dtype not in SERVED_DTYPES:
             raise ValueError(f"dtype must be one of {SERVED_DTYPES}, got {dtype}")
         self.geometry = geometry
         self.dtype = dtype
         self.limits = limits
+        self.served_names = frozenset(model_key(name) for name in base_model_names if name)
+        self.strict_base_model = strict_base_model
         self.directory = Path(directory) if directory is not None else None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -210,6 +221,7 @@ class PromptRegistry:
         self, task: str, source: PromptFile, *, kind: str | None, config, description: str | None
     ) -> tuple[PromptSnapshot, bool]:
         checked = self._check(source, kind=kind, config=config)
+        warnings = self._base_model_warnings(task, checked)
         if description is not None and not isinstance(description, str):
             raise TypeError(f"description must be a str, got {type(description).__name__}")
         sha = tensor_sha256(checked.embeddings)
@@ -220,7 +232,7 @@ class PromptRegistry:
                 task=task, kind=checked.served_kind, num_virtual_tokens=checked.num_virtual_tokens,
                 version=self._last_version, sha256=sha, embeddings=checked.embeddings,
                 created_at=time.time(), source=checked.source, base_model=checked.base_model,
-                description=description if description is not None else checked.description,
+                description=description if description is not None else checked.description, warnings=warnings,
             )  # fmt: skip
             # The file keeps the tensor as uploaded (not converted): a restart with another dtype
             # loses nothing.
@@ -258,7 +270,7 @@ class PromptRegistry:
         if self.directory is None:
             return
         with self._write_lock:
-            good: list[tuple[str, CheckedPrompt, dict[str, str], int, Path]] = []
+            good: list[tuple[str, CheckedPrompt, dict[str, str], int, Path, tuple[str, ...]]] = []
             failed: dict[str, PromptDescriptor] = {}
             highest = max(self._last_version, self._read_version_floor())
             for path in sorted(self.directory.iterdir()):
@@ -277,6 +289,7 @@ class PromptRegistry:
                     data = read_bytes_limited(path, self.limits.max_bytes)
                     source = read_prompt(data)
                     checked = self._check(source, kind=None, config=None)
+                    warnings = self._base_model_warnings(task, checked)
                 except (PromptError, OSError) as exc:
                     error = f"{type(exc).__name__}: {exc}"
                     log.warning("prompt file %s not loaded: %s", path.name, error)
@@ -285,10 +298,10 @@ class PromptRegistry:
                     continue
                 version = _int(source.metadata.get("version"))
                 highest = max(highest, version or 0)
-                good.append((task, checked, source.metadata, len(data), path))
+                good.append((task, checked, source.metadata, len(data), path, warnings))
             snapshots: dict[str, PromptSnapshot] = {}
             descriptors = dict(failed)
-            for task, checked, meta, nbytes, path in good:
+            for task, checked, meta, nbytes, path, warnings in good:
                 version = _int(meta.get("version"))
                 if version is None:  # a file put there by hand: give it a fresh number
                     highest += 1
@@ -297,7 +310,7 @@ class PromptRegistry:
                     task=task, kind=checked.served_kind, num_virtual_tokens=checked.num_virtual_tokens,
                     version=version, sha256=tensor_sha256(checked.embeddings), embeddings=checked.embeddings,
                     created_at=_float(meta.get("created_at")) or path.stat().st_mtime, source=checked.source,
-                    base_model=checked.base_model, description=checked.description,
+                    base_model=checked.base_model, description=checked.description, warnings=warnings,
                 )  # fmt: skip
                 snapshots[task] = snap
                 descriptors[task] = PromptDescriptor.of(snap, nbytes)
@@ -317,6 +330,17 @@ class PromptRegistry:
                 f"{path.name} is a symbolic link to {target}, outside the prompt directory {self.directory}; "
                 "it is not served", expected=str(self.directory), actual=str(target),
             )
+
+    def _base_model_warnings(self, task: str, checked: CheckedPrompt) -> tuple[str, ...]:
+        """() when the adapter's recorded base model is the served one (or unrecorded); else its warning,
+        logged once, or BaseModelMismatch when strict."""
+        mismatch = base_model_mismatch(checked.base_model, self.served_names)
+        if mismatch is None:
+            return ()
+        if self.strict_base_model:
+            raise mismatch
+        log.warning("prompt %s: %s", task, mismatch.message)
+        return (mismatch.message,)
 
     def _check(self, source: PromptFile, *, kind: str | None, config) -> CheckedPrompt:
         checked = check_prompt(

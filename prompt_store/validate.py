@@ -16,6 +16,7 @@ import torch
 from prompt_store.dtypes import dtype_name, served_dtypes
 from prompt_store.errors import (
     AmbiguousKind,
+    BaseModelMismatch,
     ConfigMismatch,
     InvalidKind,
     InvalidTaskName,
@@ -291,4 +292,24 @@ def _check_finite(original: torch.Tensor, served: torch.Tensor, dtype: torch.dty
         f"{TENSOR_NAME} must be finite in {dtype_name(dtype)}, but {count} value(s) are not; "
         f"first at row {row}, column {col}{why}",
         expected="all finite", actual=f"{count} non-finite",
+    )
+
+
+def model_key(name: str) -> str:
+    """What names a model for the base-model check: the last path or hub-id component, lowercased."""
+    return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def base_model_mismatch(recorded: str | None, served_names: frozenset[str]) -> BaseModelMismatch | None:
+    """The refusal (or warning) for an adapter recorded for another model; None when it fits or says nothing.
+
+    `served_names` are model_key()s of every name the served model goes by (served name, hub id, path,
+    its config's own name); an empty set means the registry was not told, and nothing is checked.
+    """
+    if not recorded or not served_names or model_key(recorded) in served_names:
+        return None
+    return BaseModelMismatch(
+        f"the adapter was made for base model {recorded!r}, but this server serves "
+        f"{' / '.join(sorted(served_names))}; its output would not mean what it was trained to",
+        expected=sorted(served_names), actual=recorded,
     )

@@ -124,6 +124,10 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level."
     )
+    strict_base_model: bool = Field(
+        False, description="Refuse (422) an adapter whose recorded base model is another model; "
+        "without it such an upload is stored with a warning."
+    )
     log_format: LogFormat = Field(
         "text", description="Log lines as text (key=value fields) or as one JSON object per line."
     )

@@ -41,6 +41,10 @@ def add_serve_command(subparsers) -> None:
             shown = describe_default(name) if name in ENGINE_FIELDS else "unset"
         help_text = f"{field.description} [env PROMPTSWAP_{name.upper()}; default: {shown}]"
         # SUPPRESS: a flag not given leaves the attribute absent, so the environment decides.
+        if field.annotation is bool:  # --strict-base-model / --no-strict-base-model
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text.replace("%", "%%"))
+            continue
         parser.add_argument(flag, dest=name, type=kind, choices=choices, default=argparse.SUPPRESS,
                             metavar=None if choices else name.upper(), help=help_text.replace("%", "%%"))
     parser.set_defaults(run=run_serve)

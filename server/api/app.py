@@ -116,7 +116,9 @@ def _model_source(settings: Settings) -> str:
 def _build_engine(settings: Settings) -> tuple[BaseModel, PromptRegistry, Engine]:
     base = load_base_model(_model_source(settings), device=settings.device, dtype=settings.dtype)
     limits = RegistryLimits(max_virtual_tokens=settings.max_virtual_tokens, max_bytes=settings.max_prompt_bytes)
-    registry = PromptRegistry(base.geometry, settings.resolved_prompt_dir(), dtype=base.dtype, limits=limits)
+    registry = PromptRegistry(base.geometry, settings.resolved_prompt_dir(), dtype=base.dtype, limits=limits,
+                              base_model_names=served_model_names(settings, base),
+                              strict_base_model=settings.strict_base_model)
     registry.load_all()
     demo = settings.demo_kind()
     if demo is not None:
@@ -124,6 +126,21 @@ def _build_engine(settings: Settings) -> tuple[BaseModel, PromptRegistry, Engine
     engine = Engine(base, registry, settings.engine_config())
     engine.start()
     return base, registry, engine
+
+
+def served_model_names(settings: Settings, base: BaseModel) -> list[str]:
+    """Every name the served model goes by, for the adapters' recorded base model to be checked against:
+    the served name, the model as configured (path, hub id or GGUF file), the loaded directory, its
+    config's own name, and for the SmolLM2 demo its hub id."""
+    names = [settings.model_name(), base.name, getattr(base.model.config, "_name_or_path", "") or ""]
+    if settings.model is not None and settings.demo_kind() is None:
+        names.append(settings.model)
+    gguf = settings.gguf_path()
+    if gguf is not None:  # model.Q8_0.gguf names model.Q8_0 and model
+        names += [gguf.stem, gguf.name.split(".")[0]]
+    if settings.demo_kind() == "smollm2":
+        names.append(smollm2.HUB_ID)
+    return [name for name in names if name]
 
 
 def _warn_about_setup(settings: Settings) -> None:

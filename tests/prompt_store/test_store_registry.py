@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from prompt_store import PromptDescriptor, PromptRegistry, StorageUnavailable, UnknownTask
-from prompt_store.format import TEMP_PREFIX, TEMP_SUFFIX, read_prompt
+from prompt_store import BaseModelMismatch, PromptDescriptor, PromptRegistry, StorageUnavailable, UnknownTask
+from prompt_store.format import TEMP_PREFIX, TEMP_SUFFIX, peft_adapter_config, read_prompt
 
 
 def _sha(tensor: torch.Tensor) -> str:
@@ -218,3 +218,20 @@ def test_a_symlink_out_of_the_prompt_directory_is_never_served(tiny_geometry, ma
         registry.get("escape")
     registry.delete("escape")  # removes the link, never what it points to
     assert not (prompts / "escape.safetensors").is_symlink() and (outside / "elsewhere.safetensors").exists()
+
+
+def test_an_adapter_for_another_base_model_is_flagged_at_start_too(tiny_geometry, make_file, tmp_path):
+    # Uploads of it over HTTP: tests/api/test_base_model.py.
+    geometry, data = tiny_geometry, make_file(torch.randn(2, 64))
+    config = peft_adapter_config("prompt", 2, geometry, base_model="meta-llama/Meta-Llama-3-8B")
+    relaxed = PromptRegistry(geometry, tmp_path, base_model_names=["tiny"])
+    relaxed.put("t", data, config=config)
+    assert relaxed.get("t").warnings and relaxed.describe("t").base_model == "meta-llama/Meta-Llama-3-8B"
+    again = PromptRegistry(geometry, tmp_path, base_model_names=["tiny"])
+    again.load_all()
+    assert again.get("t").warnings == relaxed.get("t").warnings
+    strict = PromptRegistry(geometry, tmp_path, base_model_names=["tiny"], strict_base_model=True)
+    strict.load_all()
+    assert "t" not in strict and strict.describe("t").error.startswith("BaseModelMismatch")
+    with pytest.raises(BaseModelMismatch):
+        strict.put("u", data, config=config)

@@ -32,3 +32,37 @@ def test_the_demo_is_smollm2_and_its_tasks_are_their_instructions(start_server, 
                 assert with_task["text"] != base["text"], task
     finally:
         server.stop()
+
+
+def test_adapters_made_for_smollm2_are_recognised_and_others_flagged(start_server, smollm2_cache):
+    """Issue 9: the hub id and the served name both count as the demo's own name (strict mode would refuse
+    anything else); issue 11: an adapter recorded for another model is refused, naming both."""
+    import json
+
+    import torch
+    from safetensors.torch import save
+
+    from prompt_store.format import peft_adapter_config
+    from server.demo.smollm2 import HUB_ID
+
+    server = start_server(model=None, cache_dir=smollm2_cache, prompt_dir=None, strict_base_model=True)
+    geometry = server.engine.base.geometry
+    weights = save({"prompt_embeddings": torch.randn(4, geometry.hidden_size) * 0.01})
+
+    def upload(task: str, base_model: str):
+        config = peft_adapter_config("prompt", 4, geometry, base_model=base_model)
+        files = {"weights": ("adapter_model.safetensors", weights, "application/octet-stream"),
+                 "config": ("adapter_config.json", json.dumps(config).encode(), "application/json")}
+        return c.put(f"/prompts/{task}", files=files)
+
+    try:
+        with server.client() as c:
+            for task, name in (("by-hub-id", HUB_ID), ("by-served-name", SERVED_NAME),
+                               ("by-local-path", f"/models/{HUB_ID.split('/')[1]}")):
+                r = upload(task, name)
+                assert r.status_code == 201 and r.json()["warnings"] == [] and r.json()["base_model"] == name, r.text
+            r = upload("other", "meta-llama/Meta-Llama-3-8B")
+            assert r.status_code == 422 and r.json()["error"]["param"] == "config"
+            assert "Meta-Llama-3-8B" in r.json()["error"]["message"] and SERVED_NAME in r.json()["error"]["message"]
+    finally:
+        server.stop()
