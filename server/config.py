@@ -70,7 +70,9 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for every interface).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
-    device: str | None = Field(None, description="Device for the model: cpu, cuda, cuda:1 (default: best).")
+    device: str | None = Field(
+        None, description="Device for the model: cpu, cuda, cuda:1 (default: cuda when torch sees a GPU, else cpu)."
+    )
     dtype: DtypeName | None = Field(
         None, description="Model dtype (default: bfloat16 on cuda, float32 on cpu)."
     )

@@ -39,7 +39,11 @@ def add_serve_command(subparsers) -> None:
         shown = default
         if default is None:
             shown = describe_default(name) if name in ENGINE_FIELDS else "unset"
-        help_text = f"{field.description} [env PROMPTSWAP_{name.upper()}; default: {shown}]"
+        words = (field.description or "").lower()
+        described = default is None and ("default:" in words or "unset:" in words)
+        # A None default the description already explains ("Unset: the offline demo") is not repeated.
+        suffix = "" if described and name not in ENGINE_FIELDS else f"; default: {shown}"
+        help_text = f"{field.description} [env PROMPTSWAP_{name.upper()}{suffix}]"
         # SUPPRESS: a flag not given leaves the attribute absent, so the environment decides.
         if field.annotation is bool:  # --strict-base-model / --no-strict-base-model
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
