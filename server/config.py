@@ -32,6 +32,7 @@ ENGINE_FIELDS = (
     "max_context",
     "max_queue",
     "kv_cache_bytes",
+    "kv_cache_memory_fraction",
     "prompt_cache_bytes",
     "threads",
 )
@@ -109,7 +110,11 @@ class Settings(BaseSettings):
     max_queue: int | None = Field(
         None, description="Most requests waiting beyond the max-running running ones; more get 503 (engine)."
     )
-    kv_cache_bytes: int | None = Field(None, description="Byte budget of the requests' KV cache.")
+    kv_cache_bytes: int | None = Field(None, description="Byte budget of the requests' KV cache (engine).")
+    kv_cache_memory_fraction: float | None = Field(
+        None, description="Without --kv-cache-bytes on CUDA: the share of the GPU memory free after loading the "
+        "model that the KV cache may use (engine)."
+    )
     prompt_cache_bytes: int | None = Field(
         None, description="Byte budget of the device cache of task prefixes (least recently used out)."
     )

@@ -27,6 +27,7 @@ from server.engine.errors import (
     RequestTooLong,
 )
 from server.engine.handle import RequestHandle
+from server.engine.memory import default_kv_budget
 from server.engine.model_loader import BaseModel
 from server.engine.prompt_cache import PromptCache
 from server.engine.runner import ModelRunner
@@ -64,7 +65,12 @@ class Engine:
         self.config = config or EngineConfig()
         self.max_context = min(self.config.max_context or base.max_context, base.max_context)
         self.prompt_cache = PromptCache(self.config.prompt_cache_bytes)
-        self.runner = ModelRunner(base, kv_budget_bytes=self.config.kv_cache_bytes, prompt_cache=self.prompt_cache,
+        if self.config.kv_cache_bytes is not None:
+            self.kv_budget_bytes = self.config.kv_cache_bytes
+        else:
+            self.kv_budget_bytes, why = default_kv_budget(base.device, self.config.kv_cache_memory_fraction)
+            log.info("KV cache budget %.2f GiB: %s (--kv-cache-bytes sets it)", self.kv_budget_bytes / 2**30, why)
+        self.runner = ModelRunner(base, kv_budget_bytes=self.kv_budget_bytes, prompt_cache=self.prompt_cache,
                                   max_running=self.config.max_running)
         scheduler_config = SchedulerConfig(self.config.max_running, self.config.max_tokens_per_step,
                                            self.runner.kv_budget.positions)
@@ -155,7 +161,7 @@ class Engine:
         with self._lock:
             waiting = len(self._inbox) + len(self.scheduler.waiting)
             running = len(self.scheduler.running)
-        return EngineStats(waiting, running, self.runner.kv.nbytes, self.config.kv_cache_bytes, cache.bytes,
+        return EngineStats(waiting, running, self.runner.kv.nbytes, self.kv_budget_bytes, cache.bytes,
                            cache.budget_bytes, cache.hits, cache.misses, cache.entries)
 
     # -- the loop (engine thread only) ---------------------------------------------------------
