@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -150,7 +151,6 @@ class PromptRegistry:
     # -- reading ---------------------------------------------------------------------------------
 
     def get(self, task: str) -> PromptSnapshot:
-        check_task_name(task)  # a name no task can have is a bad request, not an unknown task
         with self._lock:
             snap = self._snapshots.get(task)
         if snap is None:
@@ -158,7 +158,6 @@ class PromptRegistry:
         return snap
 
     def describe(self, task: str) -> PromptDescriptor:
-        check_task_name(task)
         with self._lock:
             desc = self._descriptors.get(task)
         if desc is None:
@@ -178,8 +177,12 @@ class PromptRegistry:
             return len(self._snapshots)
 
     def _unknown(self, task: str) -> UnknownTask:
+        """Why `task` is not served. A name no task can have is a bad request (InvalidTaskName), not an
+        unknown task; a listed file (even one with a malformed name) is described and deletable."""
         with self._lock:
             desc = self._descriptors.get(task)
+        if desc is None:
+            check_task_name(task)
         if desc is not None and desc.error:
             return UnknownTask(
                 f"task {task!r} is not served: its file failed to load ({desc.error})",
@@ -249,7 +252,6 @@ class PromptRegistry:
 
     def delete(self, task: str) -> None:
         """Forget `task` and remove its file. Snapshots already handed out stay valid."""
-        check_task_name(task)
         with self._write_lock:
             with self._lock:
                 known = task in self._descriptors
@@ -368,19 +370,12 @@ class PromptRegistry:
         assert self.directory is not None
         path = self._path(task)
         marker = self.directory / f"{VERSION_MARKER}{self._last_version}"
-        if path.is_symlink():  # remove the link only: truncating would reach the file it points to
+        try:
+            os.replace(path, marker)  # the link itself, if it is one
+        except FileNotFoundError:  # removed by hand meanwhile: the floor still needs recording
             marker.touch()
-            path.unlink()
         else:
-            try:
-                os.replace(path, marker)
-            except FileNotFoundError:  # removed by hand meanwhile: the floor still needs recording
-                marker.touch()
-            else:
-                try:
-                    os.truncate(marker, 0)
-                except OSError as exc:  # the task is gone from disk either way; only its bytes linger
-                    log.warning("could not truncate %s: %s", marker.name, exc)
+            _empty_if_only_ours(marker)
         fsync_dir(self.directory)
         self._remove_old_markers()
 
@@ -415,6 +410,32 @@ class PromptRegistry:
         except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable %s: %s", legacy, exc)
         return floor
+
+
+def _empty_if_only_ours(marker: Path) -> None:
+    """Free the deleted task's bytes, but only if nothing else holds them: a symbolic link's target or a
+    hard link's other names keep theirs, and the marker becomes a fresh empty file instead."""
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_NOFOLLOW)
+    except OSError:  # a symbolic link (ELOOP): never write through it
+        _replace_with_empty(marker)
+        return
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+            os.ftruncate(fd, 0)
+            return
+    except OSError as exc:  # the task is gone from disk either way; only its bytes linger
+        log.warning("could not truncate %s: %s", marker.name, exc)
+        return
+    finally:
+        os.close(fd)
+    _replace_with_empty(marker)
+
+
+def _replace_with_empty(marker: Path) -> None:
+    marker.unlink()
+    marker.touch()
 
 
 def _metadata(snap: PromptSnapshot) -> dict[str, str]:

@@ -48,8 +48,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def _text_value(value: object) -> str:
+    """A field's value on a text line: quoted and escaped (JSON) unless it is plain printable text."""
     text = "-" if value is None else str(value)
-    return json.dumps(text) if (not text or any(c.isspace() or c in "\"=" for c in text)) else text
+    plain = text and text.isprintable() and not any(c.isspace() or c in "\"=" for c in text)
+    return text if plain else json.dumps(text)
 
 
 def configure_logging(level: str, log_format: LogFormat) -> None:

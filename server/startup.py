@@ -35,20 +35,19 @@ def check_prompt_dir(directory: Path) -> None:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening-ready socket on host:port, or StartupError if the address is taken or not ours."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as exc:
-        raise StartupError(f"cannot resolve --host {host} ({exc.strerror})", "pass an IP address or a known name") \
-            from None
-    sock = socket.socket(family, kind, proto)
+    """A listening socket on host:port, bound as uvicorn binds (IPv6 for an address with a colon), or
+    StartupError if the address is taken or not this machine's. Listening at once, so a second server
+    started meanwhile fails here too, not after loading its model."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(address)
+        sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's default backlog
     except OSError as exc:
         sock.close()
         raise StartupError(f"cannot listen on {host}:{port} ({exc.strerror or exc})",
-                           "stop what uses that port or choose another with --port") from None
+                           "stop what uses that port, or choose another with --port (and --host)") from None
     return sock
 
 
@@ -63,14 +62,15 @@ def check_model(settings: Settings) -> None:
         return  # its architecture is known once it is converted
     model = settings.model
     assert model is not None  # not a demo
-    path = Path(model).expanduser()
+    path = Path(model)
     if path.exists():
         if not (path / "config.json").is_file():
             raise StartupError(f"the model directory {path} has no config.json",
                                "pass a directory saved with save_pretrained(), or a hub id")
         source = str(path)
     elif _looks_like_a_path(model):
-        raise StartupError(f"the model directory {model} does not exist",
+        tilde = " (a ~ in PROMPTSWAP_MODEL is not expanded: give the full path)" if model.startswith("~") else ""
+        raise StartupError(f"the model directory {model} does not exist{tilde}",
                            "pass an existing directory, or a hub id such as HuggingFaceTB/SmolLM2-135M")
     else:
         _check_hub_id(model)

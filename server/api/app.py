@@ -7,6 +7,7 @@ shutdown; routes reach them through `app.state` (see server/deps.py).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -128,6 +129,10 @@ def _build_engine(settings: Settings) -> tuple[BaseModel, PromptRegistry, Engine
     return base, registry, engine
 
 
+# A GGUF file name's quantization suffix: -Q4_K_M, .Q8_0, -IQ3_XS, .f16, -BF16 ...
+_QUANT_SUFFIX = re.compile(r"[-._](?:I?Q\d\w*|[BF]F?16|F32)$", re.IGNORECASE)
+
+
 def served_model_names(settings: Settings, base: BaseModel) -> list[str]:
     """Every name the served model goes by, for the adapters' recorded base model to be checked against:
     the served name, the model as configured (path, hub id or GGUF file), the loaded directory, its
@@ -136,8 +141,8 @@ def served_model_names(settings: Settings, base: BaseModel) -> list[str]:
     if settings.model is not None and settings.demo_kind() is None:
         names.append(settings.model)
     gguf = settings.gguf_path()
-    if gguf is not None:  # model.Q8_0.gguf names model.Q8_0 and model
-        names += [gguf.stem, gguf.name.split(".")[0]]
+    if gguf is not None:  # Llama-3.2-1B-Instruct-Q4_K_M.gguf names itself and Llama-3.2-1B-Instruct
+        names += [gguf.stem, _QUANT_SUFFIX.sub("", gguf.stem)]
     if settings.demo_kind() == "smollm2":
         names.append(smollm2.HUB_ID)
     return [name for name in names if name]

@@ -28,8 +28,9 @@ def finished(handle: RequestHandle, outcome: Outcome, error: BaseException | Non
 
 
 def refused(task: str | None, outcome: Outcome, error: BaseException) -> None:
-    """A request refused before it ran (bad parameter, unknown task, queue full, ...)."""
-    _emit(outcome, error, task=task)
+    """A request refused before it ran (bad parameter, unknown task, queue full, ...). The task is the
+    client's string, not yet checked: cut to what a task name can be (64 characters) and a little."""
+    _emit(outcome, error, task=task if task is None or len(task) <= 80 else task[:80] + "...")
 
 
 def _emit(outcome: Outcome, error: BaseException | None, **fields: Any) -> None:

@@ -37,8 +37,8 @@ class EngineConfig:
 _NONE_MEANS = {
     "max_context": "the model's own limit",
     "threads": "torch's default, one per core",
-    "kv_cache_bytes": "a share of the device: --kv-cache-memory-fraction of the GPU memory free after loading, "
-                      "or a quarter of the RAM available at start on the CPU (a cap; it grows as needed)",
+    "kv_cache_bytes": "a share of the device: from --kv-cache-memory-fraction of the GPU memory free after "
+                      "loading, or a quarter of the RAM available at start on the CPU (a cap; it grows as needed)",
 }
 
 

@@ -68,7 +68,8 @@ class Engine:
         if self.config.kv_cache_bytes is not None:
             self.kv_budget_bytes = self.config.kv_cache_bytes
         else:
-            self.kv_budget_bytes, why = default_kv_budget(base.device, self.config.kv_cache_memory_fraction)
+            self.kv_budget_bytes, why = default_kv_budget(base.device, self.config.kv_cache_memory_fraction,
+                                                          self.config.prompt_cache_bytes)
             log.info("KV cache budget %.2f GiB: %s (--kv-cache-bytes sets it)", self.kv_budget_bytes / 2**30, why)
         self.runner = ModelRunner(base, kv_budget_bytes=self.kv_budget_bytes, prompt_cache=self.prompt_cache,
                                   max_running=self.config.max_running)
@@ -186,6 +187,8 @@ class Engine:
                 log.exception("engine step failed")
                 for seq in self._unfinished():
                     self._fail(seq, RequestFailed(f"engine step failed: {exc}"))
+                with self._lock:  # what the failed step finished went uncounted: nothing but the inbox is left
+                    self._in_flight = len(self._inbox)
         with self._lock:
             leftovers = self._inbox + self._unfinished()
             self._inbox = []
@@ -204,8 +207,14 @@ class Engine:
             return
         logits, batch = self._run(batch)
         tokens = sample(logits, [seq for seq, n in batch if seq.samples_after(n)])
-        finished = self.scheduler.postprocess(batch, tokens, release=self.runner.remove)
-        self._left(len(finished))
+        self.scheduler.postprocess(batch, tokens, release=self._release)
+
+    def _release(self, seq: Sequence) -> None:
+        """A request finished: its memory and its place in the queue are free before its caller hears."""
+        try:
+            self.runner.remove(seq)
+        finally:
+            self._left(1)
 
     def _left(self, count: int) -> None:
         """`count` requests finished or failed: their places in the queue are free again."""

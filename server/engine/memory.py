@@ -1,38 +1,57 @@
 """How much memory the KV cache may use when --kv-cache-bytes does not say: a share of the device.
 
-On CUDA it is `kv_cache_memory_fraction` (0.9) of the memory free once the model is loaded. On the CPU
-it is a quarter of the RAM available at start, as a cap: the cache grows as requests need it, so tests
-and several replicas on one machine reserve nothing up front.
+On CUDA it comes from `kv_cache_memory_fraction` (0.9) of the memory free once the model is loaded.
+On the CPU it is a quarter of the RAM available at start (within a container's limit), as a cap: the
+cache grows as requests need it, so tests and several replicas on one machine reserve nothing up front.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
 CPU_SHARE = 0.25  # of the RAM available at start: the model's activations and the process need the rest
 
 
-def default_kv_budget(device: torch.device, fraction: float) -> tuple[int, str]:
-    """(bytes, how they were chosen) for the KV cache on `device`."""
+def default_kv_budget(device: torch.device, fraction: float, prompt_cache_bytes: int) -> tuple[int, str]:
+    """(bytes, how they were chosen) for the KV cache on `device`.
+
+    On CUDA the share of free memory also holds the prompt cache, and the slot store reallocates as it
+    grows (old and new buffers at once, server/engine/kv.py), so the budget is half of what is left.
+    """
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free * fraction), f"{fraction:g} of the {_gib(free)} free on {device} after loading the model"
+        usable = max(int(free * fraction) - prompt_cache_bytes, 0) // 2
+        return usable, (f"half of {fraction:g} of the {_gib(free)} free on {device} after loading the model, "
+                        f"less the prompt cache (the store briefly holds two copies as it grows)")
     available = _available_ram()
     return int(available * CPU_SHARE), f"a quarter of the {_gib(available)} of RAM available at start, as a cap"
 
 
 def _available_ram() -> int:
-    """MemAvailable from /proc/meminfo (what can be used without swapping); free pages elsewhere."""
+    """What this process can still use: MemAvailable (free pages elsewhere), and inside a container no more
+    than its cgroup's limit leaves (MemAvailable is the whole machine's)."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return min(available, _cgroup_headroom())
+
+
+def _cgroup_headroom() -> int:
+    """memory.max - memory.current of this process's cgroup (v2); unlimited where there is none."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return 1 << 62
+    return 1 << 62 if limit == "max" else max(int(limit) - used, 0)
 
 
 def _gib(nbytes: int) -> str:

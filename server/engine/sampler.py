@@ -30,7 +30,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         p = seq.params
         if p.greedy:
             continue
-        row = logits[i] / p.temperature
+        # In float64 (a float32 temperature of 1e-300 would be 0) and shifted so the largest is 0: a tiny
+        # temperature then gives -inf for the others, not inf - inf = NaN in the softmax. Same distribution.
+        row = (logits[i].double() - logits[i].max().double()) / p.temperature
         if 0 < p.top_k < row.shape[-1]:
             kth = torch.topk(row, p.top_k).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))

@@ -107,8 +107,10 @@ class Scheduler:
             reason = seq.append(token, self.eos_ids)
             if reason is not None:
                 self.finish(seq)
-                release(seq)
-                seq.finish(reason)
+                try:
+                    release(seq)
+                finally:  # out of the queues either way: its caller must hear the end
+                    seq.finish(reason)
                 finished.append(seq)
         return finished
 

@@ -98,3 +98,10 @@ def test_log_formats():
     assert parsed["time"].endswith("Z") and parsed["level"] == "INFO"
     text = TextFormatter().format(record)
     assert text.endswith('request ok request_id=abc task=- total_s=0.5 error="has space"')
+
+
+def test_text_lines_escape_what_a_client_sent():
+    record = logging.LogRecord("promptswap.requests", logging.INFO, __file__, 1, "request %s", ("x",), None)
+    record.fields = {"task": "evil\x1b[31m\nforged=line"}
+    line = TextFormatter().format(record)
+    assert "\x1b" not in line and "\n" not in line and '\\u001b[31m\\nforged=line"' in line

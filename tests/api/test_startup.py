@@ -72,3 +72,25 @@ def test_an_unsupported_architecture_is_one_clear_line(tmp_path, model_type):
     line = one_line(serve("--model", str(tmp_path / "model"), "--prompt-dir", str(tmp_path / "p")))
     assert f"({model_type})" in line and "decoder-only causal LM" in line
     assert "'promptswap'" not in line  # not a KeyError's text
+
+
+def test_a_second_server_on_the_same_port_fails_at_its_own_check():
+    from server.startup import StartupError, bind
+
+    first = bind("127.0.0.1", 0)
+    try:
+        with pytest.raises(StartupError, match="cannot listen on"):
+            bind("127.0.0.1", first.getsockname()[1])  # SO_REUSEADDR alone would let this one bind too
+    finally:
+        first.close()
+
+
+def test_gguf_quantization_suffixes_are_not_part_of_the_models_name():
+    from types import SimpleNamespace
+
+    from server.api.app import served_model_names
+    from server.config import Settings
+
+    base = SimpleNamespace(name="Llama-3.2-1B-Instruct-Q4_K_M-0123", model=SimpleNamespace(config=SimpleNamespace()))
+    names = served_model_names(Settings(model="/models/Llama-3.2-1B-Instruct-Q4_K_M.gguf"), base)
+    assert "Llama-3.2-1B-Instruct" in names and "Llama-3" not in names

@@ -221,3 +221,25 @@ def test_model_is_frozen_in_eval_mode(base_model):
     assert not base_model.model.training
     assert not any(p.requires_grad for p in base_model.model.parameters())
     assert base_model.dtype == torch.float32 and base_model.device.type == "cpu"
+
+
+def test_a_failure_while_finishing_neither_hangs_the_request_nor_leaks_its_place(base_model, registry, monkeypatch):
+    engine = Engine(base_model, registry, EngineConfig(max_running=1, max_tokens_per_step=8, max_queue=1))
+    real_remove, calls = engine.runner.remove, []
+
+    def remove_failing_once(seq):
+        calls.append(seq.id)
+        if len(calls) == 1:
+            raise RuntimeError("freeing the slot failed")
+        real_remove(seq)
+
+    monkeypatch.setattr(engine.runner, "remove", remove_failing_once)
+    engine.start()
+    try:
+        params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+        assert engine.submit("first", params=params).result(30).finish_reason == "length"  # heard its end
+        # Its place in the queue is free again: max_running + max_queue fit, as before.
+        handles = [engine.submit(f"then {i}", params=params) for i in range(2)]
+        assert all(h.result(30).usage.completion_tokens == 2 for h in handles)
+    finally:
+        engine.shutdown(timeout_s=5)

@@ -43,3 +43,11 @@ def test_a_seed_gives_the_same_tokens_whatever_shares_the_batch():
     others = [request(temperature=1.0, seed=7), request()]
     second = [sample(logits[[0, 1, 2]], [others[0], crowded, others[1]])[1] for _ in range(5)]
     assert first == second
+
+
+def test_a_tiny_temperature_is_nearly_greedy_not_a_nan():
+    # Found by the schemathesis run: temperature 1.26e-301 made logits / temperature overflow to inf, the
+    # softmax NaN and the request a 500.
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1)) * 30
+    seqs = [request(temperature=t, seed=3, top_p=p) for t in (1e-300, 1e-45, 1e-8) for p in (1.0, 0.5)]
+    assert sample(logits, seqs) == logits.argmax(dim=-1).tolist()

@@ -4,6 +4,7 @@ one log line, nothing half-written, the tasks already served still served, and v
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -113,3 +114,31 @@ def test_deleting_a_symlink_never_truncates_its_target(tiny_geometry, make_file,
     registry.load_all()
     registry.delete("linked")
     assert outside.stat().st_size > 0 and not (directory / "linked.safetensors").exists()
+
+
+def test_deleting_a_hard_linked_file_never_empties_its_other_names(tiny_geometry, make_file, tmp_path):
+    outside = tmp_path / "my-adapter.safetensors"
+    outside.write_bytes(make_file(torch.ones(2, 64)))
+    directory = tmp_path / "prompts"
+    directory.mkdir()
+    os.link(outside, directory / "linked.safetensors")  # a user's file, linked in
+    registry = PromptRegistry(tiny_geometry, directory)
+    registry.put("a", make_file(torch.randn(2, 64)))
+    os.link(directory / "a.safetensors", directory / "b.safetensors")  # a sibling sharing a's bytes
+    registry.load_all()
+    size = outside.stat().st_size
+    registry.delete("linked")
+    registry.delete("a")
+    assert outside.stat().st_size == size
+    again = PromptRegistry(tiny_geometry, directory)
+    again.load_all()
+    assert [(d.task, d.error) for d in again.list()] == [("b", None)]
+
+
+def test_a_listed_file_with_a_malformed_name_can_be_described_and_deleted(tiny_geometry, make_file, tmp_path):
+    (tmp_path / "my task.safetensors").write_bytes(make_file(torch.ones(2, 64)))
+    registry = PromptRegistry(tiny_geometry, tmp_path)
+    registry.load_all()
+    assert registry.describe("my task").error.startswith("InvalidTaskName")
+    registry.delete("my task")
+    assert registry.list() == [] and not (tmp_path / "my task.safetensors").exists()
