@@ -214,13 +214,12 @@ class Engine:
         try:
             self.runner.remove(seq)
         finally:
-            self._left(1)
+            self._left()
 
-    def _left(self, count: int) -> None:
-        """`count` requests finished or failed: their places in the queue are free again."""
-        if count:
-            with self._lock:
-                self._in_flight -= count
+    def _left(self) -> None:
+        """A request finished or failed: its place in the queue is free again."""
+        with self._lock:
+            self._in_flight -= 1
 
     def _unfinished(self) -> list[Sequence]:
         return [*self.scheduler.running, *self.scheduler.waiting]
@@ -261,7 +260,7 @@ class Engine:
         self.scheduler.finish(seq)
         self.runner.remove(seq)
         seq.fail(error)
-        self._left(1)
+        self._left()
 
 
 def _check_encodable(text: str) -> None:

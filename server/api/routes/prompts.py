@@ -7,13 +7,14 @@ and versions are prompt_store's; this module only moves bytes between HTTP and t
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from prompt_store.geometry import Kind
 from prompt_store.registry import PromptRegistry
 from server.api.deps import RegistryDep
 from server.api.errors import UnsupportedMediaType
@@ -23,7 +24,7 @@ from server.engine.errors import InvalidParameter
 
 router = APIRouter(tags=["prompts"])  # reads need the API token, writes the admin token (server/api/auth.py)
 
-KindQuery = Annotated[Literal["prompt", "prefix"] | None, Query(
+KindQuery = Annotated[Kind | None, Query(
     description="prompt or prefix; needed only when neither the file's metadata nor a config decides it")]
 
 
