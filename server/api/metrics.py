@@ -88,18 +88,27 @@ class _EngineCollector:
         if stats is None:  # before startup or after shutdown
             return
         gauges = (
-            ("promptswap_queue_depth", "Requests waiting for a slot in the batch.", stats.waiting),
+            ("promptswap_queue_depth", "Requests waiting to run (preempted ones included).", stats.waiting),
             ("promptswap_running_requests", "Requests in the running batch.", stats.running),
-            ("promptswap_kv_cache_bytes", "Bytes of KV cache held by running requests.", stats.kv_bytes),
-            ("promptswap_kv_cache_budget_bytes", "Byte budget of the KV cache.", stats.kv_budget_bytes),
-            ("promptswap_prompt_cache_bytes", "Bytes of task prefixes cached on the device.",
+            ("promptswap_kv_cache_bytes", "Bytes allocated for the KV page pool now.", stats.kv_bytes),
+            ("promptswap_kv_cache_budget_bytes", "Byte budget of the KV page pool.", stats.kv_budget_bytes),
+            ("promptswap_kv_pages_total", "Pages in the KV pool (the budget, in pages).", stats.kv_pages_total),
+            ("promptswap_kv_pages_used", "KV pages held by running requests and task prefixes.",
+             stats.kv_pages_used),
+            ("promptswap_kv_pages_shared", "KV pages held by task prefixes, shared by their requests.",
+             stats.kv_pages_shared),
+            ("promptswap_prompt_cache_bytes", "Bytes of task prefixes in the KV pool (in use or cached).",
              stats.prompt_cache_bytes),
-            ("promptswap_prompt_cache_budget_bytes", "Byte budget of the task prefix cache.",
+            ("promptswap_prompt_cache_budget_bytes", "Bytes that idle task prefixes may keep in the KV pool.",
              stats.prompt_cache_budget_bytes),
             ("promptswap_prompts", "Task prompts the registry serves.", self.prompt_count()),
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
+        yield CounterMetricFamily(
+            "promptswap_preemptions", "Requests preempted because the KV pool ran out (resumed by recomputing).",
+            value=stats.preemptions,
+        )
         yield CounterMetricFamily(
             "promptswap_prompt_cache_hits", "Requests whose task prefix was already on the device.",
             value=stats.prompt_cache_hits,

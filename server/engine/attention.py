@@ -2,16 +2,21 @@
 
 A step packs every scheduled token of every request into one row `[1, T]` (no padding). The
 model computes queries, keys and values as usual (rotary or learned positions from our per-token
-`position_ids`), then calls `promptswap_attention` for each layer. That function scatters the
-new keys/values into each request's KV slot and attends each request's queries to its own slot:
-the task prefix (virtual tokens) sits at the slot's first positions, the text after it. So every
-kind of request (soft prompt, prefix, none) goes through this one path.
+`position_ids`), then calls `promptswap_attention` for each layer. That function stores the new
+keys/values in their requests' KV pages and attends each request's queries to its pages, gathered
+in order: its task prefix's shared pages (virtual tokens) first, then its own (text and generated
+tokens). So every kind of request (soft prompt, prefix, none) goes through this one path.
+
+A gathered row need not be the position it holds: the prefix's last page may be part full. Each
+view therefore carries `positions`, the position every gathered row holds (-1 where none), and the
+masks are written in positions, so causality and sliding windows mean what they mean in the model.
 
 Without a `promptswap_layout` keyword (e.g. a plain `model(ids)` call) it falls back to sdpa.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 import torch
@@ -19,68 +24,88 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from server.engine.kv import SlotKV
+from server.engine.kv import PagedKV
+from server.engine.pages import PAGE_SIZE
 
 ATTN_IMPLEMENTATION = "promptswap"
 LAYOUT_KWARG = "promptswap_layout"
 
 
+@dataclass(frozen=True, slots=True)
+class PageList:
+    """One request's pages in reading order: `prefix_pages` (holding `virtual` positions) then its own."""
+
+    pages: list[int]
+    prefix_pages: int = 0
+    virtual: int = 0
+
+
+def page_views(requests: Seq[PageList], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pages `[R, P]`, positions `[R, P * PAGE_SIZE]`) for requests read together, padded with page 0
+    (whose rows hold position -1 there: no query sees them)."""
+    width = max(len(r.pages) for r in requests)
+    pages = torch.tensor([r.pages + [0] * (width - len(r.pages)) for r in requests], dtype=torch.long)
+    row = torch.arange(width * PAGE_SIZE)[None, :]
+    prefix_rows = torch.tensor([r.prefix_pages * PAGE_SIZE for r in requests])[:, None]
+    virtual = torch.tensor([r.virtual for r in requests])[:, None]
+    own_rows = torch.tensor([len(r.pages) * PAGE_SIZE for r in requests])[:, None]
+    positions = torch.where(row < prefix_rows, row, virtual + row - prefix_rows)
+    held = torch.where(row < prefix_rows, row < virtual, row < own_rows)
+    positions = torch.where(held, positions, -1)
+    return pages.to(device), positions.to(device)
+
+
+def _allowed(positions: torch.Tensor, query_positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Query at position q sees the rows holding positions 0..q (within the window)."""
+    allowed = (positions >= 0) & (positions <= query_positions)
+    if window is not None:
+        allowed &= positions > query_positions - window
+    return allowed
+
+
 @dataclass(slots=True)
 class PrefillChunk:
-    """`n` new tokens of one request at packed offset `start`, after `ctx` positions already in its slot."""
+    """`n` new tokens of one request at packed offset `start`, the first at position `first`."""
 
     start: int
     n: int
-    slot: int
-    ctx: int
+    first: int
+    pages: torch.Tensor  # [P] its pages in reading order
+    positions: torch.Tensor  # [P * PAGE_SIZE]
     _masks: dict = field(default_factory=dict)
 
-    def mask(self, window: int | None, device: torch.device) -> torch.Tensor:
-        """`[n, ctx+n]` bool: query i (position ctx+i) sees keys j <= ctx+i (and within the window)."""
+    def mask(self, window: int | None) -> torch.Tensor:
+        """`[n, rows]` bool: query i (position first+i) sees the rows holding positions <= first+i."""
         if window not in self._masks:
-            q_pos = torch.arange(self.ctx, self.ctx + self.n, device=device)[:, None]
-            k_pos = torch.arange(self.ctx + self.n, device=device)[None, :]
-            allowed = k_pos <= q_pos
-            if window is not None:
-                allowed &= k_pos > q_pos - window
-            self._masks[window] = allowed
+            q = torch.arange(self.first, self.first + self.n, device=self.positions.device)[:, None]
+            self._masks[window] = _allowed(self.positions[None, :], q, window)
         return self._masks[window]
 
 
 @dataclass(slots=True)
 class DecodeGroup:
-    """Requests decoding one token each, batched over the compact slot range 0..slots-1."""
+    """Requests decoding one token each, read together: `[D, P]` pages, similar lengths."""
 
     token_idx: torch.Tensor  # [D] packed offsets of the decode tokens
-    slot_idx: torch.Tensor  # [D] their slots
-    lengths: torch.Tensor  # [slots] positions in each slot after this step's write
-    slots: int
-    max_len: int
+    pages: torch.Tensor  # [D, P]
+    positions: torch.Tensor  # [D, P * PAGE_SIZE]
+    last: torch.Tensor  # [D] position of each request's new token
     _masks: dict = field(default_factory=dict)
 
     def mask(self, window: int | None) -> torch.Tensor:
-        """`[slots, 1, 1, max_len]` bool: each slot's last position sees its whole (windowed) history."""
+        """`[D, 1, 1, rows]` bool: each request's new token sees its whole (windowed) history."""
         if window not in self._masks:
-            k_pos = torch.arange(self.max_len, device=self.lengths.device)[None, :]
-            last = (self.lengths - 1)[:, None]
-            allowed = k_pos <= last
-            if window is not None:
-                allowed &= k_pos > last - window
-            # A row that sees nothing would give NaN; let it see position 0 (its output is discarded).
-            # Never force it for a live row: a sliding window may have moved past position 0.
-            allowed[~allowed.any(dim=-1), 0] = True
-            self._masks[window] = allowed[:, None, None, :]
+            self._masks[window] = _allowed(self.positions, self.last[:, None], window)[:, None, None, :]
         return self._masks[window]
 
 
 @dataclass(slots=True)
 class StepLayout:
-    """Where each packed token goes and what it attends to, for one forward pass."""
+    """Where each packed token's keys and values go, and what each query attends to, for one pass."""
 
-    kv: SlotKV
-    slot_idx: torch.Tensor  # [T] slot of each packed token
-    pos_idx: torch.Tensor  # [T] position of each packed token inside its slot (= its position id)
-    decode: DecodeGroup | None
+    kv: PagedKV
+    rows: torch.Tensor  # [T] KV row of each packed token (page * PAGE_SIZE + offset)
+    decodes: list[DecodeGroup]
     prefills: list[PrefillChunk]
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -89,22 +114,19 @@ class StepLayout:
         _, heads, total, hd = query.shape
         kv_heads = key.shape[1]
         groups = heads // kv_heads
-        self.kv.write(layer, key[0], value[0], self.slot_idx, self.pos_idx)
+        self.kv.write(layer, key[0], value[0], self.rows)
         q = query[0]  # [heads, T, hd]
         out = query.new_empty(total, heads, hd)
-        if self.decode is not None:
-            d = self.decode
-            keys, values = self.kv.layer_view(layer, d.slots, d.max_len)  # [S, kv_heads, L, hd]
-            q_slots = q.new_zeros(d.slots, heads, hd)
-            q_slots[d.slot_idx] = q[:, d.token_idx].transpose(0, 1)
+        for d in self.decodes:
+            keys, values = self.kv.gather(layer, d.pages)  # [D, kv_heads, rows, hd]
             # Query heads of one kv head become its query rows: GQA without repeating keys.
-            q_slots = q_slots.view(d.slots, kv_heads, groups, hd)
-            o = _attend(q_slots, keys, values, d.mask(window), scaling, softcap)  # [S, kv_heads, groups, hd]
-            out[d.token_idx] = o.reshape(d.slots, heads, hd)[d.slot_idx]
+            qd = q[:, d.token_idx].transpose(0, 1).reshape(-1, kv_heads, groups, hd)
+            o = _attend(qd, keys, values, d.mask(window), scaling, softcap)  # [D, kv_heads, groups, hd]
+            out[d.token_idx] = o.reshape(-1, heads, hd)
         for c in self.prefills:
-            keys, values = self.kv.slot_view(layer, c.slot, c.ctx + c.n)  # [kv_heads, ctx+n, hd]
+            keys, values = self.kv.gather(layer, c.pages)  # [kv_heads, rows, hd]
             qc = q[:, c.start:c.start + c.n].reshape(kv_heads, groups * c.n, hd)
-            mask = c.mask(window, q.device).repeat(groups, 1)  # [groups*n, ctx+n]
+            mask = c.mask(window).repeat(groups, 1)  # [groups*n, rows]
             o = _attend(qc, keys, values, mask, scaling, softcap)  # [kv_heads, groups*n, hd]
             out[c.start:c.start + c.n] = o.view(kv_heads, groups, c.n, hd).permute(2, 0, 1, 3).reshape(
                 c.n, heads, hd)

@@ -1,159 +1,103 @@
-"""Per-request key/value memory: one slot per running request, shared by all layers.
+"""The KV pool's storage: every page's keys and values, for every layer, in two tensors.
 
-Layout: keys and values are `[layers, slots, kv_heads, capacity, head_dim]`. A running request
-owns one slot; position `i` of the request (virtual tokens included) lives at index `i` of the
-slot, so a step only *writes* its new tokens (a scatter) and attention reads slot views
-in place: nothing is re-padded or copied per decode step.
+Layout: `[layers, pages, PAGE_SIZE, kv_heads, head_dim]`, position-major inside a page, so a page is
+one contiguous block per layer and gathering a request's pages is a copy of whole blocks. Which page
+holds what is decided in `pages.py` (no torch); this module only stores and reads.
 
-Slots are kept compact (running requests hold 0..n-1) so that the batched decode attention
-reads one contiguous view `[:n]`; when a request leaves, the last slot moves into its place
-(one request's KV copied once, on leave). The buffers grow when more requests (slots double) or
-a longer one (length grows to the need) arrive, within the `SlotBudget`, and are released when
-nothing runs, so memory returns to zero when idle.
+On the CPU the storage grows (doubling, within the pool's page count) as pages are handed out and
+shrinks when the pages in use fit a quarter of it, so an idle server, a test or one of several
+replicas on a machine holds only what it uses. On CUDA the whole pool is allocated at the first
+use: the budget there was sized from the device's free memory, and a growth copy would need the
+old and the new storage at once.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Collection
-
 import torch
 
-from server.engine.kv_budget import SlotBudget, slot_shape
-from server.engine.sequence import Sequence
+from server.engine.pages import PAGE_SIZE
 
 
-class SlotKV:
+class PagedKV:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, *, dtype: torch.dtype,
-                 device: torch.device, budget_bytes: int | None = None, max_slots: int | None = None) -> None:
+                 device: torch.device, total_pages: int, grow: bool | None = None) -> None:
         self.num_layers = num_layers
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = device
-        # The byte budget counted in positions: the unit the scheduler admits by.
-        self.budget = None if budget_bytes is None else SlotBudget(max(1, budget_bytes // self.bytes_per_position))
-        self.max_slots = max_slots  # slots never usefully exceed the running-request limit
-        self.keys: torch.Tensor | None = None  # [layers, slots, kv_heads, capacity, head_dim]
+        self.total_pages = total_pages
+        self.grow = device.type != "cuda" if grow is None else grow
+        self.keys: torch.Tensor | None = None  # [layers, capacity, PAGE_SIZE, kv_heads, head_dim]
         self.values: torch.Tensor | None = None
-        self.holders: list[Sequence] = []  # slot i is held by holders[i]; compact
+
+    @staticmethod
+    def position_bytes(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes one position costs over all layers (keys and values)."""
+        return 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     @property
     def bytes_per_position(self) -> int:
-        """Bytes one position of one request costs over all layers (keys and values)."""
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.kv_heads * self.head_dim * itemsize
+        return self.position_bytes(self.num_layers, self.kv_heads, self.head_dim, self.dtype)
 
     @property
-    def slots(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[1]
+    def page_bytes(self) -> int:
+        return PAGE_SIZE * self.bytes_per_position
 
     @property
     def capacity(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[3]
+        """Pages the storage holds now."""
+        return 0 if self.keys is None else self.keys.shape[1]
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
-
-    def _fits(self, slots: int, length: int) -> bool:
-        return self.budget is None or self.budget.fits(slots, length)
+        return self.capacity * self.page_bytes
 
     # -- sizing --------------------------------------------------------------------------------
 
-    def ensure(self, slots: int, length: int) -> None:
-        """Make room for `slots` requests of up to `length` positions, keeping what is stored."""
-        if slots <= self.slots and length <= self.capacity:
+    def ensure(self, pages: int) -> None:
+        """Make pages 0..pages-1 addressable, keeping what is stored."""
+        if pages <= self.capacity:
             return
-        # Each regrowth zero-fills and copies every layer's buffer, so grow by doubling.
-        new_slots = max(slots, 2 * self.slots) if slots > self.slots else self.slots
-        if self.max_slots is not None:
-            new_slots = max(slots, min(new_slots, self.max_slots))
-        # Length grows to the need (rounded up), not doubled: every running request's slot spans it,
-        # so a doubled length would multiply the memory (and the page-faulting) by the slot count.
-        new_len = max(length, self.capacity)
-        new_len = -(-new_len // 16) * 16  # aligned rows
-        if not self._fits(new_slots, new_len):
-            # Growth (or an earlier rounding) must not push past the budget: take the exact need. It
-            # covers every request that holds a slot, so nothing stored beyond it is in use.
-            new_slots, new_len = slots, length
-        shape = (self.num_layers, new_slots, self.kv_heads, new_len, self.head_dim)
+        target = self.total_pages if not self.grow else min(self.total_pages, max(pages, 2 * self.capacity))
+        self._resize(max(target, pages))
+
+    def shrink(self, extent: int) -> None:
+        """Pages from `extent` on are unused: give the storage back where it is mostly empty."""
+        if not self.grow or self.capacity == 0:
+            return
+        if extent == 0:
+            self.keys = self.values = None
+        elif 4 * extent <= self.capacity:
+            self._resize(2 * extent)
+
+    def _resize(self, pages: int) -> None:
+        shape = (self.num_layers, pages, PAGE_SIZE, self.kv_heads, self.head_dim)
+        # Zero-filled once: masked rows get weight 0, and 0 x NaN (garbage of torch.empty) would be NaN.
+        # A page reused later holds old finite values, which weight 0 also hides.
         keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         values = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if self.keys is not None and self.values is not None:
-            s, c = min(self.slots, new_slots), min(self.capacity, new_len)
-            keys[:, :s, :, :c] = self.keys[:, :s, :, :c]
-            values[:, :s, :, :c] = self.values[:, :s, :, :c]
+            kept = min(self.capacity, pages)
+            keys[:, :kept] = self.keys[:, :kept]
+            values[:, :kept] = self.values[:, :kept]
         self.keys, self.values = keys, values
-
-    def reserve(self, joining: list[Sequence], upcoming: Collection[Sequence] = ()) -> None:
-        """Size the slots once for everyone joining this step and the requests queued behind them (up
-        to the slot limit): each regrowth zero-fills and copies every layer's buffer."""
-        if not joining:
-            return
-        room = self.max_slots if self.max_slots is not None else len(self.holders) + len(joining) + len(upcoming)
-        queued = list(itertools.islice(upcoming, max(0, room - len(self.holders) - len(joining))))
-        slots, longest = slot_shape(self.holders + joining + queued)
-        if not self._fits(slots, longest):  # the queue may not all fit: size for this step alone
-            slots, longest = slot_shape(self.holders + joining)
-        self.ensure(slots, longest)
-
-    # -- slots ---------------------------------------------------------------------------------
-
-    def assign(self, seq: Sequence) -> int:
-        """Give `seq` the next free slot (growing the buffers if needed) and return it."""
-        self.ensure(*slot_shape([*self.holders, seq]))
-        seq.slot = len(self.holders)
-        self.holders.append(seq)
-        return seq.slot
-
-    def free(self, seq: Sequence) -> None:
-        """Free `seq`'s slot at once; the last slot moves into the hole so slots stay compact."""
-        if seq.slot is None:
-            return
-        hole, last = seq.slot, len(self.holders) - 1
-        if hole != last:
-            mover = self.holders[last]
-            self._move(last, hole, mover.num_virtual + mover.num_cached)
-            mover.slot = hole
-            self.holders[hole] = mover
-        self.holders.pop()
-        seq.slot = None
-        if not self.holders:
-            self.keys = self.values = None  # nothing runs: give all memory back
 
     # -- reads and writes ----------------------------------------------------------------------
 
-    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slot_idx: torch.Tensor,
-              pos_idx: torch.Tensor) -> None:
-        """Scatter new tokens: key/value `[kv_heads, T, head_dim]`, slot_idx/pos_idx `[T]`."""
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor) -> None:
+        """Store new tokens: key/value `[kv_heads, T, head_dim]` at rows `[T]` (page * PAGE_SIZE + offset)."""
         assert self.keys is not None and self.values is not None, "write before ensure"
-        # Advanced indices on dims 0 and 2 (split by a slice) put T first: target is [T, kv_heads, hd].
-        self.keys[layer][slot_idx, :, pos_idx] = key.transpose(0, 1).to(self.dtype)
-        self.values[layer][slot_idx, :, pos_idx] = value.transpose(0, 1).to(self.dtype)
+        flat = (-1, self.kv_heads, self.head_dim)
+        self.keys[layer].view(flat)[rows] = key.transpose(0, 1).to(self.dtype)
+        self.values[layer].view(flat)[rows] = value.transpose(0, 1).to(self.dtype)
 
-    def load_prefix(self, slot: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Copy a task's prefix `[layers, kv_heads, n, head_dim]` into positions 0..n-1 of a slot."""
-        assert self.keys is not None and self.values is not None, "load_prefix before ensure"
-        n = keys.shape[2]
-        self.keys[:, slot, :, :n] = keys
-        self.values[:, slot, :, :n] = values
-
-    def _move(self, src: int, dst: int, length: int) -> None:
-        assert self.keys is not None and self.values is not None
-        self.keys[:, dst, :, :length] = self.keys[:, src, :, :length]
-        self.values[:, dst, :, :length] = self.values[:, src, :, :length]
-
-    def layer_view(self, layer: int, slots: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of slots 0..slots-1, positions 0..length-1: views, no copy."""
-        assert self.keys is not None and self.values is not None
-        return self.keys[layer, :slots, :, :length], self.values[layer, :slots, :, :length]
-
-    def slot_all_layers(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of one slot's first `length` positions, every layer: `[layers, kv_heads, length, hd]`."""
-        assert self.keys is not None and self.values is not None
-        return self.keys[:, slot, :, :length], self.values[:, slot, :, :length]
-
-    def slot_view(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.keys is not None and self.values is not None
-        return self.keys[layer, slot, :, :length], self.values[layer, slot, :, :length]
+    def gather(self, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `pages` (any shape `[..., P]`), as `[..., kv_heads, P * PAGE_SIZE, head_dim]`."""
+        assert self.keys is not None and self.values is not None, "gather before ensure"
+        *lead, count = pages.shape
+        shape = (*lead, count * PAGE_SIZE, self.kv_heads, self.head_dim)
+        flat = pages.reshape(-1)
+        keys = self.keys[layer].index_select(0, flat).view(shape).transpose(-3, -2)
+        values = self.values[layer].index_select(0, flat).view(shape).transpose(-3, -2)
+        return keys, values

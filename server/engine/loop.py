@@ -27,9 +27,10 @@ from server.engine.errors import (
     RequestTooLong,
 )
 from server.engine.handle import RequestHandle
+from server.engine.kv import PagedKV
 from server.engine.memory import default_kv_budget
 from server.engine.model_loader import BaseModel
-from server.engine.prompt_cache import PromptCache
+from server.engine.pages import PAGE_SIZE, SharedPrefix
 from server.engine.runner import ModelRunner
 from server.engine.sampler import make_generator, sample
 from server.engine.scheduler import Batch, Scheduler, SchedulerConfig
@@ -48,8 +49,13 @@ class TaskSource(Protocol):
 class EngineStats:
     waiting: int
     running: int
-    kv_bytes: int
+    kv_bytes: int  # storage allocated for the KV pool now
     kv_budget_bytes: int
+    kv_pages_total: int
+    kv_pages_used: int  # held by requests and task prefixes
+    kv_pages_shared: int  # held by task prefixes
+    preemptions: int
+    peak_running: int
     prompt_cache_bytes: int
     prompt_cache_budget_bytes: int
     prompt_cache_hits: int
@@ -64,17 +70,17 @@ class Engine:
         self.tasks = tasks
         self.config = config or EngineConfig()
         self.max_context = min(self.config.max_context or base.max_context, base.max_context)
-        self.prompt_cache = PromptCache(self.config.prompt_cache_bytes)
         if self.config.kv_cache_bytes is not None:
             self.kv_budget_bytes = self.config.kv_cache_bytes
         else:
-            self.kv_budget_bytes, why = default_kv_budget(base.device, self.config.kv_cache_memory_fraction,
-                                                          self.config.prompt_cache_bytes)
+            self.kv_budget_bytes, why = default_kv_budget(base.device, self.config.kv_cache_memory_fraction)
             log.info("KV cache budget %.2f GiB: %s (--kv-cache-bytes sets it)", self.kv_budget_bytes / 2**30, why)
-        self.runner = ModelRunner(base, kv_budget_bytes=self.kv_budget_bytes, prompt_cache=self.prompt_cache,
-                                  max_running=self.config.max_running)
-        scheduler_config = SchedulerConfig(self.config.max_running, self.config.max_tokens_per_step,
-                                           self.runner.kv_budget.positions)
+        g = base.geometry
+        self.page_bytes = PAGE_SIZE * PagedKV.position_bytes(g.num_layers, g.num_kv_heads, g.head_dim, base.dtype)
+        total_pages = max(1, self.kv_budget_bytes // self.page_bytes)
+        self.runner = ModelRunner(base, total_pages=total_pages)
+        scheduler_config = SchedulerConfig(self.config.max_running, self.config.max_tokens_per_step, total_pages,
+                                           self.config.prompt_cache_bytes // self.page_bytes)
         self.scheduler = Scheduler(scheduler_config, eos_ids=_eos_ids(base.model))
         # No token spans more characters than the longest vocabulary entry, so a text of N characters
         # has at least N / this many tokens: a cheap bound that refuses a huge text before tokenizing it.
@@ -142,8 +148,10 @@ class Engine:
         seq = Sequence(prompt_ids=prompt_ids, params=params, task=task, prompt=snapshot, num_virtual=num_virtual,
                        detokenizer=IncrementalText(self.tokenizer, prompt_ids, params.stop))
         if not self.scheduler.fits_alone(seq):
-            raise RequestTooLong(self.scheduler.budget.positions, seq.max_total_len,
-                                 "virtual + text + max_new_tokens exceed the KV budget", param="max_new_tokens")
+            raise RequestTooLong(self.scheduler.config.kv_pages * PAGE_SIZE, seq.max_total_len,
+                                 f"virtual + text + max_new_tokens need {self.scheduler.pages_needed(seq)} KV pages "
+                                 f"of {PAGE_SIZE} positions; the KV budget holds {self.scheduler.config.kv_pages}",
+                                 param="max_new_tokens")
         seq.rng = make_generator(seq.params)
         with self._lock:
             if not self._accepting:
@@ -158,12 +166,14 @@ class Engine:
         return RequestHandle(seq)
 
     def stats(self) -> EngineStats:
-        cache = self.prompt_cache.stats()
+        pool = self.scheduler.pool.stats()
         with self._lock:
             waiting = len(self._inbox) + len(self.scheduler.waiting)
             running = len(self.scheduler.running)
-        return EngineStats(waiting, running, self.runner.kv.nbytes, self.kv_budget_bytes, cache.bytes,
-                           cache.budget_bytes, cache.hits, cache.misses, cache.entries)
+        return EngineStats(waiting, running, self.runner.kv.nbytes, self.kv_budget_bytes, pool.pages_total,
+                           pool.pages_used, pool.pages_shared, self.scheduler.preemptions,
+                           self.scheduler.peak_running, pool.pages_shared * self.page_bytes,
+                           self.config.prompt_cache_bytes, pool.prefix_hits, pool.prefix_misses, pool.prefix_entries)
 
     # -- the loop (engine thread only) ---------------------------------------------------------
 
@@ -201,20 +211,17 @@ class Engine:
             if seq.cancelled:
                 self._fail(seq, RequestCancelled())
         step = self.scheduler.schedule()
-        self._admit(step.admitted)
+        if step.preempted:
+            log.info("KV pool full: preempted %d request(s), to be recomputed", len(step.preempted))
+        self.runner.fit_storage(self.scheduler.pool.high_water)
+        self._prepare_prefixes(step.new_prefixes)
         batch = [(seq, n) for seq, n in step.batch if not seq.finished]
-        if not batch:
-            return
-        logits, batch = self._run(batch)
-        tokens = sample(logits, [seq for seq, n in batch if seq.samples_after(n)])
-        self.scheduler.postprocess(batch, tokens, release=self._release)
-
-    def _release(self, seq: Sequence) -> None:
-        """A request finished: its memory and its place in the queue are free before its caller hears."""
-        try:
-            self.runner.remove(seq)
-        finally:
-            self._left()
+        if batch:
+            logits, batch = self._run(batch)
+            tokens = sample(logits, [seq for seq, n in batch if seq.samples_after(n)])
+            self.scheduler.postprocess(batch, tokens, release=lambda seq: self._left())
+        if not self.scheduler.running:  # idle: give back the storage no page uses
+            self.runner.fit_storage(self.scheduler.pool.used_extent())
 
     def _left(self) -> None:
         """A request finished or failed: its place in the queue is free again."""
@@ -224,18 +231,19 @@ class Engine:
     def _unfinished(self) -> list[Sequence]:
         return [*self.scheduler.running, *self.scheduler.waiting]
 
-    def _admit(self, joining: list[Sequence]) -> None:
-        """Give each joining request its KV slot and task prefix; one that cannot have them fails alone."""
-        try:
-            self.runner.reserve(joining, self.scheduler.waiting)
-        except Exception:  # e.g. out of memory: each admission below then fails on its own
-            log.exception("could not size the KV slots for %d joining requests", len(joining))
-        for seq in joining:
+    def _prepare_prefixes(self, entries: list[SharedPrefix]) -> None:
+        """Compute the task prefixes first used this step; the requests of one that fails fail alone."""
+        for entry in entries:
             try:
-                self.runner.add(seq)
+                self.runner.compute_prefix(entry)
             except Exception as exc:
-                log.exception("could not admit request %d", seq.id)
-                self._fail(seq, RequestFailed(f"could not prepare the task prefix: {exc}"))
+                log.exception("could not compute a task prefix")
+                self.scheduler.forget_prefix(entry)
+                for seq in [s for s in self.scheduler.running if s.prefix is entry]:
+                    self._fail(seq, RequestFailed(f"could not prepare the task prefix: {exc}"))
+                continue
+            entry.ready = True
+            entry.source = None
 
     def _run(self, batch: Batch) -> tuple[torch.Tensor, Batch]:
         """Run the batch; if it fails, run each request alone so only the failing ones get the error."""
@@ -258,7 +266,6 @@ class Engine:
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:
         self.scheduler.finish(seq)
-        self.runner.remove(seq)
         seq.fail(error)
         self._left()
 

@@ -15,17 +15,16 @@ import torch
 CPU_SHARE = 0.25  # of the RAM available at start: the model's activations and the process need the rest
 
 
-def default_kv_budget(device: torch.device, fraction: float, prompt_cache_bytes: int) -> tuple[int, str]:
-    """(bytes, how they were chosen) for the KV cache on `device`.
+def default_kv_budget(device: torch.device, fraction: float) -> tuple[int, str]:
+    """(bytes, how they were chosen) for the KV pool on `device`.
 
-    On CUDA the share of free memory also holds the prompt cache, and the slot store reallocates as it
-    grows (old and new buffers at once, server/engine/kv.py), so the budget is half of what is left.
+    Task prefixes live in the same pool (pages.py), so nothing is set apart for them. On CUDA the pool
+    is allocated whole at its first use (server/engine/kv.py); the rest of the free memory is left to
+    the model's activations.
     """
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        usable = max(int(free * fraction) - prompt_cache_bytes, 0) // 2
-        return usable, (f"half of {fraction:g} of the {_gib(free)} free on {device} after loading the model, "
-                        f"less the prompt cache (the store briefly holds two copies as it grows)")
+        return int(free * fraction), f"{fraction:g} of the {_gib(free)} free on {device} after loading the model"
     available = _available_ram()
     return int(available * CPU_SHARE), f"a quarter of the {_gib(available)} of RAM available at start, as a cap"
 

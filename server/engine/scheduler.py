@@ -1,10 +1,18 @@
-"""Which requests run in the next step, and what their results do to them. Plain Python, no torch.
+"""Which requests run in the next step, what KV pages they hold, and what their results do to them.
+Plain Python, no torch.
 
 `schedule()`, every step, in this order: each running request that decodes gets its one token;
 running requests still prefilling continue with a chunk; then waiting requests are admitted first
-come, first served, while a slot, KV memory (see `kv_budget`) and the step's token budget allow. A
-long prompt is thus prefilled in chunks beside the decodes and never stalls them for more than one
+come, first served, while a running place, KV pages (see `pages`) and the step's token budget allow.
+A long prompt is thus prefilled in chunks beside the decodes and never stalls them for more than one
 step's budget.
+
+Memory follows use: a request gets the pages its tokens of this step fill, no more. Admission counts
+the pages a request needs now (its task prefix unless it is shared already, its text) plus a small
+reserve for the running ones to grow. When a running request cannot grow because the pool ran out,
+the newest running request is preempted: its pages go back and it waits at the front of the queue to
+be recomputed (pages.py, Sequence). The oldest request always fits alone (`fits_alone` is checked at
+submission), so the pool can never deadlock.
 
 `postprocess()`, after the step ran: each request's cache advances by the tokens computed, the
 sampled tokens are appended, and requests that hit a stop, the end of sequence or their length
@@ -14,11 +22,11 @@ finish.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from server.engine.errors import InvalidConfig, check_int
-from server.engine.kv_budget import SlotBudget
+from server.engine.pages import PagePool, SharedPrefix, pages_for
 from server.engine.sequence import Sequence, Status
 
 Batch = list[tuple[Sequence, int]]  # (request, tokens computed for it in this step)
@@ -28,11 +36,13 @@ Batch = list[tuple[Sequence, int]]  # (request, tokens computed for it in this s
 class SchedulerConfig:
     max_running: int = 64
     max_tokens_per_step: int = 512
-    kv_budget_positions: int = 1 << 20  # slot positions the KV memory holds (all layers counted)
+    kv_pages: int = 1 << 16  # pages in the KV pool (PAGE_SIZE positions each, all layers counted)
+    prefix_cache_pages: int = 1 << 12  # pages idle task prefixes may keep
 
     def __post_init__(self) -> None:
-        for name in ("max_running", "max_tokens_per_step", "kv_budget_positions"):
+        for name in ("max_running", "max_tokens_per_step", "kv_pages"):
             check_int(name, getattr(self, name), low=1)
+        check_int("prefix_cache_pages", self.prefix_cache_pages, low=0)
         if self.max_tokens_per_step < self.max_running:
             raise InvalidConfig("max_tokens_per_step", f"an integer >= max_running ({self.max_running}) so that "
                                 "every running request can decode in each step", self.max_tokens_per_step)
@@ -41,23 +51,45 @@ class SchedulerConfig:
 @dataclass(slots=True)
 class ScheduledStep:
     batch: Batch = field(default_factory=list)
-    admitted: list[Sequence] = field(default_factory=list)  # newly given a slot this step
+    admitted: list[Sequence] = field(default_factory=list)  # newly running this step
+    new_prefixes: list[SharedPrefix] = field(default_factory=list)  # to compute before the step runs
+    preempted: list[Sequence] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.batch)
 
 
+def prefix_key(seq: Sequence) -> Hashable | None:
+    """What a task prefix's pages are shared under: the prompt weights' content, not the version, so a
+    change of metadata alone recomputes nothing. Soft prompts of every kind give the same keys for the
+    same embeddings; a prefix table means something else."""
+    prompt = seq.prompt
+    if prompt is None:
+        return None
+    meaning = "prefix" if prompt.kind == "prefix" else "embeddings"
+    return (meaning, prompt.sha256, tuple(prompt.embeddings.shape))
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, eos_ids: frozenset[int] = frozenset()) -> None:
         self.config = config
-        self.budget = SlotBudget(config.kv_budget_positions)
+        self.pool = PagePool(config.kv_pages, config.prefix_cache_pages)
+        # Pages kept free for running requests to grow into before another is admitted (about 1%).
+        self.reserve = max(1, config.kv_pages // 100)
         self.eos_ids = eos_ids  # a generated token in here ends its request (unless it ignores EOS)
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order: the last is the newest
+        self.preemptions = 0
+        self.peak_running = 0
+
+    @staticmethod
+    def pages_needed(seq: Sequence) -> int:
+        """Pages `seq` holds by its last token, alone: its prefix's and its own."""
+        return pages_for(seq.num_virtual) + pages_for(seq.max_total_len - seq.num_virtual)
 
     def fits_alone(self, seq: Sequence) -> bool:
-        """Whether `seq` could ever run: with no one else, its slot must fit the KV budget."""
-        return self.budget.admits([seq])
+        """Whether `seq` could ever finish: with no one else running, all its pages fit the pool."""
+        return self.pages_needed(seq) <= self.config.kv_pages
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -66,58 +98,119 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    # -- one step ------------------------------------------------------------------------------
+
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep()
         budget = self.config.max_tokens_per_step
-        for seq in self.running:  # decodes first: they are cheap and latency-bound
-            if not seq.in_prefill:
-                step.batch.append((seq, 1))
-                budget -= 1
-        for seq in self.running:
-            if seq.in_prefill and budget > 0:
-                n = min(seq.num_uncached, budget)
+        for decoding in (True, False):  # decodes first: they are cheap and latency-bound
+            for seq in list(self.running):
+                if seq.status is not Status.RUNNING or seq.in_prefill == decoding:
+                    continue  # preempted meanwhile, or not this pass's kind
+                n = 1 if decoding else min(seq.num_uncached, budget)
+                if n <= 0 or not self._grow(seq, n, step):
+                    continue
                 step.batch.append((seq, n))
                 budget -= n
+        budget = self.config.max_tokens_per_step - sum(n for _, n in step.batch)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             seq = self.waiting[0]
-            if not self.budget.admits([*self.running, seq]):
+            if not self._can_admit(seq):
                 break  # first come, first served: wait for memory rather than let others overtake
+            n = min(seq.num_uncached, budget)
+            key = prefix_key(seq)
+            if key is not None:
+                entry = self.pool.acquire_prefix(key, seq.num_virtual, seq.prompt)
+                assert entry is not None, "admission counted the prefix's pages"
+                seq.prefix = entry
+                if not entry.ready and entry not in step.new_prefixes:
+                    step.new_prefixes.append(entry)
+            pages = self.pool.allocate(pages_for(seq.num_cached + n) - len(seq.pages))
+            assert pages is not None, "admission counted the text's pages"
+            seq.pages.extend(pages)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
             step.admitted.append(seq)
-            n = min(seq.num_uncached, budget)
             step.batch.append((seq, n))
             budget -= n
+        self.peak_running = max(self.peak_running, len(self.running))
         return step
+
+    def _can_admit(self, seq: Sequence) -> bool:
+        key = prefix_key(seq)
+        need = pages_for(seq.num_tokens) + (self.pool.prefix_cost(key, seq.num_virtual) if key is not None else 0)
+        reserve = self.reserve if self.running else 0  # alone it needs no room to spare: it fits alone
+        return need + reserve <= self.pool.available()
+
+    def _grow(self, seq: Sequence, n: int, step: ScheduledStep) -> bool:
+        """Give `seq` the pages for `n` more tokens, preempting the newest running requests if the pool
+        is short. False if `seq` itself was the newest and had to give way."""
+        short = pages_for(seq.num_cached + n) - len(seq.pages)
+        while short > 0:
+            pages = self.pool.allocate(short)
+            if pages is not None:
+                seq.pages.extend(pages)
+                return True
+            victim = self.running[-1]
+            self.preempt(victim, step)
+            if victim is seq:
+                return False
+        return True
+
+    def preempt(self, seq: Sequence, step: ScheduledStep) -> None:
+        """Take `seq`'s pages back and queue it first in line, to be recomputed when memory allows."""
+        self.running.remove(seq)
+        self._release_pages(seq)
+        seq.num_cached = 0
+        seq.preemptions += 1
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+        step.preempted.append(seq)
+        step.batch[:] = [(s, n) for s, n in step.batch if s is not seq]
+        if seq in step.admitted:
+            step.admitted.remove(seq)
+
+    def _release_pages(self, seq: Sequence) -> None:
+        self.pool.release(seq.pages)
+        if seq.prefix is not None:
+            self.pool.release_prefix(seq.prefix)
+            seq.prefix = None
+
+    def forget_prefix(self, entry: SharedPrefix) -> None:
+        """A prefix could not be computed: hand it to no one else (its users fail on their own)."""
+        self.pool.forget(entry)
 
     def postprocess(self, batch: Batch, tokens: list[int],
                     release: Callable[[Sequence], None] = lambda seq: None) -> list[Sequence]:
         """The step ran: advance caches, append `tokens` (one per request that sampled, in batch
-        order), finish the requests that are done and return them. A finished request's memory is
-        given back (`release`) before its caller hears the result, so a caller that sees it done never
-        sees its memory still held."""
+        order), finish the requests that are done and return them. A finished request's pages are
+        given back, and `release` called, before its caller hears the result, so a caller that sees it
+        done never sees its memory still held."""
         sampling = [seq for seq, n in batch if seq.samples_after(n)]
         assert len(sampling) == len(tokens), "one sampled token per request that samples"
-        # Every cache first: releasing a slot moves another request's KV, which must include this step's.
         for seq, n in batch:
             seq.num_cached += n
         finished = []
         for seq, token in zip(sampling, tokens, strict=True):
             reason = seq.append(token, self.eos_ids)
             if reason is not None:
-                self.finish(seq)
                 try:
-                    release(seq)
-                finally:  # out of the queues either way: its caller must hear the end
-                    seq.finish(reason)
+                    self.finish(seq)
+                finally:  # whatever fails, its place is freed and its caller hears the end
+                    try:
+                        release(seq)
+                    finally:
+                        seq.finish(reason)
                 finished.append(seq)
         return finished
 
     def finish(self, seq: Sequence) -> None:
-        """Take `seq` out of whichever queue holds it (if any)."""
+        """Take `seq` out of whichever queue holds it (if any) and give its pages back."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
+        self._release_pages(seq)

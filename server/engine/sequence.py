@@ -22,6 +22,7 @@ from server.engine.handle import OutputChannel
 if TYPE_CHECKING:
     from prompt_store.registry import PromptSnapshot
     from server.engine.detokenizer import IncrementalText
+    from server.engine.pages import SharedPrefix
 
 FinishReason = Literal["length", "stop", "eos"]
 
@@ -118,9 +119,9 @@ class Completion:
 
 
 class Status(enum.Enum):
-    WAITING = "waiting"  # queued, no KV slot yet
-    RUNNING = "running"  # holds a KV slot; prefilling or decoding
-    FINISHED = "finished"  # done (finished, failed or cancelled); its slot is free
+    WAITING = "waiting"  # queued (or preempted), holding no KV pages
+    RUNNING = "running"  # holds KV pages; prefilling or decoding
+    FINISHED = "finished"  # done (finished, failed or cancelled); its pages are free
 
 
 _ids = itertools.count()
@@ -130,10 +131,12 @@ _ids = itertools.count()
 class Sequence:
     """A request inside the engine.
 
-    Positions: a task adds `num_virtual` positions in front (its KV prefix, computed once per
-    prompt version); the text takes positions `num_virtual .. num_virtual + len(prompt_ids) - 1`
+    Positions: a task adds `num_virtual` positions in front (its shared KV prefix, computed once
+    per prompt content); the text takes positions `num_virtual .. num_virtual + len(prompt_ids) - 1`
     and generated tokens follow. `num_cached` counts the text and generated tokens whose keys
-    and values are already in this sequence's KV slot.
+    and values are already in this sequence's own KV `pages`. A preempted request gives its pages
+    back and starts again from `num_cached = 0`: it recomputes what it had, keeping its tokens,
+    its detokenizer and its random stream, so nothing it already sent is sent again.
     """
 
     prompt_ids: list[int]
@@ -147,7 +150,9 @@ class Sequence:
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     num_cached: int = 0
-    slot: int | None = None
+    pages: list[int] = field(default_factory=list)  # own KV pages, in position order (pages.py)
+    prefix: SharedPrefix | None = None  # the task prefix's shared pages while it runs
+    preemptions: int = 0
     cancelled: bool = False  # set by the caller's handle; the loop drops the request at its next step
     finish_reason: FinishReason | None = None
     error: BaseException | None = None
@@ -173,7 +178,7 @@ class Sequence:
 
     @property
     def max_total_len(self) -> int:
-        """Positions this request may need by its last token: what its KV slot must hold."""
+        """Positions this request may need by its last token, virtual ones included."""
         return self.num_virtual + len(self.prompt_ids) + self.params.max_new_tokens
 
     @property
@@ -183,7 +188,8 @@ class Sequence:
 
     @property
     def in_prefill(self) -> bool:
-        return self.num_cached < len(self.prompt_ids)
+        """More than the last token is uncomputed: its prompt (or, after preemption, everything) is due."""
+        return self.num_uncached > 1
 
     def samples_after(self, n: int) -> bool:
         """Whether computing `n` more tokens reaches the end, so the step picks this request's next token."""

@@ -89,6 +89,10 @@ def test_metrics_count_requests_tokens_and_caches(start_server, llama_dir, adapt
     assert m[("promptswap_prompt_cache_bytes", ())] > 0
     assert m[("promptswap_queue_depth", ())] == 0 and m[("promptswap_running_requests", ())] == 0
     assert m[("promptswap_prompts", ())] == 1
+    # idle: the task's prefix alone keeps pages, cached for the next request
+    assert m[("promptswap_kv_pages_total", ())] > 0
+    assert m[("promptswap_kv_pages_used", ())] == m[("promptswap_kv_pages_shared", ())] >= 1
+    assert m[("promptswap_preemptions_total", ())] == 0
 
 
 def test_queue_full_is_503_with_retry_after(start_server, llama_dir):

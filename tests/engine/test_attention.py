@@ -3,53 +3,70 @@
 import torch
 import torch.nn.functional as F
 
-from server.engine.attention import DecodeGroup, PrefillChunk, StepLayout
-from server.engine.kv import SlotKV
+from server.engine.attention import DecodeGroup, PageList, PrefillChunk, StepLayout, page_views
+from server.engine.kv import PagedKV
+from server.engine.pages import PAGE_SIZE
 
 
-def test_prefill_mask_is_causal_after_the_context():
-    chunk = PrefillChunk(start=0, n=3, slot=0, ctx=2)
+def one(pages, prefix_pages=0, virtual=0):
+    return page_views([PageList(pages, prefix_pages, virtual)], torch.device("cpu"))
+
+
+def test_gathered_rows_know_their_positions_across_a_part_full_prefix_page():
+    # a 20-token prefix in pages 7, 3 (the second holds 4 positions), then the request's own page 5
+    pages, positions = one([7, 3, 5], prefix_pages=2, virtual=20)
+    assert pages.tolist() == [[7, 3, 5]]
+    row = positions[0].tolist()
+    assert row[:20] == list(range(20)) and row[20:32] == [-1] * 12  # the prefix page's empty rows
+    assert row[32:] == list(range(20, 20 + PAGE_SIZE))
+
+
+def test_prefill_mask_is_causal_in_positions():
+    pages, positions = one([0])
+    chunk = PrefillChunk(start=0, n=3, first=2, pages=pages[0], positions=positions[0])
+    mask = chunk.mask(None)[:, :5]
     expected = torch.tensor([[1, 1, 1, 0, 0],
                              [1, 1, 1, 1, 0],
                              [1, 1, 1, 1, 1]], dtype=torch.bool)
-    assert torch.equal(chunk.mask(None, torch.device("cpu")), expected)
+    assert torch.equal(mask, expected)
+    assert not chunk.mask(None)[:, 5:].any()
 
 
 def test_prefill_mask_with_a_sliding_window_sees_only_the_last_positions():
-    mask = PrefillChunk(start=0, n=2, slot=0, ctx=4).mask(3, torch.device("cpu"))  # query positions 4 and 5
+    pages, positions = one([0])
+    mask = PrefillChunk(start=0, n=2, first=4, pages=pages[0], positions=positions[0]).mask(3)
     assert mask[0].nonzero().flatten().tolist() == [2, 3, 4]
     assert mask[1].nonzero().flatten().tolist() == [3, 4, 5]
 
 
-def test_decode_mask_sees_each_slots_own_history():
-    group = DecodeGroup(torch.tensor([0, 1]), torch.tensor([0, 2]), torch.tensor([3, 1, 5]), slots=3, max_len=5)
-    mask = group.mask(None)[:, 0, 0]  # [slots, max_len]
-    assert mask.tolist() == [[True, True, True, False, False],
-                             [True, False, False, False, False],
-                             [True, True, True, True, True]]
+def test_decode_mask_sees_each_requests_own_history():
+    pages, positions = page_views([PageList([0]), PageList([1, 2], prefix_pages=1, virtual=3)], torch.device("cpu"))
+    group = DecodeGroup(torch.tensor([0, 1]), pages, positions, last=torch.tensor([2, 4]))
+    mask = group.mask(None)[:, 0, 0]  # [requests, rows]
+    assert mask[0].nonzero().flatten().tolist() == [0, 1, 2]  # padded rows (its page 0 again) hidden
+    assert mask[1].nonzero().flatten().tolist() == [0, 1, 2, PAGE_SIZE, PAGE_SIZE + 1]  # positions 0..4
     windowed = group.mask(2)[:, 0, 0]
-    assert windowed[2].nonzero().flatten().tolist() == [3, 4]  # position 0 is NOT forced in for a live row
-    assert windowed[0].nonzero().flatten().tolist() == [1, 2]
-
-
-def test_decode_mask_lets_an_empty_row_see_position_zero_only():
-    group = DecodeGroup(torch.tensor([0]), torch.tensor([0]), torch.tensor([2, 0]), slots=2, max_len=2)
-    assert group.mask(None)[1, 0, 0].tolist() == [True, False]  # no NaN from a row that sees nothing
+    assert windowed[1].nonzero().flatten().tolist() == [PAGE_SIZE, PAGE_SIZE + 1]  # positions 3, 4
 
 
 def test_packed_step_matches_causal_attention_per_request():
     torch.manual_seed(0)
     heads, kv_heads, hd = 4, 2, 8
-    kv = SlotKV(1, kv_heads, hd, dtype=torch.float32, device=torch.device("cpu"))
-    kv.ensure(2, 8)
-    # request A: 3 positions already cached in slot 0, decodes its 4th; request B: prefills 5 in slot 1
-    cached_k, cached_v = torch.randn(kv_heads, 3, hd), torch.randn(kv_heads, 3, hd)
-    kv.write(0, cached_k, cached_v, torch.zeros(3, dtype=torch.long), torch.arange(3))
+    kv = PagedKV(1, kv_heads, hd, dtype=torch.float32, device=torch.device("cpu"), total_pages=8)
+    kv.ensure(8)
+    # request A: a 3-token prefix (page 6, shared) and 2 own positions cached (page 2); decodes position 5.
+    # request B: no prefix, prefills 5 tokens into page 4.
+    prefix_k, prefix_v = torch.randn(kv_heads, 3, hd), torch.randn(kv_heads, 3, hd)
+    kv.write(0, prefix_k, prefix_v, torch.arange(6 * PAGE_SIZE, 6 * PAGE_SIZE + 3))
+    own_k, own_v = torch.randn(kv_heads, 2, hd), torch.randn(kv_heads, 2, hd)
+    kv.write(0, own_k, own_v, torch.arange(2 * PAGE_SIZE, 2 * PAGE_SIZE + 2))
     total = 6  # packed tokens: A's one, then B's five
     q, k, v = torch.randn(1, heads, total, hd), torch.randn(1, kv_heads, total, hd), torch.randn(1, kv_heads, total, hd)
-    decode = DecodeGroup(torch.tensor([0]), torch.tensor([0]), torch.tensor([4, 1]), slots=2, max_len=4)
-    layout = StepLayout(kv, torch.tensor([0, 1, 1, 1, 1, 1]), torch.tensor([3, 0, 1, 2, 3, 4]), decode,
-                        [PrefillChunk(start=1, n=5, slot=1, ctx=0)])
+    a_pages, a_positions = one([6, 2], prefix_pages=1, virtual=3)
+    b_pages, b_positions = one([4])
+    decode = DecodeGroup(torch.tensor([0]), a_pages, a_positions, last=torch.tensor([5]))
+    rows = torch.tensor([2 * PAGE_SIZE + 2, *range(4 * PAGE_SIZE, 4 * PAGE_SIZE + 5)])
+    layout = StepLayout(kv, rows, [decode], [PrefillChunk(1, 5, 0, b_pages[0], b_positions[0])])
     out = layout.attend(0, q, k, v, scaling=None, window=None, softcap=None)[0]  # [T, heads, hd]
 
     def reference(query, keys, values):  # plain causal attention of one request, keys repeated per group
@@ -58,7 +75,7 @@ def test_packed_step_matches_causal_attention_per_request():
         mask = torch.ones(n, m, dtype=torch.bool).tril(m - n)
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask).transpose(0, 1)
 
-    a_keys = torch.cat([cached_k, k[0, :, :1]], dim=1)
-    a_values = torch.cat([cached_v, v[0, :, :1]], dim=1)
+    a_keys = torch.cat([prefix_k, own_k, k[0, :, :1]], dim=1)
+    a_values = torch.cat([prefix_v, own_v, v[0, :, :1]], dim=1)
     assert torch.allclose(out[:1], reference(q[0, :, :1], a_keys, a_values), atol=1e-5)
     assert torch.allclose(out[1:], reference(q[0, :, 1:], k[0, :, 1:], v[0, :, 1:]), atol=1e-5)

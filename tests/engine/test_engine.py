@@ -31,7 +31,7 @@ def test_burst_leaves_memory_within_budgets(make_engine):
         h.result(timeout=60)
     stats = engine.stats()
     assert stats.running == 0 and stats.waiting == 0
-    assert stats.kv_bytes == 0  # slots are released when nothing runs
+    assert stats.kv_pages_used == stats.kv_pages_shared  # only cached task prefixes keep pages when idle
     assert stats.prompt_cache_bytes <= 40_000
     assert stats.prompt_cache_misses >= 5  # every task's prefix was computed, and evictions recomputed some
 
@@ -225,15 +225,15 @@ def test_model_is_frozen_in_eval_mode(base_model):
 
 def test_a_failure_while_finishing_neither_hangs_the_request_nor_leaks_its_place(base_model, registry, monkeypatch):
     engine = Engine(base_model, registry, EngineConfig(max_running=1, max_tokens_per_step=8, max_queue=1))
-    real_remove, calls = engine.runner.remove, []
+    real_release, calls = engine.scheduler._release_pages, []
 
-    def remove_failing_once(seq):
+    def release_failing_once(seq):
         calls.append(seq.id)
         if len(calls) == 1:
-            raise RuntimeError("freeing the slot failed")
-        real_remove(seq)
+            raise RuntimeError("freeing the pages failed")
+        real_release(seq)
 
-    monkeypatch.setattr(engine.runner, "remove", remove_failing_once)
+    monkeypatch.setattr(engine.scheduler, "_release_pages", release_failing_once)
     engine.start()
     try:
         params = SamplingParams(max_new_tokens=2, ignore_eos=True)

@@ -1,106 +1,62 @@
-"""The KV store alone: slots stay compact, data survives growth and moves, the budget holds, memory returns."""
+"""The KV pool's storage alone: pages written and gathered in order, growth keeps data, idle memory returns."""
 
-import pytest
 import torch
 
-from server.engine.kv import SlotKV
-from server.engine.kv_budget import SlotBudget, slot_shape
-from server.engine.sequence import SamplingParams, Sequence
+from server.engine.kv import PagedKV
+from server.engine.pages import PAGE_SIZE
 
 LAYERS, HEADS, HD = 2, 2, 4
 
 
-def request(prompt_len: int, max_new: int = 4, virtual: int = 0) -> Sequence:
-    return Sequence(prompt_ids=list(range(prompt_len)), params=SamplingParams(max_new_tokens=max_new),
-                    num_virtual=virtual)
+def store(total_pages: int = 64, **kw) -> PagedKV:
+    return PagedKV(LAYERS, HEADS, HD, dtype=torch.float32, device=torch.device("cpu"), total_pages=total_pages, **kw)
 
 
-def store(**kw) -> SlotKV:
-    return SlotKV(LAYERS, HEADS, HD, dtype=torch.float32, device=torch.device("cpu"), **kw)
+def rows_of(page: int) -> torch.Tensor:
+    return torch.arange(page * PAGE_SIZE, (page + 1) * PAGE_SIZE)
 
 
-def fill(kv: SlotKV, seq: Sequence, value: float) -> None:
-    """Write `value` at every position the request has computed, in every layer."""
-    n = seq.num_virtual + seq.num_cached
-    kv.load_prefix(seq.slot, torch.full((LAYERS, HEADS, n, HD), value), torch.full((LAYERS, HEADS, n, HD), -value))
+def fill(kv: PagedKV, page: int, value: float) -> None:
+    for layer in range(LAYERS):
+        kv.write(layer, torch.full((HEADS, PAGE_SIZE, HD), value + layer), torch.full((HEADS, PAGE_SIZE, HD), -value),
+                 rows_of(page))
 
 
-def test_the_sizing_rule_is_slots_times_the_longest():
-    seqs = [request(3, 4), request(10, 2, virtual=5), request(1, 1)]
-    assert slot_shape(seqs) == (3, 17)
-    assert SlotBudget(51).admits(seqs) and not SlotBudget(50).admits(seqs)
-    assert slot_shape([]) == (0, 0)
-
-
-def test_a_bytes_budget_counts_positions_of_all_layers():
-    kv = store(budget_bytes=1000)
+def test_a_page_costs_its_positions_of_every_layer():
+    kv = store()
     assert kv.bytes_per_position == 2 * LAYERS * HEADS * HD * 4  # keys and values, float32
-    assert kv.budget == SlotBudget(1000 // kv.bytes_per_position)
+    assert kv.page_bytes == PAGE_SIZE * kv.bytes_per_position
+    assert kv.nbytes == 0  # nothing up front on the CPU
 
 
-def test_assign_grows_and_keeps_what_is_stored():
+def test_gather_reads_pages_in_the_order_given_and_growth_keeps_them():
     kv = store()
-    a = request(3)
-    kv.assign(a)
-    a.num_cached = 3
-    fill(kv, a, 1.0)
-    b = request(40)  # longer: every slot grows to its length
-    kv.assign(b)
-    assert (a.slot, b.slot) == (0, 1) and kv.capacity >= 44 and kv.slots >= 2
-    keys, values = kv.slot_all_layers(a.slot, 3)
-    assert torch.equal(keys, torch.ones_like(keys)) and torch.equal(values, -torch.ones_like(values))
+    kv.ensure(3)
+    fill(kv, 2, 5.0)
+    fill(kv, 0, 1.0)
+    kv.ensure(20)  # grows: what was stored survives
+    assert 20 <= kv.capacity <= 64
+    fill(kv, 19, 9.0)
+    keys, values = kv.gather(1, torch.tensor([[19, 0], [2, 2]]))  # [2 requests, heads, 2 pages' rows, hd]
+    assert keys.shape == (2, HEADS, 2 * PAGE_SIZE, HD)
+    assert keys[0, :, :PAGE_SIZE].eq(10.0).all() and keys[0, :, PAGE_SIZE:].eq(2.0).all()
+    assert keys[1].eq(6.0).all() and values[1].eq(-5.0).all()
 
 
-def test_free_moves_the_last_slot_into_the_hole_with_its_data():
+def test_storage_shrinks_when_mostly_unused_and_is_released_when_empty():
     kv = store()
-    seqs = [request(2) for _ in range(3)]
-    for i, s in enumerate(seqs):
-        kv.assign(s)
-        s.num_cached = 2
-        fill(kv, s, float(i + 1))
-    kv.free(seqs[0])
-    assert seqs[0].slot is None and (seqs[2].slot, seqs[1].slot) == (0, 1)
-    assert kv.holders == [seqs[2], seqs[1]]
-    keys, _ = kv.slot_all_layers(0, 2)
-    assert torch.equal(keys, torch.full_like(keys, 3.0))  # request 2's data followed it to slot 0
-    kv.free(seqs[1])
-    kv.free(seqs[2])
-    assert kv.nbytes == 0 and kv.keys is None  # nothing runs: memory is given back
+    kv.ensure(40)
+    fill(kv, 1, 3.0)
+    kv.shrink(2)  # pages 0..1 in use: the storage holds what they need, and their contents
+    assert kv.capacity == 4
+    assert kv.gather(0, torch.tensor([1]))[0].eq(3.0).all()
+    kv.shrink(0)
+    assert kv.nbytes == 0 and kv.keys is None
 
 
-def test_growth_stays_within_the_budget():
-    kv = store(budget_bytes=store().bytes_per_position * 100)
-    seqs = [request(20, 5) for _ in range(4)]  # 4 slots x 25 positions = the whole budget
-    for s in seqs:
-        kv.assign(s)
-    assert kv.slots * kv.capacity <= 100
-    assert kv.nbytes <= 100 * kv.bytes_per_position
-
-
-def test_reserve_sizes_for_the_queue_when_it_fits_and_for_this_step_when_not():
-    roomy = store(budget_bytes=store().bytes_per_position * 10_000, max_slots=8)
-    joining, queued = [request(5)], [request(30) for _ in range(3)]
-    roomy.reserve(joining, queued)
-    assert roomy.slots >= 4 and roomy.capacity >= 34
-    tight = store(budget_bytes=store().bytes_per_position * 20, max_slots=8)
-    tight.reserve(joining, queued)
-    assert tight.slots * tight.capacity <= 20 and tight.capacity >= 9
-
-
-def test_write_scatters_each_token_to_its_slot_and_position():
-    kv = store()
-    a, b = request(4), request(4)
-    kv.assign(a)
-    kv.assign(b)
-    key = torch.arange(HEADS * 3 * HD, dtype=torch.float32).view(HEADS, 3, HD)
-    kv.write(1, key, -key, torch.tensor([a.slot, b.slot, b.slot]), torch.tensor([0, 2, 3]))
-    keys, values = kv.layer_view(1, 2, 4)  # [slots, heads, positions, hd]
-    assert torch.equal(keys[a.slot, :, 0], key[:, 0]) and torch.equal(keys[b.slot, :, 3], key[:, 2])
-    assert torch.equal(values[b.slot, :, 2], -key[:, 1])
-    assert keys[a.slot, :, 1:].abs().sum() == 0  # nothing else was touched
-
-
-@pytest.mark.parametrize("positions", [0, -5])
-def test_a_budget_must_be_positive(positions):
-    with pytest.raises(ValueError, match="kv_budget_positions"):
-        SlotBudget(positions)
+def test_without_growth_the_whole_pool_is_allocated_at_first_use():
+    kv = store(total_pages=10, grow=False)  # what CUDA does: no growth copy with two storages at once
+    kv.ensure(1)
+    assert kv.capacity == 10
+    kv.shrink(0)
+    assert kv.capacity == 10

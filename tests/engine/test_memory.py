@@ -13,7 +13,7 @@ from server.engine.sequence import SamplingParams
 
 
 def test_on_the_cpu_it_is_a_share_of_the_available_ram():
-    budget, why = default_kv_budget(torch.device("cpu"), fraction=0.9, prompt_cache_bytes=0)
+    budget, why = default_kv_budget(torch.device("cpu"), fraction=0.9)
     assert 0 < budget <= _available_ram() * CPU_SHARE * 1.05 + 1  # RAM moves a little between the two reads
     assert budget >= _available_ram() * CPU_SHARE * 0.5
     assert "quarter" in why and "RAM" in why

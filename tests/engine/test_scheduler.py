@@ -35,7 +35,7 @@ def test_request_state_and_scheduler_import_no_torch():
 
 
 def test_decodes_come_first_and_long_prompts_are_chunked():
-    sched = Scheduler(SchedulerConfig(max_running=4, max_tokens_per_step=16, kv_budget_positions=10_000))
+    sched = Scheduler(SchedulerConfig(max_running=4, max_tokens_per_step=16, kv_pages=1000))
     a = seq(3, max_new=10)
     sched.add(a)
     run_step(sched)  # a prefilled and sampled its first token
@@ -48,7 +48,7 @@ def test_decodes_come_first_and_long_prompts_are_chunked():
 
 
 def test_chunked_prefill_completes_and_then_decodes():
-    sched = Scheduler(SchedulerConfig(max_running=2, max_tokens_per_step=8, kv_budget_positions=10_000))
+    sched = Scheduler(SchedulerConfig(max_running=2, max_tokens_per_step=8, kv_pages=1000))
     s = seq(20, max_new=2)
     sched.add(s)
     sizes = []
@@ -62,7 +62,7 @@ def test_chunked_prefill_completes_and_then_decodes():
 
 
 def test_postprocess_advances_caches_and_only_prefill_ends_sample():
-    sched = Scheduler(SchedulerConfig(max_running=2, max_tokens_per_step=6, kv_budget_positions=10_000))
+    sched = Scheduler(SchedulerConfig(max_running=2, max_tokens_per_step=6, kv_pages=1000))
     a, b = seq(4, max_new=3), seq(10, max_new=3)
     sched.add(a)
     sched.add(b)
@@ -76,7 +76,7 @@ def test_postprocess_advances_caches_and_only_prefill_ends_sample():
 
 
 def test_postprocess_finishes_on_eos_unless_ignored():
-    sched = Scheduler(SchedulerConfig(max_running=4, max_tokens_per_step=64, kv_budget_positions=10_000),
+    sched = Scheduler(SchedulerConfig(max_running=4, max_tokens_per_step=64, kv_pages=1000),
                       eos_ids=frozenset({EOS}))
     stops, ignores = seq(3, max_new=5), seq(3, max_new=5, ignore_eos=True)
     sched.add(stops)
@@ -91,7 +91,7 @@ def test_postprocess_finishes_on_eos_unless_ignored():
 
 def test_postprocess_finishes_on_a_stop_string_and_holds_it_back(llama_dir):
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
-    sched = Scheduler(SchedulerConfig(max_running=1, max_tokens_per_step=64, kv_budget_positions=10_000))
+    sched = Scheduler(SchedulerConfig(max_running=1, max_tokens_per_step=64, kv_pages=1000))
     text_ids = tokenizer("the quick brown fox jumps")["input_ids"]
     params = SamplingParams(max_new_tokens=len(text_ids) + 5, stop=("fox",))
     s = Sequence(prompt_ids=[1, 2], params=params, detokenizer=IncrementalText(tokenizer, [1, 2], params.stop))
@@ -108,7 +108,7 @@ def test_postprocess_finishes_on_a_stop_string_and_holds_it_back(llama_dir):
 
 
 def test_max_running_and_fifo_admission():
-    sched = Scheduler(SchedulerConfig(max_running=2, max_tokens_per_step=64, kv_budget_positions=10_000))
+    sched = Scheduler(SchedulerConfig(max_running=2, max_tokens_per_step=64, kv_pages=1000))
     seqs = [seq(2) for _ in range(4)]
     for s in seqs:
         sched.add(s)
@@ -117,21 +117,8 @@ def test_max_running_and_fifo_admission():
     assert [s.status for s in seqs] == [Status.RUNNING, Status.RUNNING, Status.WAITING, Status.WAITING]
 
 
-def test_kv_budget_counts_slots_times_longest():
-    # each request may reach 4 + 4 = 8 positions (virtual ones count); 20 positions hold two slots of 8
-    sched = Scheduler(SchedulerConfig(max_running=8, max_tokens_per_step=64, kv_budget_positions=20))
-    seqs = [seq(2, max_new=4, virtual=2) for _ in range(3)]
-    for s in seqs:
-        sched.add(s)
-    assert sched.schedule().admitted == seqs[:2]
-    assert sched.fits_alone(seqs[2])
-    assert not sched.fits_alone(seq(30))
-    sched.finish(seqs[0])
-    assert sched.schedule().admitted == [seqs[2]]
-
-
 def test_finish_removes_from_either_queue():
-    sched = Scheduler(SchedulerConfig(max_running=1, max_tokens_per_step=8, kv_budget_positions=100))
+    sched = Scheduler(SchedulerConfig(max_running=1, max_tokens_per_step=8, kv_pages=100))
     a, b, never_added = seq(2), seq(2), seq(2)
     sched.add(a)
     sched.add(b)
@@ -145,7 +132,7 @@ def test_finish_removes_from_either_queue():
 
 @pytest.mark.parametrize(("kwargs", "field"), [(dict(max_running=0), "max_running"),
                                                (dict(max_tokens_per_step=4, max_running=8), "max_tokens_per_step"),
-                                               (dict(kv_budget_positions=-1), "kv_budget_positions")])
+                                               (dict(kv_pages=0), "kv_pages")])
 def test_config_is_checked_naming_the_field(kwargs, field):
     with pytest.raises(InvalidConfig) as err:
         SchedulerConfig(**kwargs)

@@ -1,0 +1,174 @@
+"""Which KV pages are free, which a request holds, and which task prefixes are shared. No torch here.
+
+KV memory is one pool of fixed-size pages (PAGE_SIZE positions each, every layer's keys and values).
+A request holds the pages its text and generated tokens fill, taken one at a time as it grows and all
+given back when it ends. A task's prefix (its virtual tokens' keys and values) lives in pages of its
+own, shared read-only by every running request of that task and keyed by the prompt weights' content:
+a new upload with the same weights reuses them, new weights get new pages, and pages a request reads
+never change under it.
+
+A prefix nobody uses stays cached (least recently used first out) while the idle prefixes fit their
+cap (--prompt-cache-bytes); the pool takes idle prefix pages back whenever it runs short. The runner
+(torch) stores the pages' contents; this module only decides who holds which page.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.engine.errors import check_int
+
+PAGE_SIZE = 16  # positions per page: small enough to waste little, large enough to copy in blocks
+
+
+def pages_for(positions: int) -> int:
+    return -(-positions // PAGE_SIZE)
+
+
+@dataclass(eq=False, slots=True)
+class SharedPrefix:
+    """One task prefix in the pool: `positions` virtual tokens in `pages`, read by `users` requests."""
+
+    key: Hashable
+    positions: int
+    pages: list[int]
+    users: int = 0
+    ready: bool = False  # its keys and values are computed (the runner does it before the first read)
+    source: Any = field(default=None, repr=False)  # the prompt snapshot to compute it from, until ready
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    pages_total: int
+    pages_used: int  # held by requests or by prefixes (idle cached prefixes included)
+    pages_shared: int  # held by task prefixes
+    prefix_entries: int
+    prefix_hits: int
+    prefix_misses: int
+
+
+class PagePool:
+    def __init__(self, total_pages: int, idle_prefix_pages: int) -> None:
+        check_int("kv_pages", total_pages, low=1)
+        self.total = total_pages
+        self.idle_prefix_cap = idle_prefix_pages
+        self._free = list(range(total_pages))  # a min-heap: low pages first, so the used range stays short
+        self._in_use = bytearray(total_pages)
+        self.high_water = 0  # one past the highest page ever handed out since the last shrink
+        self.prefixes: dict[Hashable, SharedPrefix] = {}
+        self._idle: OrderedDict[Hashable, SharedPrefix] = OrderedDict()  # users == 0, oldest first
+        self._idle_pages = 0
+        self._shared_pages = 0  # held by prefixes, counted as they come and go (stats() runs on other threads)
+        self.hits = 0
+        self.misses = 0
+
+    # -- plain pages ---------------------------------------------------------------------------
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def available(self) -> int:
+        """Pages a request could get now: the free ones and those of idle cached prefixes."""
+        return len(self._free) + self._idle_pages
+
+    def allocate(self, n: int) -> list[int] | None:
+        """`n` pages, evicting idle prefixes if needed; None (and nothing taken) if they are not there."""
+        if n > self.available():
+            return None
+        while len(self._free) < n:
+            self._evict_oldest_idle()
+        pages = [heapq.heappop(self._free) for _ in range(n)]
+        for p in pages:
+            self._in_use[p] = 1
+        if pages:
+            self.high_water = max(self.high_water, max(pages) + 1)
+        return pages
+
+    def release(self, pages: list[int]) -> None:
+        for p in pages:
+            assert self._in_use[p], f"page {p} released twice"
+            self._in_use[p] = 0
+            heapq.heappush(self._free, p)
+        pages.clear()
+
+    def used_extent(self) -> int:
+        """One past the highest page in use now (the runner may shrink its storage to this)."""
+        top = self.high_water
+        while top and not self._in_use[top - 1]:
+            top -= 1
+        self.high_water = top
+        return top
+
+    # -- shared task prefixes ------------------------------------------------------------------
+
+    def prefix_cost(self, key: Hashable, positions: int) -> int:
+        """Pages that `acquire_prefix(key, positions)` takes out of `available()`."""
+        entry = self.prefixes.get(key)
+        if entry is None:
+            return pages_for(positions)
+        return len(entry.pages) if entry.users == 0 else 0  # an idle entry stops being evictable
+
+    def acquire_prefix(self, key: Hashable, positions: int, source: Any) -> SharedPrefix | None:
+        """The shared prefix for `key`, one more user counted; a new entry (not ready) when absent.
+        None when the pages for a new one are not available."""
+        entry = self.prefixes.get(key)
+        if entry is None:
+            pages = self.allocate(pages_for(positions))
+            if pages is None:
+                return None
+            self.misses += 1
+            entry = SharedPrefix(key, positions, pages, source=source)
+            self.prefixes[key] = entry
+            self._shared_pages += len(pages)
+        else:
+            self.hits += 1
+            if entry.users == 0:
+                del self._idle[key]
+                self._idle_pages -= len(entry.pages)
+        entry.users += 1
+        return entry
+
+    def release_prefix(self, entry: SharedPrefix) -> None:
+        """One user fewer; an unused prefix is kept for the next request while idle ones fit their cap."""
+        assert entry.users > 0, "prefix released more often than acquired"
+        entry.users -= 1
+        if entry.users:
+            return
+        if not entry.ready or self.prefixes.get(entry.key) is not entry:  # never computed, or forgotten
+            self._drop(entry)
+            return
+        self._idle[entry.key] = entry
+        self._idle_pages += len(entry.pages)
+        while self._idle_pages > self.idle_prefix_cap:
+            self._evict_oldest_idle()
+
+    def forget(self, entry: SharedPrefix) -> None:
+        """Stop handing `entry` out (its computation failed); its pages go back when its last user leaves."""
+        if self.prefixes.get(entry.key) is entry:
+            del self.prefixes[entry.key]
+        if entry.users == 0 and entry.key in self._idle and self._idle[entry.key] is entry:
+            del self._idle[entry.key]
+            self._idle_pages -= len(entry.pages)
+            self._shared_pages -= len(entry.pages)
+            self.release(entry.pages)
+
+    def _evict_oldest_idle(self) -> None:
+        _, entry = self._idle.popitem(last=False)
+        self._idle_pages -= len(entry.pages)
+        self._drop(entry)
+
+    def _drop(self, entry: SharedPrefix) -> None:
+        if self.prefixes.get(entry.key) is entry:
+            del self.prefixes[entry.key]
+        entry.source = None
+        self._shared_pages -= len(entry.pages)
+        self.release(entry.pages)
+
+    def stats(self) -> PoolStats:
+        return PoolStats(self.total, self.total - len(self._free), self._shared_pages, len(self.prefixes),
+                         self.hits, self.misses)
