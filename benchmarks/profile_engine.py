@@ -85,8 +85,8 @@ def instrument(engine, timer: PhaseTimer, shapes: StepShapes) -> None:
     engine.runner.run = shapes.wrap(engine.runner.run)
 
     engine.scheduler.schedule = timer.wrap("scheduler.schedule", engine.scheduler.schedule)
-    engine._admit = timer.wrap("engine._admit (KV slot + prefix)", engine._admit)
-    engine.runner.reserve = timer.wrap("runner.reserve (KV slots sized)", engine.runner.reserve)
+    engine._prepare_prefixes = timer.wrap("engine._prepare_prefixes (new task prefixes)", engine._prepare_prefixes)
+    engine.runner.fit_storage = timer.wrap("runner.fit_storage (KV pool grown or shrunk)", engine.runner.fit_storage)
     engine.runner.run = timer.wrap("runner.run (forward pass)", engine.runner.run)
     engine.scheduler.postprocess = timer.wrap("scheduler.postprocess (detok + push + finish)",
                                               engine.scheduler.postprocess)

@@ -4,11 +4,13 @@ Layout: `[layers, pages, PAGE_SIZE, kv_heads, head_dim]`, position-major inside 
 one contiguous block per layer and gathering a request's pages is a copy of whole blocks. Which page
 holds what is decided in `pages.py` (no torch); this module only stores and reads.
 
-On the CPU the storage grows (doubling, within the pool's page count) as pages are handed out and
-shrinks when the pages in use fit a quarter of it, so an idle server, a test or one of several
-replicas on a machine holds only what it uses. On CUDA the whole pool is allocated at the first
-use: the budget there was sized from the device's free memory, and a growth copy would need the
-old and the new storage at once.
+On the CPU the storage is reserved whole but committed as it is used: `torch.empty` of that size is
+an anonymous memory map, so the operating system gives it RAM page by page as pages are first written
+(`ensure` zeroes each page once, just before its first use). An idle server, a test or one of
+several replicas on a machine thus holds only what it uses, and growing never copies. When the
+pages in use fit a quarter of what was touched and nothing runs, `shrink` moves them to a fresh
+storage and the rest goes back to the system. On CUDA the whole pool is allocated at the first use:
+the budget there was sized from the device's free memory.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ class PagedKV:
         self.device = device
         self.total_pages = total_pages
         self.grow = device.type != "cuda" if grow is None else grow
-        self.keys: torch.Tensor | None = None  # [layers, capacity, PAGE_SIZE, kv_heads, head_dim]
+        self.keys: torch.Tensor | None = None  # [layers, total_pages, PAGE_SIZE, kv_heads, head_dim]
         self.values: torch.Tensor | None = None
+        self._touched = 0  # pages 0.._touched-1 were zeroed (committed); the rest is only reserved
+        # Reused gather outputs, keys' and values': a fresh big tensor each time would fault its memory in.
+        self._scratch: dict[str, torch.Tensor] = {}
 
     @staticmethod
     def position_bytes(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -46,8 +51,8 @@ class PagedKV:
 
     @property
     def capacity(self) -> int:
-        """Pages the storage holds now."""
-        return 0 if self.keys is None else self.keys.shape[1]
+        """Pages usable now: zeroed once, so holding memory (on the CPU, only these are committed)."""
+        return self._touched
 
     @property
     def nbytes(self) -> int:
@@ -56,32 +61,33 @@ class PagedKV:
     # -- sizing --------------------------------------------------------------------------------
 
     def ensure(self, pages: int) -> None:
-        """Make pages 0..pages-1 addressable, keeping what is stored."""
-        if pages <= self.capacity:
+        """Make pages 0..pages-1 usable, keeping what is stored."""
+        if pages <= self._touched:
             return
-        target = self.total_pages if not self.grow else min(self.total_pages, max(pages, 2 * self.capacity))
-        self._resize(max(target, pages))
+        if self.keys is None or self.values is None:
+            shape = (self.num_layers, self.total_pages, PAGE_SIZE, self.kv_heads, self.head_dim)
+            self.keys = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self.values = torch.empty(shape, dtype=self.dtype, device=self.device)
+        # Zeroed before the first use: a masked row gets weight 0, and 0 x NaN (torch.empty's garbage) is
+        # NaN. A page used before holds finite values, which weight 0 hides. On CUDA everything at once.
+        end = pages if self.grow else self.total_pages
+        self.keys[:, self._touched:end] = 0
+        self.values[:, self._touched:end] = 0
+        self._touched = end
 
     def shrink(self, extent: int) -> None:
-        """Pages from `extent` on are unused: give the storage back where it is mostly empty."""
-        if not self.grow or self.capacity == 0:
+        """Nothing runs and pages from `extent` on are unused: give their memory back when they are most."""
+        if not self.grow or self.keys is None or self.values is None or 4 * extent > self._touched:
             return
-        if extent == 0:
-            self.keys = self.values = None
-        elif 4 * extent <= self.capacity:
-            self._resize(2 * extent)
-
-    def _resize(self, pages: int) -> None:
-        shape = (self.num_layers, pages, PAGE_SIZE, self.kv_heads, self.head_dim)
-        # Zero-filled once: masked rows get weight 0, and 0 x NaN (garbage of torch.empty) would be NaN.
-        # A page reused later holds old finite values, which weight 0 also hides.
-        keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        values = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        if self.keys is not None and self.values is not None:
-            kept = min(self.capacity, pages)
-            keys[:, :kept] = self.keys[:, :kept]
-            values[:, :kept] = self.values[:, :kept]
-        self.keys, self.values = keys, values
+        old_keys, old_values = self.keys, self.values
+        self.keys = self.values = None
+        self._touched = 0
+        self._scratch.clear()
+        if extent:
+            self.ensure(extent)
+            assert self.keys is not None and self.values is not None
+            self.keys[:, :extent] = old_keys[:, :extent]
+            self.values[:, :extent] = old_values[:, :extent]
 
     # -- reads and writes ----------------------------------------------------------------------
 
@@ -93,11 +99,21 @@ class PagedKV:
         self.values[layer].view(flat)[rows] = value.transpose(0, 1).to(self.dtype)
 
     def gather(self, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of `pages` (any shape `[..., P]`), as `[..., kv_heads, P * PAGE_SIZE, head_dim]`."""
+        """Keys and values of `pages` (any shape `[..., P]`), as `[..., kv_heads, P * PAGE_SIZE, head_dim]`.
+        The result is only valid until the next gather (it lives in a reused buffer)."""
         assert self.keys is not None and self.values is not None, "gather before ensure"
         *lead, count = pages.shape
         shape = (*lead, count * PAGE_SIZE, self.kv_heads, self.head_dim)
         flat = pages.reshape(-1)
-        keys = self.keys[layer].index_select(0, flat).view(shape).transpose(-3, -2)
-        values = self.values[layer].index_select(0, flat).view(shape).transpose(-3, -2)
+        keys = self._gather_into("keys", self.keys[layer], flat).view(shape).transpose(-3, -2)
+        values = self._gather_into("values", self.values[layer], flat).view(shape).transpose(-3, -2)
         return keys, values
+
+    def _gather_into(self, name: str, source: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+        numel = pages.numel() * source[0].numel()
+        buffer = self._scratch.get(name)
+        if buffer is None or buffer.numel() < numel:
+            grown = max(numel, 2 * buffer.numel()) if buffer is not None else numel
+            buffer = self._scratch[name] = torch.empty(grown, dtype=self.dtype, device=self.device)
+        out = buffer[:numel].view(pages.numel(), *source.shape[1:])
+        return torch.index_select(source, 0, pages, out=out)

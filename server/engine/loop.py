@@ -221,7 +221,7 @@ class Engine:
             tokens = sample(logits, [seq for seq, n in batch if seq.samples_after(n)])
             self.scheduler.postprocess(batch, tokens, release=lambda seq: self._left())
         if not self.scheduler.running:  # idle: give back the storage no page uses
-            self.runner.fit_storage(self.scheduler.pool.used_extent())
+            self.runner.fit_storage(self.scheduler.pool.used_extent(), idle=True)
 
     def _left(self) -> None:
         """A request finished or failed: its place in the queue is free again."""

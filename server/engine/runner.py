@@ -57,12 +57,13 @@ class ModelRunner:
 
     # -- storage -------------------------------------------------------------------------------
 
-    def fit_storage(self, pages_in_use: int) -> None:
-        """Let the storage follow the pool: grow to address every page handed out, shrink when idle."""
-        if pages_in_use > self.kv.capacity:
-            self.kv.ensure(pages_in_use)
+    def fit_storage(self, pages_handed_out: int, *, idle: bool = False) -> None:
+        """Let the storage follow the pool: usable up to every page handed out; when nothing runs,
+        give back what lies beyond the pages still held (cached task prefixes)."""
+        if idle:
+            self.kv.shrink(pages_handed_out)
         else:
-            self.kv.shrink(pages_in_use)
+            self.kv.ensure(pages_handed_out)
 
     # -- one step ------------------------------------------------------------------------------
 
