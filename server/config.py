@@ -110,13 +110,15 @@ class Settings(BaseSettings):
     max_queue: int | None = Field(
         None, description="Most requests waiting beyond the max-running running ones; more get 503 (engine)."
     )
-    kv_cache_bytes: int | None = Field(None, description="Byte budget of the requests' KV cache (engine).")
+    kv_cache_bytes: int | None = Field(
+        None, description="Byte budget of the KV page pool: requests' keys and values and task prefixes (engine)."
+    )
     kv_cache_memory_fraction: float | None = Field(
         None, description="Without --kv-cache-bytes on CUDA: the share of the GPU memory free after loading the "
         "model that the KV cache may use (engine)."
     )
     prompt_cache_bytes: int | None = Field(
-        None, description="Byte budget of the device cache of task prefixes (least recently used out)."
+        None, description="How much of the KV pool task prefixes no request uses may keep (least recently used out)."
     )
     threads: int | None = Field(
         None, description="CPU threads of the engine's model work (torch intra-op); other threads use one."

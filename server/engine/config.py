@@ -14,9 +14,9 @@ class EngineConfig:
     max_tokens_per_step: int = 512  # tokens in one forward pass (decodes + prefill chunks)
     max_context: int | None = None  # positions per request, virtual tokens included; None: the model's
     max_queue: int = 1024  # requests waiting beyond the max_running running ones before new ones get QueueFull
-    kv_cache_bytes: int | None = None  # KV memory of running requests; None: a share of the device (memory.py)
+    kv_cache_bytes: int | None = None  # the KV page pool (requests and task prefixes); None: a share of the device
     kv_cache_memory_fraction: float = 0.9  # on CUDA, of the memory free after loading, when kv_cache_bytes is None
-    prompt_cache_bytes: int = 512 * 2**20  # device memory for precomputed task prefixes
+    prompt_cache_bytes: int = 512 * 2**20  # of the KV pool, what task prefixes no request uses may keep (LRU)
     # torch intra-op threads of the engine thread (None: torch's default). Once the engine starts,
     # every other thread of the process runs torch on one thread; see server/engine/threads.py.
     threads: int | None = None
