@@ -63,6 +63,12 @@ def _allowed(positions: torch.Tensor, query_positions: torch.Tensor, window: int
     return allowed
 
 
+def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The mask as an additive bias (0 or -inf), made once per step: sdpa would convert a boolean
+    mask again in every layer. Every query sees at least its own position, so no row is all -inf."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
 @dataclass(slots=True)
 class PrefillChunk:
     """`n` new tokens of one request at packed offset `start`, the first at position `first`."""
@@ -74,12 +80,17 @@ class PrefillChunk:
     positions: torch.Tensor  # [P * PAGE_SIZE]
     _masks: dict = field(default_factory=dict)
 
-    def mask(self, window: int | None) -> torch.Tensor:
+    def allowed(self, window: int | None) -> torch.Tensor:
         """`[n, rows]` bool: query i (position first+i) sees the rows holding positions <= first+i."""
-        if window not in self._masks:
-            q = torch.arange(self.first, self.first + self.n, device=self.positions.device)[:, None]
-            self._masks[window] = _allowed(self.positions[None, :], q, window)
-        return self._masks[window]
+        q = torch.arange(self.first, self.first + self.n, device=self.positions.device)[:, None]
+        return _allowed(self.positions[None, :], q, window)
+
+    def bias(self, window: int | None, dtype: torch.dtype, groups: int) -> torch.Tensor:
+        """`[groups*n, rows]`: `allowed` as an additive bias, repeated for the query heads of a kv head."""
+        key = (window, dtype, groups)
+        if key not in self._masks:
+            self._masks[key] = _bias(self.allowed(window), dtype).repeat(groups, 1)
+        return self._masks[key]
 
 
 @dataclass(slots=True)
@@ -92,11 +103,16 @@ class DecodeGroup:
     last: torch.Tensor  # [D] position of each request's new token
     _masks: dict = field(default_factory=dict)
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        """`[D, 1, 1, rows]` bool: each request's new token sees its whole (windowed) history."""
-        if window not in self._masks:
-            self._masks[window] = _allowed(self.positions, self.last[:, None], window)[:, None, None, :]
-        return self._masks[window]
+    def allowed(self, window: int | None) -> torch.Tensor:
+        """`[D, rows]` bool: each request's new token sees its whole (windowed) history."""
+        return _allowed(self.positions, self.last[:, None], window)
+
+    def bias(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """`[D, 1, 1, rows]`: `allowed` as an additive bias."""
+        key = (window, dtype)
+        if key not in self._masks:
+            self._masks[key] = _bias(self.allowed(window), dtype)[:, None, None, :]
+        return self._masks[key]
 
 
 @dataclass(slots=True)
@@ -121,25 +137,23 @@ class StepLayout:
             keys, values = self.kv.gather(layer, d.pages)  # [D, kv_heads, rows, hd]
             # Query heads of one kv head become its query rows: GQA without repeating keys.
             qd = q[:, d.token_idx].transpose(0, 1).reshape(-1, kv_heads, groups, hd)
-            o = _attend(qd, keys, values, d.mask(window), scaling, softcap)  # [D, kv_heads, groups, hd]
+            o = _attend(qd, keys, values, d.bias(window, q.dtype), scaling, softcap)  # [D, kv_heads, groups, hd]
             out[d.token_idx] = o.reshape(-1, heads, hd)
         for c in self.prefills:
             keys, values = self.kv.gather(layer, c.pages)  # [kv_heads, rows, hd]
             qc = q[:, c.start:c.start + c.n].reshape(kv_heads, groups * c.n, hd)
-            mask = c.mask(window).repeat(groups, 1)  # [groups*n, rows]
-            o = _attend(qc, keys, values, mask, scaling, softcap)  # [kv_heads, groups*n, hd]
+            o = _attend(qc, keys, values, c.bias(window, q.dtype, groups), scaling, softcap)  # [kv_heads, groups*n, hd]
             out[c.start:c.start + c.n] = o.view(kv_heads, groups, c.n, hd).permute(2, 0, 1, 3).reshape(
                 c.n, heads, hd)
         return out.unsqueeze(0)  # [1, T, heads, hd], the layout attention functions return
 
 
-def _attend(q, k, v, mask, scaling, softcap):
+def _attend(q, k, v, bias, scaling, softcap):
     if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scaling)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    scores = torch.tanh(scores / softcap) * softcap + bias
     return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
 
 

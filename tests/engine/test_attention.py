@@ -24,17 +24,17 @@ def test_gathered_rows_know_their_positions_across_a_part_full_prefix_page():
 def test_prefill_mask_is_causal_in_positions():
     pages, positions = one([0])
     chunk = PrefillChunk(start=0, n=3, first=2, pages=pages[0], positions=positions[0])
-    mask = chunk.mask(None)[:, :5]
+    mask = chunk.allowed(None)[:, :5]
     expected = torch.tensor([[1, 1, 1, 0, 0],
                              [1, 1, 1, 1, 0],
                              [1, 1, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(mask, expected)
-    assert not chunk.mask(None)[:, 5:].any()
+    assert not chunk.allowed(None)[:, 5:].any()
 
 
 def test_prefill_mask_with_a_sliding_window_sees_only_the_last_positions():
     pages, positions = one([0])
-    mask = PrefillChunk(start=0, n=2, first=4, pages=pages[0], positions=positions[0]).mask(3)
+    mask = PrefillChunk(start=0, n=2, first=4, pages=pages[0], positions=positions[0]).allowed(3)
     assert mask[0].nonzero().flatten().tolist() == [2, 3, 4]
     assert mask[1].nonzero().flatten().tolist() == [3, 4, 5]
 
@@ -42,10 +42,10 @@ def test_prefill_mask_with_a_sliding_window_sees_only_the_last_positions():
 def test_decode_mask_sees_each_requests_own_history():
     pages, positions = page_views([PageList([0]), PageList([1, 2], prefix_pages=1, virtual=3)], torch.device("cpu"))
     group = DecodeGroup(torch.tensor([0, 1]), pages, positions, last=torch.tensor([2, 4]))
-    mask = group.mask(None)[:, 0, 0]  # [requests, rows]
+    mask = group.allowed(None)  # [requests, rows]
     assert mask[0].nonzero().flatten().tolist() == [0, 1, 2]  # padded rows (its page 0 again) hidden
     assert mask[1].nonzero().flatten().tolist() == [0, 1, 2, PAGE_SIZE, PAGE_SIZE + 1]  # positions 0..4
-    windowed = group.mask(2)[:, 0, 0]
+    windowed = group.allowed(2)
     assert windowed[1].nonzero().flatten().tolist() == [PAGE_SIZE, PAGE_SIZE + 1]  # positions 3, 4
 
 
