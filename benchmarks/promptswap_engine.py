@@ -32,12 +32,14 @@ def make_registry(base, workload: Workload):
     return registry
 
 
-def start_engine(base, registry, max_running: int, max_tokens_per_step: int):
+def start_engine(base, registry, max_running: int, max_tokens_per_step: int, **settings):
+    """A started engine; `settings` are more EngineConfig fields (kv_cache_bytes, prompt_cache_bytes, ...)."""
     from benchmarks.threads import engine_threads
     from server.engine.config import EngineConfig
     from server.engine.loop import Engine
 
-    config = EngineConfig(max_running=max_running, max_tokens_per_step=max_tokens_per_step, threads=engine_threads())
+    config = EngineConfig(max_running=max_running, max_tokens_per_step=max_tokens_per_step, threads=engine_threads(),
+                          **settings)
     engine = Engine(base, registry, config)
     engine.start()
     return engine

@@ -24,13 +24,14 @@ def table(summaries: dict[str, dict], ratios: dict[str, dict] | None, ours: str)
     """A fixed-width table: one row per system, then `ours`'s ratio to it (tokens/s and p50 latency)."""
     name_w = max(len(n) for n in summaries) + 2
     head = "system".ljust(name_w) + "".join(label.rjust(12) for _, label, _ in COLUMNS)
-    head += f"{ours + ' tok/s x':>24}{'p50 lat x':>12}"
+    ratio_w = max(24, len(ours) + 10)
+    head += f"{ours + ' tok/s x':>{ratio_w}}{'p50 lat x':>12}"
     lines = [head, "-" * len(head)]
     for name, s in summaries.items():
         row = name.ljust(name_w) + "".join(_fmt(s.get(k), p).rjust(12) for k, _, p in COLUMNS)
         r = (ratios or {}).get(name)
         if r is not None:
-            row += _fmt(r["tokens_per_s"], "{:.2f}x").rjust(24) + _fmt(r["p50_latency_s"], "{:.2f}x").rjust(12)
+            row += _fmt(r["tokens_per_s"], "{:.2f}x").rjust(ratio_w) + _fmt(r["p50_latency_s"], "{:.2f}x").rjust(12)
         lines.append(row)
     return "\n".join(lines)
 
@@ -100,6 +101,29 @@ def plot_ttft(path: Path, rows: list[dict], title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_bars(path: Path, panels: dict[str, dict[str, float]], title: str) -> None:
+    """Side-by-side bar charts: one panel per figure (its name is the y label), one bar per entry."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, (label, bars) in zip(axes[0], panels.items(), strict=True):
+        names = list(bars)
+        ax.bar(range(len(names)), [bars[n] for n in names], color=[f"C{i}" for i in range(len(names))])
+        ax.set_xticks(range(len(names)), names, fontsize=8, rotation=10)
+        ax.set_ylabel(label)
+        ax.grid(True, axis="y", alpha=0.3)
+        for i, n in enumerate(names):
+            ax.annotate(f"{bars[n]:.4g}", (i, bars[n]), ha="center", va="bottom", fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

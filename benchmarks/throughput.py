@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 from benchmarks import baselines
 from benchmarks.hf_generate import HFGenerator
@@ -113,21 +114,12 @@ def measure(bench: Bench, systems: list[str], concurrencies: list[int]) -> dict:
             if name in once:
                 results[name], summaries[name] = once[name]
                 continue
-            bench.log(f"[c={c}] {name} ...")
-            start, cpu_start = time.perf_counter(), time.process_time()
+            run = partial(run_system, bench, name, c)
             # The engine computes in its own thread; the transformers baselines get one like it.
-            results[name] = run_system(bench, name, c) if name.startswith(OURS) else in_worker(
-                run_system, bench, name, c)
-            wall = time.perf_counter() - start
-            s = summarize(results[name])
-            # CPU seconds per wall second over all threads: well under the core count while a system
-            # computes means other processes took the cores (its figures are then too low).
-            s["cpu_cores_used"] = (time.process_time() - cpu_start) / wall
-            summaries[name] = s
+            results[name], summaries[name] = timed(bench.log, f"[c={c}] {name}",
+                                                   run if name.startswith(OURS) else partial(in_worker, run))
             if name in CONCURRENCY_ONE:
-                once[name] = (results[name], s)
-            bench.log(f"[c={c}] {name}: {s['tokens_per_s']:.1f} tok/s in {wall:.1f} s, "
-                      f"{s['cpu_cores_used']:.2f} cores busy")
+                once[name] = (results[name], summaries[name])
         by_c[c] = {
             "summaries": summaries,
             "ratios": ratios(summaries, OURS) if OURS in summaries else {},
@@ -135,6 +127,21 @@ def measure(bench: Bench, systems: list[str], concurrencies: list[int]) -> dict:
         }
         raw[c] = results
     return {"by_concurrency": by_c, "raw": raw}
+
+
+def timed(log: Callable[[str], None], label: str, run: Callable[[], list[RequestResult]]
+          ) -> tuple[list[RequestResult], dict]:
+    """`run()`'s results and their summary, with the CPU cores the process kept busy meanwhile."""
+    log(f"{label} ...")
+    start, cpu_start = time.perf_counter(), time.process_time()
+    results = run()
+    wall = time.perf_counter() - start
+    s = summarize(results)
+    # CPU seconds per wall second over all threads: well under the core count while a system
+    # computes means other processes took the cores (its figures are then too low).
+    s["cpu_cores_used"] = (time.process_time() - cpu_start) / wall
+    log(f"{label}: {s['tokens_per_s']:.1f} tok/s in {wall:.1f} s, {s['cpu_cores_used']:.2f} cores busy")
+    return results, s
 
 
 def _agreement(results: dict[str, list[RequestResult]]) -> dict[str, float]:
