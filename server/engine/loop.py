@@ -20,6 +20,7 @@ from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalText
 from server.engine.errors import (
     EngineStopped,
+    InvalidConfig,
     InvalidParameter,
     QueueFull,
     RequestCancelled,
@@ -77,7 +78,10 @@ class Engine:
             log.info("KV cache budget %.2f GiB: %s (--kv-cache-bytes sets it)", self.kv_budget_bytes / 2**30, why)
         g = base.geometry
         self.page_bytes = PAGE_SIZE * PagedKV.position_bytes(g.num_layers, g.num_kv_heads, g.head_dim, base.dtype)
-        total_pages = max(1, self.kv_budget_bytes // self.page_bytes)
+        total_pages = self.kv_budget_bytes // self.page_bytes
+        if total_pages < 1:
+            raise InvalidConfig("kv_cache_bytes", f"at least one KV page of this model ({self.page_bytes} bytes: "
+                                f"{PAGE_SIZE} positions of every layer's keys and values)", self.kv_budget_bytes)
         self.runner = ModelRunner(base, total_pages=total_pages)
         scheduler_config = SchedulerConfig(self.config.max_running, self.config.max_tokens_per_step, total_pages,
                                            self.config.prompt_cache_bytes // self.page_bytes)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
+from server.engine.errors import InvalidConfig
 from server.engine.pages import PAGE_SIZE, pages_for
 from server.engine.sequence import SamplingParams, TokenDelta
 
@@ -90,3 +93,10 @@ def test_a_long_request_no_longer_throttles_short_ones(make_engine):
     for h in handles:
         h.result(timeout=120)
     assert engine.stats().peak_running == 8 and engine.stats().preemptions == 0
+
+
+def test_a_budget_below_one_page_is_refused_naming_the_setting(make_engine):
+    page = make_engine().page_bytes
+    with pytest.raises(InvalidConfig) as err:
+        make_engine(kv_cache_bytes=page - 1)
+    assert err.value.field == "kv_cache_bytes" and f"{page} bytes" in str(err.value)
