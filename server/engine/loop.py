@@ -218,10 +218,10 @@ class Engine:
         if step.preempted:
             log.info("KV pool full: preempted %d request(s), to be recomputed", len(step.preempted))
         self.runner.fit_storage(self.scheduler.pool.high_water)
-        self._prepare_prefixes(step.new_prefixes)
+        computed = self._prepare_prefixes(step.new_prefixes)
         batch = [(seq, n) for seq, n in step.batch if not seq.finished]
-        if batch:
-            logits, batch = self._run(batch)
+        if batch or computed:
+            logits, batch = self._run(batch, computed)
             tokens = sample(logits, [seq for seq, n in batch if seq.samples_after(n)])
             self.scheduler.postprocess(batch, tokens, release=lambda seq: self._left())
         if not self.scheduler.running:  # idle: give back the storage no page uses
@@ -235,29 +235,56 @@ class Engine:
     def _unfinished(self) -> list[Sequence]:
         return [*self.scheduler.running, *self.scheduler.waiting]
 
-    def _prepare_prefixes(self, entries: list[SharedPrefix]) -> None:
-        """Compute the task prefixes first used this step; the requests of one that fails fail alone."""
+    def _prepare_prefixes(self, entries: list[SharedPrefix]) -> list[SharedPrefix]:
+        """Write the prefix tables first used this step; return the soft prompts, which the step's own
+        forward pass computes (`_run`)."""
+        computed = []
         for entry in entries:
+            if self.runner.is_computed(entry):
+                computed.append(entry)
+                continue
+            try:
+                self.runner.write_prefix(entry)
+            except Exception as exc:
+                self._prefix_failed(entry, exc)
+                continue
+            self._prefix_ready(entry)
+        return computed
+
+    def _prefix_ready(self, entry: SharedPrefix) -> None:
+        entry.ready = True
+        entry.source = None
+
+    def _prefix_failed(self, entry: SharedPrefix, exc: Exception) -> None:
+        """The requests that read this prefix fail alone; the next request of the task computes it anew."""
+        log.exception("could not compute a task prefix")
+        self.scheduler.forget_prefix(entry)
+        for seq in [s for s in self.scheduler.running if s.prefix is entry]:
+            self._fail(seq, RequestFailed(f"could not prepare the task prefix: {exc}"))
+
+    def _run(self, batch: Batch, prefixes: list[SharedPrefix]) -> tuple[torch.Tensor, Batch]:
+        """Run the batch (computing `prefixes` in the same pass); if it fails, compute each prefix and
+        run each request alone, so only the failing ones get the error."""
+        try:
+            logits = self.runner.run(batch, prefixes)
+        except Exception:
+            log.exception("batched step failed; retrying its %d requests one by one", len(batch))
+        else:
+            for entry in prefixes:
+                self._prefix_ready(entry)
+            return logits, batch
+        for entry in prefixes:
             try:
                 self.runner.compute_prefix(entry)
             except Exception as exc:
-                log.exception("could not compute a task prefix")
-                self.scheduler.forget_prefix(entry)
-                for seq in [s for s in self.scheduler.running if s.prefix is entry]:
-                    self._fail(seq, RequestFailed(f"could not prepare the task prefix: {exc}"))
+                self._prefix_failed(entry, exc)
                 continue
-            entry.ready = True
-            entry.source = None
-
-    def _run(self, batch: Batch) -> tuple[torch.Tensor, Batch]:
-        """Run the batch; if it fails, run each request alone so only the failing ones get the error."""
-        try:
-            return self.runner.run(batch), batch
-        except Exception:
-            log.exception("batched step failed; retrying its %d requests one by one", len(batch))
+            self._prefix_ready(entry)
         kept: Batch = []
         rows = []
         for seq, n in batch:
+            if seq.finished:  # its prefix failed above
+                continue
             try:
                 logits = self.runner.run([(seq, n)])
             except Exception as exc:

@@ -32,28 +32,28 @@ class ModelRunner:
 
     # -- task prefixes -------------------------------------------------------------------------
 
+    @staticmethod
+    def is_computed(entry: SharedPrefix) -> bool:
+        """A soft prompt's keys and values come out of a forward pass; a prefix table is them already."""
+        return entry.source.kind != "prefix"
+
     @torch.inference_mode()
-    def compute_prefix(self, entry: SharedPrefix) -> None:
-        """Fill a new shared prefix's pages with its task's keys and values, for every layer."""
-        snapshot = entry.source
+    def write_prefix(self, entry: SharedPrefix) -> None:
+        """Fill a prefix-tuning task's pages with its keys and values, split per layer (PEFT's layout)."""
         g = self.base.geometry
         self.kv.ensure(max(entry.pages) + 1)
-        emb = snapshot.embeddings.to(device=self.device, dtype=self.base.dtype)
-        n = emb.shape[0]
-        rows = _rows(entry.pages, 0, n, self.device)
-        if snapshot.kind == "prefix":
-            keys, values = g.split_prefix(emb)  # [layers, kv_heads, n, head_dim]
-            for layer in range(g.num_layers):
-                self.kv.write(layer, keys[layer], values[layer], rows)
-            return
-        # A soft prompt's keys and values depend only on itself (causal attention), so run it once
-        # through the frozen model at positions 0..n-1 and keep what every layer stored.
-        pages, positions = page_views([PageList(entry.pages)], self.device)
-        chunk = PrefillChunk(0, n, 0, pages[0], positions[0])
-        layout = StepLayout(self.kv, rows, [], [chunk])
-        position_ids = torch.arange(n, device=self.device)[None]
-        self.model(inputs_embeds=emb[None], position_ids=position_ids, logits_to_keep=1, use_cache=False,
-                   **{LAYOUT_KWARG: layout})
+        emb = entry.source.embeddings.to(device=self.device, dtype=self.base.dtype)
+        keys, values = g.split_prefix(emb)  # [layers, kv_heads, n, head_dim]
+        rows = _rows(entry.pages, 0, emb.shape[0], self.device)
+        for layer in range(g.num_layers):
+            self.kv.write(layer, keys[layer], values[layer], rows)
+
+    def compute_prefix(self, entry: SharedPrefix) -> None:
+        """Fill a new shared prefix's pages with its task's keys and values, for every layer."""
+        if self.is_computed(entry):
+            self.run([], [entry])
+        else:
+            self.write_prefix(entry)
 
     # -- storage -------------------------------------------------------------------------------
 
@@ -68,18 +68,33 @@ class ModelRunner:
     # -- one step ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, batch: Batch) -> torch.Tensor:
+    def run(self, batch: Batch, prefixes: list[SharedPrefix] | tuple[()] = ()) -> torch.Tensor:
         """Compute `n` new tokens of each sequence in one pass; return float32 logits `[k, vocab]`
-        for the k sequences whose last token was computed (they sample next), in batch order."""
+        for the k sequences whose last token was computed (they sample next), in batch order.
+
+        `prefixes` are soft-prompt task prefixes first used in this step: their virtual tokens go through
+        the same pass (positions 0..n-1, into their shared pages), packed first. In every layer all new
+        keys and values are written before any query reads, so a request can read its prefix in the
+        very pass that computes it."""
         dev = self.device
         ids: list[int] = []
         positions: list[int] = []
         rows: list[int] = []
+        prefills: list[PrefillChunk] = []
+        embeddings = []
+        for entry in prefixes:
+            emb = entry.source.embeddings.to(device=dev, dtype=self.base.dtype)
+            n = emb.shape[0]
+            pages, held = page_views([PageList(entry.pages)], dev)
+            prefills.append(PrefillChunk(len(positions), n, 0, pages[0], held[0]))
+            positions.extend(range(n))
+            rows.extend(_row_list(entry.pages, 0, n))
+            embeddings.append(emb)
+        offset = len(positions)  # packed offset of the first text token
         decoding: list[tuple[int, Sequence, int]] = []  # (packed offset, request, position of its token)
-        chunks: list[tuple[int, Sequence, int, int]] = []  # (packed offset, request, n, first position)
         sample_at: list[int] = []
         for seq, n in batch:
-            start = len(ids)
+            start = offset + len(ids)
             first = seq.num_virtual + seq.num_cached  # position of the first new token
             ids.extend(seq.all_ids[seq.num_cached:seq.num_cached + n])
             positions.extend(range(first, first + n))
@@ -87,17 +102,18 @@ class ModelRunner:
             if n == 1:
                 decoding.append((start, seq, first))
             else:
-                chunks.append((start, seq, n, first))
+                pages, held = page_views([_page_list(seq)], dev)
+                prefills.append(PrefillChunk(start, n, first, pages[0], held[0]))
             if seq.samples_after(n):
                 sample_at.append(start + n - 1)
-        prefills = []
-        for start, seq, n, first in chunks:
-            pages, held = page_views([_page_list(seq)], dev)
-            prefills.append(PrefillChunk(start, n, first, pages[0], held[0]))
         layout = StepLayout(self.kv, torch.tensor(rows, device=dev), self._decode_groups(decoding), prefills)
-        keep = torch.tensor(sample_at if sample_at else [len(ids) - 1], device=dev)
-        out = self.model(input_ids=torch.tensor([ids], device=dev), position_ids=torch.tensor([positions], device=dev),
-                         logits_to_keep=keep, use_cache=False, **{LAYOUT_KWARG: layout})
+        keep = torch.tensor(sample_at if sample_at else [len(positions) - 1], device=dev)
+        inputs = {"input_ids": torch.tensor([ids], device=dev)}
+        if embeddings:  # the text's embeddings after the virtual tokens', as PEFT feeds a soft prompt
+            text = self.model.get_input_embeddings()(inputs["input_ids"])[0] if ids else None
+            inputs = {"inputs_embeds": torch.cat([*embeddings, *([text] if text is not None else [])])[None]}
+        out = self.model(**inputs, position_ids=torch.tensor([positions], device=dev), logits_to_keep=keep,
+                         use_cache=False, **{LAYOUT_KWARG: layout})
         logits = out.logits[0].float()  # [k, vocab]
         return logits if sample_at else logits[:0]
 

@@ -125,6 +125,8 @@ class Scheduler:
                 seq.prefix = entry
                 if not entry.ready and entry not in step.new_prefixes:
                     step.new_prefixes.append(entry)
+                    if seq.prompt is not None and seq.prompt.kind != "prefix":
+                        budget -= seq.num_virtual  # a soft prompt's virtual tokens go through this step's pass
             pages = self.pool.allocate(pages_for(seq.num_cached + n) - len(seq.pages))
             assert pages is not None, "admission counted the text's pages"
             seq.pages.extend(pages)

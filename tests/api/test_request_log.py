@@ -78,7 +78,7 @@ def test_metrics_tell_client_errors_from_server_errors(client, llama_server, mon
     client.post("/generate", json={"text": "hi", "task": "missing-task"})
     engine = llama_server.engine
 
-    def broken_run(batch):
+    def broken_run(batch, prefixes=()):
         raise RuntimeError("the device fell over")
 
     monkeypatch.setattr(engine.runner, "run", broken_run)

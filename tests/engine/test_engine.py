@@ -134,10 +134,10 @@ def test_a_failing_request_gets_its_own_error_and_the_rest_go_on(make_engine, re
     poisoned = engine.submit("poison", params=SamplingParams(max_new_tokens=50, ignore_eos=True))
     real_run = engine.runner.run
 
-    def run(batch):  # fault injection: the model fails whenever the poisoned request is in the batch
+    def run(batch, prefixes=()):  # fault injection: the model fails whenever the poisoned request is in the batch
         if any(seq.id == poisoned.id for seq, _ in batch):
             raise RuntimeError("injected failure")
-        return real_run(batch)
+        return real_run(batch, prefixes)
 
     engine.runner.run = run
     healthy = [engine.submit("healthy request", task=t, params=GREEDY8) for t in ("pt8", "prefix16", None)]
