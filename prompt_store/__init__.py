@@ -20,6 +20,7 @@ from prompt_store.errors import (
     MissingTensor,
     NonFiniteValues,
     OutsidePromptDirectory,
+    PreconditionFailed,
     PromptError,
     StorageError,
     StorageFull,
@@ -33,6 +34,7 @@ from prompt_store.errors import (
     WrongRank,
 )
 from prompt_store.geometry import ModelGeometry
+from prompt_store.preconditions import ANY, Preconditions
 
 if TYPE_CHECKING:
     from prompt_store.format import PromptFile, peft_adapter_config, read_peft_dir, read_prompt, write_prompt
@@ -60,6 +62,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "ANY",
     "AmbiguousKind",
     "BaseModelMismatch",
     "BodyTooLarge",
@@ -72,6 +75,8 @@ __all__ = [
     "ModelGeometry",
     "NonFiniteValues",
     "OutsidePromptDirectory",
+    "PreconditionFailed",
+    "Preconditions",
     "PromptDescriptor",
     "PromptError",
     "PromptFile",

@@ -162,3 +162,14 @@ def storage_error(exc: OSError, *, action: str, task: str, directory: object) ->
     if exc.errno in _FULL:
         return StorageFull(message + "; delete tasks or free space", cause=exc)
     return StorageUnavailable(message, cause=exc)
+
+
+class PreconditionFailed(PromptError):
+    """A conditional write (If-Match / If-None-Match) whose condition does not hold: nothing was written.
+    `current_version` is the task's version now (None: no such task)."""
+
+    default_param = "If-Match"
+
+    def __init__(self, message: str, *, param: str, current_version: int | None) -> None:
+        super().__init__(message, param=param, expected="the condition to hold", actual=current_version)
+        self.current_version = current_version

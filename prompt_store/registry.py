@@ -43,6 +43,7 @@ from prompt_store.format import (
     write_prompt,
 )
 from prompt_store.geometry import ModelGeometry
+from prompt_store.preconditions import NO_PRECONDITIONS, Preconditions
 from prompt_store.validate import (
     SERVED_DTYPES,
     CheckedPrompt,
@@ -200,28 +201,32 @@ class PromptRegistry:
         kind: str | None = None,
         config: dict | bytes | None = None,
         description: str | None = None,
+        when: Preconditions = NO_PRECONDITIONS,
     ) -> tuple[PromptSnapshot, bool]:
-        """Add or replace `task` from safetensors bytes (+ PEFT config). Returns (snapshot, created)."""
+        """Add or replace `task` from safetensors bytes (+ PEFT config), if `when` holds. Returns
+        (snapshot, created)."""
         check_task_name(task)
         if len(data) > self.limits.max_bytes:
             raise BodyTooLarge(
                 f"the prompt is {len(data)} bytes, over the limit of {self.limits.max_bytes} bytes",
                 expected=self.limits.max_bytes, actual=len(data),
             )
-        return self._put(task, read_prompt(data), kind=kind, config=config, description=description)
+        return self._put(task, read_prompt(data), kind=kind, config=config, description=description, when=when)
 
     def put_path(
-        self, task: str, path: str | Path, *, kind: str | None = None, description: str | None = None
+        self, task: str, path: str | Path, *, kind: str | None = None, description: str | None = None,
+        when: Preconditions = NO_PRECONDITIONS,
     ) -> tuple[PromptSnapshot, bool]:
         """Add or replace `task` from a PEFT adapter directory or a .safetensors (or legacy .bin) file."""
         check_task_name(task)
         return self._put(
             task, read_path(path, max_bytes=self.limits.max_bytes), kind=kind, config=None,
-            description=description,
+            description=description, when=when,
         )  # fmt: skip
 
     def _put(
-        self, task: str, source: PromptFile, *, kind: str | None, config, description: str | None
+        self, task: str, source: PromptFile, *, kind: str | None, config, description: str | None,
+        when: Preconditions,
     ) -> tuple[PromptSnapshot, bool]:
         checked = self._check(source, kind=kind, config=config)
         warnings = self._base_model_warnings(task, checked)
@@ -229,6 +234,7 @@ class PromptRegistry:
             raise TypeError(f"description must be a str, got {type(description).__name__}")
         sha = tensor_sha256(checked.embeddings)
         with self._write_lock:
+            self._check_preconditions(task, when)
             # A version is consumed even if the write below fails, so no number is ever issued twice.
             self._last_version += 1
             snap = PromptSnapshot(
@@ -250,13 +256,16 @@ class PromptRegistry:
         log.info("prompt %s v%d stored (%s, %d virtual tokens)", task, snap.version, snap.kind, snap.num_virtual_tokens)
         return snap, created
 
-    def delete(self, task: str) -> None:
-        """Forget `task` and remove its file. Snapshots already handed out stay valid."""
+    def delete(self, task: str, *, when: Preconditions = NO_PRECONDITIONS) -> None:
+        """Forget `task` and remove its file, if `when` holds. Snapshots already handed out stay valid."""
         with self._write_lock:
             with self._lock:
                 known = task in self._descriptors
-            if not known:
+            if not known and when.if_match is None:
                 raise self._unknown(task)
+            if not known:
+                check_task_name(task)  # a bad name is a 422 before any condition is weighed
+            self._check_preconditions(task, when)
             if self.directory is not None:
                 with self._storage("delete", task):
                     self._remove_file(task)
@@ -264,6 +273,12 @@ class PromptRegistry:
                 self._snapshots.pop(task, None)
                 self._descriptors.pop(task, None)
         log.info("prompt %s deleted", task)
+
+    def _check_preconditions(self, task: str, when: Preconditions) -> None:
+        """Under the write lock: the task as it is now against the writer's conditions."""
+        with self._lock:
+            descriptor = self._descriptors.get(task)
+        when.check(task, descriptor is not None, descriptor.version if descriptor is not None else None)
 
     # -- persistence -----------------------------------------------------------------------------
 

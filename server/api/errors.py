@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prompt_store.errors import (
     BodyTooLarge,
+    PreconditionFailed,
     PromptError,
     StorageError,
     StorageFull,
@@ -98,6 +99,7 @@ HTTP_ERRORS: dict[type[BaseException], HttpError] = {
     # prompt store
     PromptError: HttpError(422, _INVALID),
     UnknownTask: HttpError(404, "not_found_error"),
+    PreconditionFailed: HttpError(412, "precondition_error"),
     BodyTooLarge: HttpError(413, _INVALID),
     StorageError: HttpError(503, _STORAGE),  # read-only, not writable, failing
     StorageFull: HttpError(507, _STORAGE),
@@ -178,7 +180,10 @@ def describe(exc: BaseException, context: ErrorContext | None = None) -> tuple[i
         param = getattr(exc, "param", None) or mapped.param
         if context is not None:
             param, message = context.apply(param, message)
-        return mapped.status, error_payload(mapped.type, message, param), dict(mapped.headers)
+        body = error_payload(mapped.type, message, param)
+        if isinstance(exc, PreconditionFailed):  # the writer re-reads from here: no second request needed
+            body["error"]["current_version"] = exc.current_version
+        return mapped.status, body, dict(mapped.headers)
     if isinstance(exc, RequestValidationError):
         return 422, _validation_payload(exc), {}
     if isinstance(exc, StarletteHTTPException):  # routing: 404 unknown path, 405 wrong method

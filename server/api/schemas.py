@@ -136,9 +136,11 @@ class CompletionRequest(_Sampling, BaseModel):
 
 class ErrorDetail(BaseModel):
     type: str = Field(description="invalid_request_error, authentication_error, not_found_error, "
-                                  "overloaded_error, storage_error or server_error")
+                                  "precondition_error, overloaded_error, storage_error or server_error")
     message: str = Field(description="What was wrong, with the expected and the actual value")
     param: str | None = Field(description="The request field at fault (text, requests[2].text, task, ...), if any")
+    current_version: int | None = Field(None, description="412 only: the task's version now (its ETag unquoted); "
+                                                          "null when the task does not exist")
 
 
 class ErrorResponse(BaseModel):

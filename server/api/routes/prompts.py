@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from prompt_store.geometry import Kind
 from prompt_store.registry import PromptRegistry
+from server.api import conditional
 from server.api.deps import RegistryDep
 from server.api.errors import UnsupportedMediaType
 from server.api.openapi import errors
@@ -26,6 +27,13 @@ router = APIRouter(tags=["prompts"])  # reads need the API token, writes the adm
 
 KindQuery = Annotated[Kind | None, Query(
     description="prompt or prefix; needed only when neither the file's metadata nor a config decides it")]
+IfMatch = Annotated[str | None, Header(
+    alias="If-Match", description='Write only if the task is at this version: its ETag ("7"), or * for any')]
+IfNoneMatch = Annotated[str | None, Header(
+    alias="If-None-Match", description="Write only if the task is at none of these versions; * for "
+                                       "'only if it does not exist yet'")]
+_ETAG = {"ETag": {"description": 'The task\'s version, quoted ("7"): send it back as If-Match',
+                  "schema": {"type": "string"}}}
 
 
 def _upload_body(named: bool) -> dict:
@@ -53,33 +61,43 @@ def list_prompts(registry: RegistryDep):
 
 
 _STORED = {
-    **errors(415, 422, 503, 507),
-    200: {"description": "Replaced: the task's new descriptor"},
-    201: {"description": "Created: the task's descriptor (Location: /prompts/{task})"},
+    **errors(412, 415, 422, 503, 507),
+    200: {"description": "Replaced: the task's new descriptor", "headers": _ETAG},
+    201: {"description": "Created: the task's descriptor (Location: /prompts/{task})", "headers": _ETAG},
 }
 
 
-@router.get("/prompts/{task}", responses=errors(404, 422))
-def describe_prompt(task: str, registry: RegistryDep) -> dict:
-    return registry.describe(task).to_dict()
+@router.get("/prompts/{task}", responses={**errors(404, 422), 200: {"headers": _ETAG},
+                                          304: {"description": "Not modified: If-None-Match names this version"}})
+def describe_prompt(task: str, registry: RegistryDep,
+                    if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None) -> Response:
+    descriptor = registry.describe(task)
+    headers = _etag_header(descriptor.version)
+    if conditional.not_modified(if_none_match, descriptor.version):
+        return Response(status_code=304, headers=headers)
+    return JSONResponse(descriptor.to_dict(), headers=headers)
 
 
 @router.put("/prompts/{task}", status_code=201, responses=_STORED,
             openapi_extra=_upload_body(named=False))
 async def put_prompt(task: str, request: Request, registry: RegistryDep,
                      kind: KindQuery = None,
-                     description: str | None = Query(None)) -> Response:
+                     description: str | None = Query(None),
+                     if_match: IfMatch = None, if_none_match: IfNoneMatch = None) -> Response:
     """Upload or replace `task`: 201 when created, 200 when replaced; the body is its descriptor."""
+    when = conditional.preconditions(if_match, if_none_match)  # a malformed header is refused before the body is read
     upload = await _read_upload(request, kind, description)
-    return await _store(registry, task, upload)
+    return await _store(registry, task, upload, when)
 
 
 @router.put("/prompts", status_code=201, responses=_STORED,
             openapi_extra=_upload_body(named=True))
 async def put_prompt_form(request: Request, registry: RegistryDep,
                           kind: KindQuery = None,
-                          description: str | None = Query(None)) -> Response:
+                          description: str | None = Query(None),
+                          if_match: IfMatch = None, if_none_match: IfNoneMatch = None) -> Response:
     """The multipart form of PUT /prompts/{task}, with the task name in a `task` field."""
+    when = conditional.preconditions(if_match, if_none_match)
     if not _is_multipart(request):
         raise InvalidParameter("content-type", "multipart/form-data with a `task` field",
                                request.headers.get("content-type"))
@@ -87,21 +105,30 @@ async def put_prompt_form(request: Request, registry: RegistryDep,
     task = upload.pop("task", None)
     if not task:
         raise InvalidParameter("task", "a form field naming the task", None)
-    return await _store(registry, task, upload)
+    return await _store(registry, task, upload, when)
 
 
-@router.delete("/prompts/{task}", status_code=204, responses=errors(404, 422, 503, 507))
-def delete_prompt(task: str, registry: RegistryDep) -> Response:
-    registry.delete(task)
+@router.delete("/prompts/{task}", status_code=204, responses=errors(404, 412, 422, 503, 507))
+def delete_prompt(task: str, registry: RegistryDep, if_match: IfMatch = None,
+                  if_none_match: IfNoneMatch = None) -> Response:
+    registry.delete(task, when=conditional.preconditions(if_match, if_none_match))
     return Response(status_code=204)
 
 
-async def _store(registry: PromptRegistry, task: str, upload: dict[str, Any]) -> Response:
+async def _store(registry: PromptRegistry, task: str, upload: dict[str, Any],
+                 when: conditional.Preconditions) -> Response:
     # Validation, dtype conversion and the fsync'd write take a while: keep them off the event loop.
-    _, created = await run_in_threadpool(lambda: registry.put(task, **upload))
+    snapshot, created = await run_in_threadpool(lambda: registry.put(task, when=when, **upload))
     body = registry.describe(task).to_dict()
-    headers = {"Location": f"/prompts/{task}"} if created else None
+    headers = _etag_header(snapshot.version)
+    if created:
+        headers["Location"] = f"/prompts/{task}"
     return JSONResponse(body, status_code=201 if created else 200, headers=headers)
+
+
+def _etag_header(version: int | None) -> dict[str, str]:
+    tag = conditional.etag(version)
+    return {"ETag": tag} if tag is not None else {}
 
 
 def _is_multipart(request: Request) -> bool:
