@@ -261,10 +261,8 @@ class PromptRegistry:
         with self._write_lock:
             with self._lock:
                 known = task in self._descriptors
-            if not known and when.if_match is None:
+            if not known:  # a 404 either way: conditions only count where the answer would be 2xx (RFC 9110)
                 raise self._unknown(task)
-            if not known:
-                check_task_name(task)  # a bad name is a 422 before any condition is weighed
             self._check_preconditions(task, when)
             if self.directory is not None:
                 with self._storage("delete", task):
@@ -275,10 +273,11 @@ class PromptRegistry:
         log.info("prompt %s deleted", task)
 
     def _check_preconditions(self, task: str, when: Preconditions) -> None:
-        """Under the write lock: the task as it is now against the writer's conditions."""
+        """Under the write lock: the task as it is now against the writer's conditions. A file that failed
+        to load serves no version: it counts as absent, as it does for `created`."""
         with self._lock:
-            descriptor = self._descriptors.get(task)
-        when.check(task, descriptor is not None, descriptor.version if descriptor is not None else None)
+            snapshot = self._snapshots.get(task)
+        when.check(task, snapshot is not None, snapshot.version if snapshot is not None else None)
 
     # -- persistence -----------------------------------------------------------------------------
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import re
 
+from starlette.requests import Request
+
 from prompt_store.preconditions import ANY, Any_, Preconditions
 from server.engine.errors import InvalidParameter
 
 # One member of the list: an RFC 9110 entity-tag (etagc: any visible character but the quote, so a
 # comma may sit inside the quotes), then a comma or the end.
 _MEMBER = re.compile(r'[ \t]*(W/)?"([\x21\x23-\x7e\x80-\xff]*)"[ \t]*(?:,|$)')
+_EMPTY = re.compile(r"[ \t]*,|[ \t]+$")
+_VERSION = re.compile(r"[1-9][0-9]{0,17}")  # how etag() writes a version
 EXPECTED = 'a comma-separated list of quoted ETags such as "7" (W/"7" is weak), or *'
 
 
@@ -31,19 +35,32 @@ def parse(header: str, value: str | None, *, weak_matches: bool) -> frozenset[in
     if value.strip() == "*":
         return ANY
     versions: set[int] = set()
+    members = 0
     at = 0
     while at < len(value):
+        empty = _EMPTY.match(value, at)  # empty list members are ignored (RFC 9110 5.6.1)
+        if empty is not None and empty.end() > at:
+            at = empty.end()
+            continue
         match = _MEMBER.match(value, at)
         if match is None or match.end() == at:
             raise InvalidParameter(header, EXPECTED, value)
         at = match.end()
+        members += 1
         weak, opaque = match.groups()
-        if (weak and not weak_matches) or not opaque.isdigit() or len(opaque) > 18:
+        # Tags compare character by character: "07" is not "7", and only our own decimal form is a version.
+        if (weak and not weak_matches) or not _VERSION.fullmatch(opaque):
             continue
         versions.add(int(opaque))
-    if at == 0 or value.rstrip().endswith(","):
+    if not members:
         raise InvalidParameter(header, EXPECTED, value)
     return frozenset(versions)
+
+
+def header(request: Request, name: str) -> str | None:
+    """A list header's value over all its lines (a client may send If-Match twice), or None when absent."""
+    lines = request.headers.getlist(name)
+    return ", ".join(lines) if lines else None
 
 
 def preconditions(if_match: str | None, if_none_match: str | None) -> Preconditions:

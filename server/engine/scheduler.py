@@ -117,16 +117,19 @@ class Scheduler:
             seq = self.waiting[0]
             if not self._can_admit(seq):
                 break  # first come, first served: wait for memory rather than let others overtake
-            n = min(seq.num_uncached, budget)
             key = prefix_key(seq)
+            # A soft prompt first used now has its virtual tokens computed in this step's pass: they count.
+            prefix_tokens = seq.num_virtual if self._computes_prefix(seq, key) else 0
+            if prefix_tokens >= budget and step.batch and prefix_tokens < self._prefix_room():
+                break  # a later step has room; only a prefix no step could hold beside the decodes goes over
+            n = min(seq.num_uncached, max(1, budget - prefix_tokens))
+            budget -= prefix_tokens
             if key is not None:
                 entry = self.pool.acquire_prefix(key, seq.num_virtual, seq.prompt)
                 assert entry is not None, "admission counted the prefix's pages"
                 seq.prefix = entry
                 if not entry.ready and entry not in step.new_prefixes:
                     step.new_prefixes.append(entry)
-                    if seq.prompt is not None and seq.prompt.kind != "prefix":
-                        budget -= seq.num_virtual  # a soft prompt's virtual tokens go through this step's pass
             pages = self.pool.allocate(pages_for(seq.num_cached + n) - len(seq.pages))
             assert pages is not None, "admission counted the text's pages"
             seq.pages.extend(pages)
@@ -138,6 +141,15 @@ class Scheduler:
             budget -= n
         self.peak_running = max(self.peak_running, len(self.running))
         return step
+
+    def _prefix_room(self) -> int:
+        """The most prefix tokens a step can hold beside one token of every running request."""
+        return self.config.max_tokens_per_step - len(self.running)
+
+    def _computes_prefix(self, seq: Sequence, key: Hashable | None) -> bool:
+        """Whether admitting `seq` now starts a soft prompt's prefix, computed in this step's pass."""
+        return (key is not None and seq.prompt is not None and seq.prompt.kind != "prefix"
+                and key not in self.pool.prefixes)
 
     def _can_admit(self, seq: Sequence) -> bool:
         key = prefix_key(seq)

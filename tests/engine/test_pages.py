@@ -161,3 +161,26 @@ def test_random_load_on_a_small_pool_never_deadlocks_or_leaks(seed):
     assert all(s.status is Status.FINISHED and len(s.output_ids) == s.params.max_new_tokens for s in seqs)
     stats = sched.pool.stats()
     assert stats.pages_used == stats.pages_shared <= max(sched.config.prefix_cache_pages, 0)
+
+
+def test_a_new_soft_prompts_virtual_tokens_count_in_the_step_budget():
+    sched = Scheduler(SchedulerConfig(kv_pages=100, max_running=8, max_tokens_per_step=64))
+    running = request(3, max_new=50)
+    sched.add(running)
+    step(sched)  # now decoding
+    soft = request(5, prompt=task_prompt("soft", 40))
+    later = request(10, prompt=task_prompt("later", 30))  # more virtual tokens than the step has left
+    for s in (soft, later):
+        sched.add(s)
+    scheduled = sched.schedule()
+    computed = sum(e.positions for e in scheduled.new_prefixes)
+    assert sum(n for _, n in scheduled.batch) + computed == 1 + 5 + 40 <= 64
+    assert scheduled.admitted == [soft] and later.status is Status.WAITING  # it goes in the next step
+    assert sched.schedule().admitted == [later]
+    huge = request(3, prompt=task_prompt("huge", 70))  # no step could hold it beside the decodes: it goes over
+    sched.add(huge)
+    assert huge in sched.schedule().admitted
+    prefix_table = request(100, prompt=task_prompt("table", 40, kind="prefix"))  # written, not computed: free
+    sched2 = Scheduler(SchedulerConfig(kv_pages=100, max_running=8, max_tokens_per_step=64))
+    sched2.add(prefix_table)
+    assert sched2.schedule().batch == [(prefix_table, 64)]

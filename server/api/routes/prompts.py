@@ -69,11 +69,11 @@ _STORED = {
 
 @router.get("/prompts/{task}", responses={**errors(404, 422), 200: {"headers": _ETAG},
                                           304: {"description": "Not modified: If-None-Match names this version"}})
-def describe_prompt(task: str, registry: RegistryDep,
+def describe_prompt(task: str, request: Request, registry: RegistryDep,
                     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None) -> Response:
     descriptor = registry.describe(task)
     headers = _etag_header(descriptor.version)
-    if conditional.not_modified(if_none_match, descriptor.version):
+    if conditional.not_modified(conditional.header(request, "If-None-Match"), descriptor.version):
         return Response(status_code=304, headers=headers)
     return JSONResponse(descriptor.to_dict(), headers=headers)
 
@@ -85,7 +85,7 @@ async def put_prompt(task: str, request: Request, registry: RegistryDep,
                      description: str | None = Query(None),
                      if_match: IfMatch = None, if_none_match: IfNoneMatch = None) -> Response:
     """Upload or replace `task`: 201 when created, 200 when replaced; the body is its descriptor."""
-    when = conditional.preconditions(if_match, if_none_match)  # a malformed header is refused before the body is read
+    when = _conditions(request)  # a malformed header is refused before the body is read
     upload = await _read_upload(request, kind, description)
     return await _store(registry, task, upload, when)
 
@@ -97,7 +97,7 @@ async def put_prompt_form(request: Request, registry: RegistryDep,
                           description: str | None = Query(None),
                           if_match: IfMatch = None, if_none_match: IfNoneMatch = None) -> Response:
     """The multipart form of PUT /prompts/{task}, with the task name in a `task` field."""
-    when = conditional.preconditions(if_match, if_none_match)
+    when = _conditions(request)
     if not _is_multipart(request):
         raise InvalidParameter("content-type", "multipart/form-data with a `task` field",
                                request.headers.get("content-type"))
@@ -109,9 +109,9 @@ async def put_prompt_form(request: Request, registry: RegistryDep,
 
 
 @router.delete("/prompts/{task}", status_code=204, responses=errors(404, 412, 422, 503, 507))
-def delete_prompt(task: str, registry: RegistryDep, if_match: IfMatch = None,
+def delete_prompt(task: str, request: Request, registry: RegistryDep, if_match: IfMatch = None,
                   if_none_match: IfNoneMatch = None) -> Response:
-    registry.delete(task, when=conditional.preconditions(if_match, if_none_match))
+    registry.delete(task, when=_conditions(request))
     return Response(status_code=204)
 
 
@@ -124,6 +124,12 @@ async def _store(registry: PromptRegistry, task: str, upload: dict[str, Any],
     if created:
         headers["Location"] = f"/prompts/{task}"
     return JSONResponse(body, status_code=201 if created else 200, headers=headers)
+
+
+def _conditions(request: Request) -> conditional.Preconditions:
+    """If-Match and If-None-Match over all their header lines (the declared parameters document them)."""
+    return conditional.preconditions(conditional.header(request, "If-Match"),
+                                     conditional.header(request, "If-None-Match"))
 
 
 def _etag_header(version: int | None) -> dict[str, str]:
