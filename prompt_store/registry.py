@@ -110,7 +110,7 @@ class PromptDescriptor:
         return asdict(self)
 
     @classmethod
-    def of(cls, snap: PromptSnapshot, nbytes: int) -> PromptDescriptor:
+    def of(cls, snap: PromptSnapshot, nbytes: int | None) -> PromptDescriptor:
         return cls(
             task=snap.task, kind=snap.kind, num_virtual_tokens=snap.num_virtual_tokens,
             dtype=dtype_name(snap.embeddings.dtype), bytes=nbytes, sha256=snap.sha256, version=snap.version,

@@ -14,8 +14,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from prompt_store.errors import UnknownTask
 from prompt_store.geometry import Kind
-from prompt_store.registry import PromptRegistry
+from prompt_store.registry import PromptDescriptor, PromptRegistry
 from server.api import conditional
 from server.api.deps import RegistryDep
 from server.api.errors import UnsupportedMediaType
@@ -119,7 +120,13 @@ async def _store(registry: PromptRegistry, task: str, upload: dict[str, Any],
                  when: conditional.Preconditions) -> Response:
     # Validation, dtype conversion and the fsync'd write take a while: keep them off the event loop.
     snapshot, created = await run_in_threadpool(lambda: registry.put(task, when=when, **upload))
-    body = registry.describe(task).to_dict()
+    try:
+        descriptor = registry.describe(task)
+    except UnknownTask:  # deleted since: this write still happened
+        descriptor = PromptDescriptor.of(snapshot, None)
+    if descriptor.version != snapshot.version:  # another write landed since: describe the one this made
+        descriptor = PromptDescriptor.of(snapshot, None)
+    body = descriptor.to_dict()
     headers = _etag_header(snapshot.version)
     if created:
         headers["Location"] = f"/prompts/{task}"
