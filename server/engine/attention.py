@@ -25,7 +25,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from server.engine.kv import PagedKV
-from server.engine.pages import PAGE_SIZE
+from server.engine.pages import NULL_PAGE, PAGE_SIZE
 
 ATTN_IMPLEMENTATION = "promptswap"
 LAYOUT_KWARG = "promptswap_layout"
@@ -41,10 +41,10 @@ class PageList:
 
 
 def page_views(requests: Seq[PageList], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pages `[R, P]`, positions `[R, P * PAGE_SIZE]`) for requests read together, padded with page 0
-    (whose rows hold position -1 there: no query sees them)."""
+    """(pages `[R, P]`, positions `[R, P * PAGE_SIZE]`) for requests read together, padded with the null
+    page (always zero; its rows hold position -1 there: no query sees them)."""
     width = max(len(r.pages) for r in requests)
-    pages = torch.tensor([r.pages + [0] * (width - len(r.pages)) for r in requests], dtype=torch.long)
+    pages = torch.tensor([r.pages + [NULL_PAGE] * (width - len(r.pages)) for r in requests], dtype=torch.long)
     row = torch.arange(width * PAGE_SIZE)[None, :]
     prefix_rows = torch.tensor([r.prefix_pages * PAGE_SIZE for r in requests])[:, None]
     virtual = torch.tensor([r.virtual for r in requests])[:, None]

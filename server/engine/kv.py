@@ -69,7 +69,7 @@ class PagedKV:
             self.keys = torch.empty(shape, dtype=self.dtype, device=self.device)
             self.values = torch.empty(shape, dtype=self.dtype, device=self.device)
         # Zeroed before the first use: a masked row gets weight 0, and 0 x NaN (torch.empty's garbage) is
-        # NaN. A page used before holds finite values, which weight 0 hides. On CUDA everything at once.
+        # NaN. A page handed out again is cleared then (`clear`). On CUDA everything at once.
         end = pages if self.grow else self.total_pages
         self.keys[:, self._touched:end] = 0
         self.values[:, self._touched:end] = 0
@@ -88,6 +88,12 @@ class PagedKV:
             assert self.keys is not None and self.values is not None
             self.keys[:, :extent] = old_keys[:, :extent]
             self.values[:, :extent] = old_values[:, :extent]
+
+    def clear(self, pages: torch.Tensor) -> None:
+        """Zero `pages` in every layer."""
+        assert self.keys is not None and self.values is not None, "clear before ensure"
+        self.keys[:, pages] = 0
+        self.values[:, pages] = 0
 
     # -- reads and writes ----------------------------------------------------------------------
 

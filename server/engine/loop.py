@@ -78,11 +78,12 @@ class Engine:
             log.info("KV cache budget %.2f GiB: %s (--kv-cache-bytes sets it)", self.kv_budget_bytes / 2**30, why)
         g = base.geometry
         self.page_bytes = PAGE_SIZE * PagedKV.position_bytes(g.num_layers, g.num_kv_heads, g.head_dim, base.dtype)
-        total_pages = self.kv_budget_bytes // self.page_bytes
+        total_pages = self.kv_budget_bytes // self.page_bytes - 1  # one page is the null page (pages.py)
         if total_pages < 1:
-            raise InvalidConfig("kv_cache_bytes", f"at least one KV page of this model ({self.page_bytes} bytes: "
-                                f"{PAGE_SIZE} positions of every layer's keys and values)", self.kv_budget_bytes)
-        self.runner = ModelRunner(base, total_pages=total_pages)
+            raise InvalidConfig("kv_cache_bytes", f"at least two KV pages of this model ({2 * self.page_bytes} bytes; "
+                                f"a page is {self.page_bytes} bytes: {PAGE_SIZE} positions of every layer's keys "
+                                "and values)", self.kv_budget_bytes)
+        self.runner = ModelRunner(base, total_pages=total_pages + 1)
         scheduler_config = SchedulerConfig(self.config.max_running, self.config.max_tokens_per_step, total_pages,
                                            self.config.prompt_cache_bytes // self.page_bytes)
         self.scheduler = Scheduler(scheduler_config, eos_ids=_eos_ids(base.model))
@@ -218,6 +219,7 @@ class Engine:
         if step.preempted:
             log.info("KV pool full: preempted %d request(s), to be recomputed", len(step.preempted))
         self.runner.fit_storage(self.scheduler.pool.high_water)
+        self.runner.clear_pages(self.scheduler.pool.take_fresh())
         computed = self._prepare_prefixes(step.new_prefixes)
         batch = [(seq, n) for seq, n in step.batch if not seq.finished]
         if batch or computed:

@@ -51,13 +51,21 @@ class PoolStats:
     prefix_misses: int
 
 
+NULL_PAGE = 0  # never handed out and always zero: what a padded read points at
+
+
 class PagePool:
+    """Pages 1..total are handed out; page 0 is the null page (the storage holds total + 1)."""
+
     def __init__(self, total_pages: int, idle_prefix_pages: int) -> None:
         check_int("kv_pages", total_pages, low=1)
         self.total = total_pages
         self.idle_prefix_cap = idle_prefix_pages
-        self._free = list(range(total_pages))  # a min-heap: low pages first, so the used range stays short
-        self._in_use = bytearray(total_pages)
+        self._free = list(range(1, total_pages + 1))  # a min-heap: low pages first, so the used range stays short
+        self._in_use = bytearray(total_pages + 1)
+        # Handed out since the runner last cleared them: a page may hold what its last owner left (even
+        # NaN after an overflow), and masked rows read it with weight 0, where 0 x NaN is NaN.
+        self.fresh: list[int] = []
         self.high_water = 0  # one past the highest page ever handed out since the last shrink
         self.prefixes: dict[Hashable, SharedPrefix] = {}
         self._idle: OrderedDict[Hashable, SharedPrefix] = OrderedDict()  # users == 0, oldest first
@@ -85,6 +93,7 @@ class PagePool:
         pages = [heapq.heappop(self._free) for _ in range(n)]
         for p in pages:
             self._in_use[p] = 1
+        self.fresh.extend(pages)
         if pages:
             self.high_water = max(self.high_water, max(pages) + 1)
         return pages
@@ -96,10 +105,15 @@ class PagePool:
             heapq.heappush(self._free, p)
         pages.clear()
 
+    def take_fresh(self) -> list[int]:
+        """The pages handed out since the last call (some may be free again: clearing those is harmless)."""
+        fresh, self.fresh = self.fresh, []
+        return fresh
+
     def used_extent(self) -> int:
         """One past the highest page in use now (the runner may shrink its storage to this)."""
         top = self.high_water
-        while top and not self._in_use[top - 1]:
+        while top and not self._in_use[top - 1]:  # the null page is never in use: nothing held gives 0
             top -= 1
         self.high_water = top
         return top

@@ -65,6 +65,11 @@ class ModelRunner:
         else:
             self.kv.ensure(pages_handed_out)
 
+    def clear_pages(self, pages: list[int]) -> None:
+        """Zero pages just handed out: their rows past what the new owner writes are read, masked."""
+        if pages:
+            self.kv.clear(torch.tensor(pages, device=self.device))
+
     # -- one step ------------------------------------------------------------------------------
 
     @torch.inference_mode()

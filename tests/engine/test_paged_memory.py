@@ -98,5 +98,20 @@ def test_a_long_request_no_longer_throttles_short_ones(make_engine):
 def test_a_budget_below_one_page_is_refused_naming_the_setting(make_engine):
     page = make_engine().page_bytes
     with pytest.raises(InvalidConfig) as err:
-        make_engine(kv_cache_bytes=page - 1)
-    assert err.value.field == "kv_cache_bytes" and f"{page} bytes" in str(err.value)
+        make_engine(kv_cache_bytes=2 * page - 1)  # one page for requests, and the null page
+    assert err.value.field == "kv_cache_bytes" and f"{2 * page} bytes" in str(err.value)
+    assert make_engine(kv_cache_bytes=2 * page).stats().kv_pages_total == 1
+
+
+def test_what_a_page_held_before_never_reaches_its_next_owner(make_engine, reference):
+    engine = make_engine()
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    engine.submit("warm up the pool", task="pt8", params=params).result(timeout=30)
+    # What an overflowing request could leave behind: every page but the null page full of NaN.
+    kv = engine.runner.kv
+    kv.keys[:, 1:] = float("nan")
+    kv.values[:, 1:] = float("inf")
+    for task in (None, "prefix16", "pt64"):  # new pages, reused pages, a cached prefix evicted or not
+        text = "the lazy dog"
+        assert list(engine.submit(text, task=task, params=params).result(timeout=30).token_ids) == \
+            reference.greedy(task, text, 8), task
