@@ -60,12 +60,12 @@ class StepShapes:
 
     def wrap(self, run):
         @functools.wraps(run)
-        def timed(batch):
+        def timed(batch, prefixes=()):
             start = time.perf_counter()
             try:
-                return run(batch)
+                return run(batch, prefixes)
             finally:
-                kind = "decode only" if all(n == 1 for _, n in batch) else "with prefill"
+                kind = "decode only" if all(n == 1 for _, n in batch) and not prefixes else "with prefill"
                 self.rows[kind].append((sum(n for _, n in batch), time.perf_counter() - start))
 
         return timed
@@ -90,7 +90,8 @@ def instrument(engine, timer: PhaseTimer, shapes: StepShapes) -> None:
     engine.runner.run = timer.wrap("runner.run (forward pass)", engine.runner.run)
     engine.scheduler.postprocess = timer.wrap("scheduler.postprocess (detok + push + finish)",
                                               engine.scheduler.postprocess)
-    engine.runner.compute_prefix = timer.wrap("runner.compute_prefix", engine.runner.compute_prefix)
+    engine.runner.write_prefix = timer.wrap("runner.write_prefix (prefix tables)", engine.runner.write_prefix)
+    engine.runner.clear_pages = timer.wrap("runner.clear_pages (pages handed out)", engine.runner.clear_pages)
     engine_module.sample = timer.wrap("sample", engine_module.sample)
 
 
