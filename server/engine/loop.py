@@ -244,14 +244,18 @@ class Engine:
         for entry in entries:
             if self.runner.is_computed(entry):
                 computed.append(entry)
-                continue
-            try:
-                self.runner.write_prefix(entry)
-            except Exception as exc:
-                self._prefix_failed(entry, exc)
-                continue
-            self._prefix_ready(entry)
+            else:
+                self._prepare_alone(entry)
         return computed
+
+    def _prepare_alone(self, entry: SharedPrefix) -> None:
+        """Compute (or write) one prefix on its own; if that fails, only the requests reading it fail."""
+        try:
+            self.runner.compute_prefix(entry)
+        except Exception as exc:
+            self._prefix_failed(entry, exc)
+            return
+        self._prefix_ready(entry)
 
     def _prefix_ready(self, entry: SharedPrefix) -> None:
         entry.ready = True
@@ -276,12 +280,7 @@ class Engine:
                 self._prefix_ready(entry)
             return logits, batch
         for entry in prefixes:
-            try:
-                self.runner.compute_prefix(entry)
-            except Exception as exc:
-                self._prefix_failed(entry, exc)
-                continue
-            self._prefix_ready(entry)
+            self._prepare_alone(entry)
         kept: Batch = []
         rows = []
         for seq, n in batch:

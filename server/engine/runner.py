@@ -41,7 +41,6 @@ class ModelRunner:
     def write_prefix(self, entry: SharedPrefix) -> None:
         """Fill a prefix-tuning task's pages with its keys and values, split per layer (PEFT's layout)."""
         g = self.base.geometry
-        self.kv.ensure(max(entry.pages) + 1)
         emb = entry.source.embeddings.to(device=self.device, dtype=self.base.dtype)
         keys, values = g.split_prefix(emb)  # [layers, kv_heads, n, head_dim]
         rows = _rows(entry.pages, 0, emb.shape[0], self.device)

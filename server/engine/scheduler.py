@@ -115,9 +115,9 @@ class Scheduler:
         budget = self.config.max_tokens_per_step - sum(n for _, n in step.batch)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             seq = self.waiting[0]
-            if not self._can_admit(seq):
-                break  # first come, first served: wait for memory rather than let others overtake
             key = prefix_key(seq)
+            if not self._can_admit(seq, key):
+                break  # first come, first served: wait for memory rather than let others overtake
             # A soft prompt first used now has its virtual tokens computed in this step's pass: they count.
             prefix_tokens = seq.num_virtual if self._computes_prefix(seq, key) else 0
             if prefix_tokens >= budget and step.batch and prefix_tokens < self._prefix_room():
@@ -151,8 +151,7 @@ class Scheduler:
         return (key is not None and seq.prompt is not None and seq.prompt.kind != "prefix"
                 and key not in self.pool.prefixes)
 
-    def _can_admit(self, seq: Sequence) -> bool:
-        key = prefix_key(seq)
+    def _can_admit(self, seq: Sequence, key: Hashable | None) -> bool:
         need = pages_for(seq.num_tokens) + (self.pool.prefix_cost(key, seq.num_virtual) if key is not None else 0)
         reserve = self.reserve if self.running else 0  # alone it needs no room to spare: it fits alone
         return need + reserve <= self.pool.available()
