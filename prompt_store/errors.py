@@ -123,12 +123,13 @@ class AmbiguousKind(PromptError):
 
 
 class StorageError(Exception):
-    """The prompt was fine but the prompt directory could not be changed. Nothing was changed: the
-    registry still serves what it served before. Not a PromptError: the client's upload is not at fault."""
+    """The prompt was fine but the prompt store (directory or object store) could not be changed or read.
+    Nothing was changed here: the registry still serves what it served before. Not a PromptError: the
+    client's upload is not at fault."""
 
     param = "task"
 
-    def __init__(self, message: str, *, cause: OSError) -> None:
+    def __init__(self, message: str, *, cause: Exception) -> None:
         super().__init__(message)
         self.message = message
         self.cause = cause
@@ -142,7 +143,8 @@ class StorageFull(StorageError):
 
 
 class StorageUnavailable(StorageError):
-    """The prompt directory is read-only, not writable (permissions, an immutable directory) or failing."""
+    """The prompt directory is read-only, not writable (permissions, an immutable directory) or failing;
+    or the object store cannot be reached, refuses access, or kept changing under a write."""
 
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}

@@ -1,47 +1,29 @@
-"""The registry of task prompts: validated, versioned, persisted one file per task, safe across threads.
+"""The registry of task prompts: validated, versioned, persisted (prompt_store/backends), safe across threads.
 
 Readers call `get(task)` and keep the returned PromptSnapshot for as long as their request runs:
-a snapshot is immutable, so a later put or delete of the same task never changes what a running
-request sees. Writers (put/delete) are serialized; they change the disk first and memory second,
-so memory never serves a version the disk does not hold.
+a snapshot is immutable, so a later put, delete or sync of the same task never changes what a
+running request sees. Writers (put/delete) are serialized; they change the store first and memory
+second, so memory never serves a version the store does not hold. `sync()` brings memory up to a
+store that other replicas also write (see prompt_store/sync.py for the poller that calls it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from prompt_store.backends import Current, Entry, NotStored, PromptBackend
+from prompt_store.backends.local import LocalDirectory
 from prompt_store.dtypes import dtype_name
-from prompt_store.errors import (
-    BodyTooLarge,
-    OutsidePromptDirectory,
-    PromptError,
-    UnknownTask,
-    storage_error,
-)
-from prompt_store.format import (
-    TEMP_PREFIX,
-    TEMP_SUFFIX,
-    PromptFile,
-    atomic_write,
-    fsync_dir,
-    peek_metadata,
-    read_bytes_limited,
-    read_path,
-    read_prompt,
-    tensor_sha256,
-    write_prompt,
-)
+from prompt_store.errors import BodyTooLarge, PromptError, UnknownTask
+from prompt_store.format import PromptFile, read_path, read_prompt, tensor_sha256, write_prompt
 from prompt_store.geometry import ModelGeometry
 from prompt_store.preconditions import NO_PRECONDITIONS, Preconditions
 from prompt_store.validate import (
@@ -56,14 +38,6 @@ from prompt_store.validate import (
 )
 
 log = logging.getLogger(__name__)
-
-SUFFIX = ".safetensors"
-# A delete leaves an empty marker whose *name* records the highest version issued so far: the file
-# deleted may have held it, and versions must never repeat after a restart. A name and not content,
-# so that a delete needs no free block on a full disk: the task's own file is renamed to the marker
-# and truncated, which frees its space.
-VERSION_MARKER = ".promptswap-version-"
-LEGACY_VERSION_FILE = ".promptswap-version"  # the floor as file content, written by earlier releases
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -125,29 +99,46 @@ class PromptRegistry:
         geometry: ModelGeometry,
         directory: str | Path | None = None,
         *,
+        backend: PromptBackend | None = None,
         dtype: torch.dtype = torch.float32,
         limits: RegistryLimits = RegistryLimits(),  # noqa: B008 -- frozen, so sharing the default is safe
         base_model_names: Iterable[str] = (),
         strict_base_model: bool = False,
     ) -> None:
-        """`base_model_names`: every name the served model goes by (served name, hub id, path, its config's
+        """Persisted in `directory`, or in `backend` (an object store); with neither, in memory only.
+
+        `base_model_names`: every name the served model goes by (served name, hub id, path, its config's
         own name). An adapter that records another base model is stored with a warning, or refused with
         BaseModelMismatch when `strict_base_model`. Without names nothing is checked."""
         if dtype not in SERVED_DTYPES:
             raise ValueError(f"dtype must be one of {SERVED_DTYPES}, got {dtype}")
+        if backend is not None and directory is not None:
+            raise ValueError("give a directory or a backend, not both")
         self.geometry = geometry
         self.dtype = dtype
         self.limits = limits
         self.served_names = frozenset(model_key(name) for name in base_model_names if name)
         self.strict_base_model = strict_base_model
-        self.directory = Path(directory) if directory is not None else None
-        if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
+        self.backend: PromptBackend = backend or LocalDirectory(Path(directory) if directory is not None else None)
         self._snapshots: dict[str, PromptSnapshot] = {}
         self._descriptors: dict[str, PromptDescriptor] = {}  # every task, including files that failed
-        self._last_version = 0
-        self._write_lock = threading.Lock()  # serializes put/delete/load_all, held across disk I/O
-        self._lock = threading.Lock()  # guards the two dicts; held only for a lookup or a swap
+        self._tags: dict[str, str] = {}  # the stored tag each task was loaded or written under
+        self._synced = threading.Event()  # set by the first complete load
+        self._write_lock = threading.Lock()  # serializes writes and the application of a sync
+        self._lock = threading.Lock()  # guards the dicts; held only for a lookup or a swap
+
+    @property
+    def directory(self) -> Path | None:
+        return self.backend.directory
+
+    @property
+    def location(self) -> str:
+        return self.backend.location
+
+    @property
+    def synced(self) -> bool:
+        """Whether everything stored has been loaded once (at once for a store without persistence)."""
+        return self._synced.is_set()
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -232,120 +223,123 @@ class PromptRegistry:
         warnings = self._base_model_warnings(task, checked)
         if description is not None and not isinstance(description, str):
             raise TypeError(f"description must be a str, got {type(description).__name__}")
-        sha = tensor_sha256(checked.embeddings)
+        draft = PromptSnapshot(
+            task=task, kind=checked.served_kind, num_virtual_tokens=checked.num_virtual_tokens,
+            version=0, sha256=tensor_sha256(checked.embeddings), embeddings=checked.embeddings,
+            created_at=time.time(), source=checked.source, base_model=checked.base_model,
+            description=description if description is not None else checked.description, warnings=warnings,
+        )  # fmt: skip
+
+        def encode(version: int) -> bytes:
+            # The file keeps the tensor as uploaded (not converted): a restart with another dtype loses
+            # nothing. The version travels inside it, so equal weights stored twice differ in bytes.
+            return write_prompt(checked.stored, _metadata(replace(draft, version=version)))
+
         with self._write_lock:
-            self._check_preconditions(task, when)
-            # A version is consumed even if the write below fails, so no number is ever issued twice.
-            self._last_version += 1
-            snap = PromptSnapshot(
-                task=task, kind=checked.served_kind, num_virtual_tokens=checked.num_virtual_tokens,
-                version=self._last_version, sha256=sha, embeddings=checked.embeddings,
-                created_at=time.time(), source=checked.source, base_model=checked.base_model,
-                description=description if description is not None else checked.description, warnings=warnings,
-            )  # fmt: skip
-            # The file keeps the tensor as uploaded (not converted): a restart with another dtype
-            # loses nothing.
-            blob = write_prompt(checked.stored, _metadata(snap))
-            if self.directory is not None:
-                with self._storage("store", task):
-                    atomic_write(self._path(task), blob)  # a failed write leaves the old file, whole
+            written = self.backend.write(task, encode, when, self._current(task))
+            snap = replace(draft, version=written.version)
             with self._lock:
-                created = task not in self._snapshots
                 self._snapshots[task] = snap
-                self._descriptors[task] = PromptDescriptor.of(snap, len(blob))
+                self._descriptors[task] = PromptDescriptor.of(snap, written.nbytes)
+                self._tags[task] = written.tag
         log.info("prompt %s v%d stored (%s, %d virtual tokens)", task, snap.version, snap.kind, snap.num_virtual_tokens)
-        return snap, created
+        return snap, written.created
 
     def delete(self, task: str, *, when: Preconditions = NO_PRECONDITIONS) -> None:
-        """Forget `task` and remove its file, if `when` holds. Snapshots already handed out stay valid."""
+        """Forget `task` and remove it from storage, if `when` holds. Snapshots already handed out stay valid."""
         with self._write_lock:
-            with self._lock:
-                known = task in self._descriptors
-            if not known:  # a 404 either way: conditions only count where the answer would be 2xx (RFC 9110)
-                raise self._unknown(task)
-            self._check_preconditions(task, when)
-            if self.directory is not None:
-                with self._storage("delete", task):
-                    self._remove_file(task)
+            try:
+                self.backend.remove(task, when, self._current(task))
+            except NotStored:
+                raise self._unknown(task) from None
             with self._lock:
                 self._snapshots.pop(task, None)
                 self._descriptors.pop(task, None)
+                self._tags.pop(task, None)
         log.info("prompt %s deleted", task)
 
-    def _check_preconditions(self, task: str, when: Preconditions) -> None:
-        """Under the write lock: the task as it is now against the writer's conditions. A file that failed
-        to load serves no version: it counts as absent, as it does for `created`."""
+    def _current(self, task: str) -> Current:
+        """The task as this process serves it. A file that failed to load serves no version: it counts as
+        absent for conditions and for `created`, yet it is listed (so it can be deleted)."""
         with self._lock:
             snapshot = self._snapshots.get(task)
-        when.check(task, snapshot is not None, snapshot.version if snapshot is not None else None)
+            return Current(listed=task in self._descriptors,
+                           version=snapshot.version if snapshot is not None else None)
 
-    # -- persistence -----------------------------------------------------------------------------
+    # -- loading ---------------------------------------------------------------------------------
 
     def load_all(self) -> None:
-        """Load every prompt file in the directory. A bad file is logged and listed, never fatal."""
-        if self.directory is None:
-            return
-        with self._write_lock:
-            good: list[tuple[str, CheckedPrompt, dict[str, str], int, Path, tuple[str, ...]]] = []
-            failed: dict[str, PromptDescriptor] = {}
-            highest = max(self._last_version, self._read_version_floor())
-            for path in sorted(self.directory.iterdir()):
-                if path.name.startswith(TEMP_PREFIX) and path.name.endswith(TEMP_SUFFIX):
-                    # Left by a write that crashed before its rename: the old file is intact.
-                    log.warning("removing %s, left by an interrupted write", path.name)
-                    with contextlib.suppress(OSError):
-                        path.unlink()
-                    continue
-                if path.suffix != SUFFIX or path.name.startswith(".") or not path.is_file():
-                    continue
-                task = path.stem
-                try:
-                    check_task_name(task)
-                    self._check_inside(path)
-                    data = read_bytes_limited(path, self.limits.max_bytes)
-                    source = read_prompt(data)
-                    checked = self._check(source, kind=None, config=None)
-                    warnings = self._base_model_warnings(task, checked)
-                except (PromptError, OSError) as exc:
-                    error = f"{type(exc).__name__}: {exc}"
-                    log.warning("prompt file %s not loaded: %s", path.name, error)
-                    failed[task] = PromptDescriptor(task=task, bytes=_size(path), error=error)
-                    highest = max(highest, _peek_version(path))
-                    continue
-                version = _int(source.metadata.get("version"))
-                highest = max(highest, version or 0)
-                good.append((task, checked, source.metadata, len(data), path, warnings))
-            snapshots: dict[str, PromptSnapshot] = {}
-            descriptors = dict(failed)
-            for task, checked, meta, nbytes, path, warnings in good:
-                version = _int(meta.get("version"))
-                if version is None:  # a file put there by hand: give it a fresh number
-                    highest += 1
-                    version = highest
-                snap = PromptSnapshot(
-                    task=task, kind=checked.served_kind, num_virtual_tokens=checked.num_virtual_tokens,
-                    version=version, sha256=tensor_sha256(checked.embeddings), embeddings=checked.embeddings,
-                    created_at=_float(meta.get("created_at")) or path.stat().st_mtime, source=checked.source,
-                    base_model=checked.base_model, description=checked.description, warnings=warnings,
-                )  # fmt: skip
-                snapshots[task] = snap
-                descriptors[task] = PromptDescriptor.of(snap, nbytes)
-            self._last_version = highest
-            self._remove_old_markers()
-            with self._lock:
-                self._snapshots = snapshots
-                self._descriptors = descriptors
-        log.info("loaded %d prompts from %s (%d failed)", len(snapshots), self.directory, len(failed))
+        """Load everything stored: startup's first load. A bad file is logged and listed, never fatal."""
+        self.sync()
 
-    def _check_inside(self, path: Path) -> None:
-        """Only files that resolve inside the prompt directory are served: a symlink must not reach out."""
-        assert self.directory is not None
-        target = path.resolve()
-        if not target.is_relative_to(self.directory.resolve()):
-            raise OutsidePromptDirectory(
-                f"{path.name} is a symbolic link to {target}, outside the prompt directory {self.directory}; "
-                "it is not served", expected=str(self.directory), actual=str(target),
-            )
+    def sync(self) -> int:
+        """Bring memory up to the store: load new and changed tasks (by tag), drop removed ones. Returns
+        how many tasks changed. Fetching runs without the write lock; a task this process wrote or
+        deleted meanwhile is left as it wrote it (its own write is newer than the listing)."""
+        entries = self.backend.scan()
+        if entries is None:
+            self._synced.set()
+            return 0
+        with self._lock:
+            before = dict(self._tags)
+        loaded = [self._load(entry) for task, entry in sorted(entries.items()) if before.get(task) != entry.tag]
+        for _, _, version in loaded:
+            self.backend.issued(version or 0)
+        removed = [task for task in before if task not in entries]
+        changed = 0
+        with self._write_lock:
+            for task_entry, result, version in loaded:
+                task = task_entry.task
+                with self._lock:
+                    if self._tags.get(task) != before.get(task):
+                        continue  # written here since the listing
+                    if isinstance(result, PromptDescriptor):
+                        self._snapshots.pop(task, None)
+                        self._descriptors[task] = result
+                    else:
+                        if version is None:  # a file put there by hand: give it a number
+                            result = replace(result, version=self.backend.unversioned())
+                        self._snapshots[task] = result
+                        self._descriptors[task] = PromptDescriptor.of(result, task_entry.size)
+                    self._tags[task] = task_entry.tag
+                    changed += 1
+            for task in removed:
+                with self._lock:
+                    if self._tags.get(task) != before.get(task):
+                        continue
+                    self._snapshots.pop(task, None)
+                    self._descriptors.pop(task, None)
+                    self._tags.pop(task, None)
+                    changed += 1
+        failed = sum(1 for d in self.list() if d.error)
+        if changed or not self._synced.is_set():
+            log.info("loaded %d prompts from %s (%d failed, %d changed)", len(self), self.location, failed, changed)
+        self._synced.set()
+        return changed
+
+    def _load(self, entry: Entry) -> tuple[Entry, PromptSnapshot | PromptDescriptor, int | None]:
+        """One stored task, validated: (the entry read, its snapshot or a failed descriptor, its version)."""
+        task = entry.task
+        try:
+            check_task_name(task)
+            data, entry = self.backend.read(entry, self.limits.max_bytes)
+            source = read_prompt(data)
+            checked = self._check(source, kind=None, config=None)
+            warnings = self._base_model_warnings(task, checked)
+        except (PromptError, OSError) as exc:  # a StorageError (the store is down) aborts the whole sync
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("prompt %s in %s not loaded: %s", task, self.location, error)
+            return entry, PromptDescriptor(task=task, bytes=entry.size, error=error), self.backend.version_hint(entry)
+        meta = source.metadata
+        version = _int(meta.get("version"))
+        entry = replace(entry, size=len(data))
+        snap = PromptSnapshot(
+            task=task, kind=checked.served_kind, num_virtual_tokens=checked.num_virtual_tokens,
+            version=version or 0, sha256=tensor_sha256(checked.embeddings), embeddings=checked.embeddings,
+            created_at=_float(meta.get("created_at")) or entry.modified or time.time(), source=checked.source,
+            base_model=checked.base_model, description=checked.description, warnings=warnings,
+        )  # fmt: skip
+        return entry, snap, version
 
     def _base_model_warnings(self, task: str, checked: CheckedPrompt) -> tuple[str, ...]:
         """() when the adapter's recorded base model is the served one (or unrecorded); else its warning,
@@ -364,92 +358,6 @@ class PromptRegistry:
         )
         assert checked.kind is not None, "with a geometry, check_prompt resolves the kind or raises"
         return checked
-
-    def _path(self, task: str) -> Path:
-        assert self.directory is not None
-        return self.directory / f"{task}{SUFFIX}"
-
-    @contextlib.contextmanager
-    def _storage(self, action: str, task: str) -> Iterator[None]:
-        """Turn the prompt directory's OSErrors into a StorageError, logged once, without a traceback."""
-        try:
-            yield
-        except OSError as exc:
-            error = storage_error(exc, action=action, task=task, directory=self.directory)
-            log.error("%s", error)
-            raise error from exc
-
-    def _remove_file(self, task: str) -> None:
-        """Remove the task's file and record the version floor in one rename, which needs no free space."""
-        assert self.directory is not None
-        path = self._path(task)
-        marker = self.directory / f"{VERSION_MARKER}{self._last_version}"
-        try:
-            os.replace(path, marker)  # the link itself, if it is one
-        except FileNotFoundError:  # removed by hand meanwhile: the floor still needs recording
-            marker.touch()
-        else:
-            _empty_if_only_ours(marker)
-        fsync_dir(self.directory)
-        self._remove_old_markers()
-
-    def _version_markers(self) -> dict[Path, int]:
-        assert self.directory is not None
-        markers = {}
-        for path in self.directory.glob(f"{VERSION_MARKER}*"):
-            version = _int(path.name[len(VERSION_MARKER):])
-            if version is not None:
-                markers[path] = version
-        return markers
-
-    def _remove_old_markers(self) -> None:
-        """Only the highest marker counts; the others are removed where the directory allows."""
-        markers = self._version_markers()
-        if len(markers) < 2:
-            return
-        top = max(markers.values())
-        for path, version in markers.items():
-            if version < top:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-
-    def _read_version_floor(self) -> int:
-        assert self.directory is not None
-        floor = max(self._version_markers().values(), default=0)
-        legacy = self.directory / LEGACY_VERSION_FILE
-        try:
-            floor = max(floor, int(legacy.read_text().strip()))
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable %s: %s", legacy, exc)
-        return floor
-
-
-def _empty_if_only_ours(marker: Path) -> None:
-    """Free the deleted task's bytes, but only if nothing else holds them: a symbolic link's target or a
-    hard link's other names keep theirs, and the marker becomes a fresh empty file instead."""
-    try:
-        fd = os.open(marker, os.O_WRONLY | os.O_NOFOLLOW)
-    except OSError:  # a symbolic link (ELOOP): never write through it
-        _replace_with_empty(marker)
-        return
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
-            os.ftruncate(fd, 0)
-            return
-    except OSError as exc:  # the task is gone from disk either way; only its bytes linger
-        log.warning("could not truncate %s: %s", marker.name, exc)
-        return
-    finally:
-        os.close(fd)
-    _replace_with_empty(marker)
-
-
-def _replace_with_empty(marker: Path) -> None:
-    marker.unlink()
-    marker.touch()
 
 
 def _metadata(snap: PromptSnapshot) -> dict[str, str]:
@@ -482,13 +390,3 @@ def _float(value: str | None) -> float | None:
         return None
 
 
-def _size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return None
-
-
-def _peek_version(path: Path) -> int:
-    """The version recorded in a file that failed validation (0 if unreadable): it was issued once."""
-    return _int(peek_metadata(path).get("version")) or 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from prompt_store import PromptRegistry, StorageFull, StorageUnavailable
-from prompt_store.registry import VERSION_MARKER
+from prompt_store.backends.local import VERSION_MARKER
 from tests.filesystems import fill, immutable, remount_readonly, small_tmpfs
 
 

@@ -1,0 +1,190 @@
+"""The object-store backend against a real S3 server (moto's server mode, in this process): two registries
+on one bucket behave as two replicas would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from prompt_store import PreconditionFailed, Preconditions, PromptRegistry, StorageUnavailable, UnknownTask
+from prompt_store.backends.s3 import CHANGES, TOMBSTONES, ObjectStore, parse_url
+from tests.object_store import TcpProxy, moto_in_process, new_bucket, s3_client
+
+pytest.importorskip("boto3")
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    with moto_in_process() as url:
+        yield url
+
+
+@pytest.fixture
+def bucket(endpoint):
+    return new_bucket(endpoint)
+
+
+def _store(endpoint: str, bucket: str, prefix: str = "tasks") -> ObjectStore:
+    return ObjectStore(f"s3://{bucket}/{prefix}", client=s3_client(endpoint))
+
+
+def _replicas(tiny_geometry, endpoint, bucket, n=2):
+    return [PromptRegistry(tiny_geometry, backend=_store(endpoint, bucket)) for _ in range(n)]
+
+
+def _weights(make_file, value: float, rows: int = 2) -> bytes:
+    return make_file(torch.full((rows, 64), value))
+
+
+def test_url_names_bucket_and_prefix():
+    assert parse_url("s3://b/some/prefix/") == ("b", "some/prefix")
+    assert parse_url("s3://b") == ("b", "")
+    with pytest.raises(ValueError, match="names no bucket"):
+        parse_url("s3:///prefix")
+
+
+def test_a_write_on_one_replica_reaches_the_other(tiny_geometry, make_file, endpoint, bucket):
+    a, b = _replicas(tiny_geometry, endpoint, bucket)
+    b.sync()
+    assert b.synced and len(b) == 0
+    snap, created = a.put("sentiment", _weights(make_file, 1.0))
+    assert created and snap.version == 1
+    assert a.get("sentiment") is snap  # the writer sees its own write at once
+    assert b.backend.changed() and b.sync() == 1
+    assert b.get("sentiment").version == 1
+    assert torch.equal(b.get("sentiment").embeddings, snap.embeddings)
+    assert not b.backend.changed() and b.sync() == 0  # unchanged tags are not fetched again
+    # A replace on B with A's view: versions are per task and come from the store, not from memory.
+    snap2, created = b.put("sentiment", _weights(make_file, 2.0), when=Preconditions(if_match=frozenset({1})))
+    assert not created and snap2.version == 2
+    a.sync()
+    assert a.get("sentiment").version == 2 and a.get("sentiment").embeddings[0, 0].item() == 2.0
+
+
+def test_a_stale_if_match_is_refused_with_the_current_version(tiny_geometry, make_file, endpoint, bucket):
+    a, b = _replicas(tiny_geometry, endpoint, bucket)
+    a.put("t", _weights(make_file, 1.0))
+    b.sync()
+    a.put("t", _weights(make_file, 2.0))  # B has not synced: its memory still says version 1
+    with pytest.raises(PreconditionFailed) as caught:
+        b.put("t", _weights(make_file, 3.0), when=Preconditions(if_match=frozenset({1})))
+    assert caught.value.current_version == 2
+    with pytest.raises(PreconditionFailed):
+        b.put("t", _weights(make_file, 3.0), when=Preconditions(if_none_match="*"))
+    with pytest.raises(PreconditionFailed):
+        b.delete("t", when=Preconditions(if_match=frozenset({1})))
+    a.sync()
+    assert a.get("t").embeddings[0, 0].item() == 2.0  # nothing a refused write sent was stored
+
+
+def test_versions_never_repeat_across_delete_and_recreate(tiny_geometry, make_file, endpoint, bucket):
+    a, b = _replicas(tiny_geometry, endpoint, bucket)
+    a.put("t", _weights(make_file, 1.0))
+    a.put("t", _weights(make_file, 1.0))  # identical weights: a new version, new bytes, a new ETag
+    b.delete("t")  # B never loaded it: the store, not B's memory, says it exists
+    client = s3_client(endpoint)
+    assert client.get_object(Bucket=bucket, Key=f"tasks/{TOMBSTONES}t")["Body"].read() == b"2"
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix="tasks/t.")  # the object is gone
+    a.sync()
+    assert "t" not in a
+    snap, created = b.put("t", _weights(make_file, 1.0))
+    assert created and snap.version == 3
+    with pytest.raises(UnknownTask):
+        a.delete("nothing-here")
+
+
+def test_racing_conditional_writers_never_lose_an_update(tiny_geometry, make_file, endpoint, bucket):
+    """Each writer reads the version and writes If-Match it: every version is won by exactly one writer."""
+    replicas = _replicas(tiny_geometry, endpoint, bucket, n=2)
+    replicas[0].put("counter", _weights(make_file, 0.0))
+    won: list[int] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def writer(registry: PromptRegistry, value: float) -> None:
+        for _ in range(6):
+            try:
+                version = registry.backend._head("counter").version  # what a client would have read
+                snap, _ = registry.put("counter", _weights(make_file, value),
+                                       when=Preconditions(if_match=frozenset({version})))
+                with lock:
+                    won.append(snap.version)
+            except PreconditionFailed:
+                pass
+            except Exception as exc:
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=writer, args=(replicas[i % 2], float(i))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(won) == len(set(won)) and won, won  # no version issued twice, some writes won
+    final = replicas[0].backend._head("counter").version
+    assert sorted(won) == list(range(2, final + 1))  # every version from 2 up was one writer's whole write
+
+
+def test_an_object_written_by_another_tool_is_served_and_then_numbered(tiny_geometry, make_file, endpoint, bucket):
+    client = s3_client(endpoint)
+    client.put_object(Bucket=bucket, Key="tasks/by-hand.safetensors", Body=_weights(make_file, 5.0))
+    client.put_object(Bucket=bucket, Key="tasks/broken.safetensors", Body=b"not safetensors")
+    (a,) = _replicas(tiny_geometry, endpoint, bucket, n=1)
+    a.sync()
+    assert a.get("by-hand").version == 0
+    assert a.describe("broken").error and "broken" not in a
+    snap, created = a.put("by-hand", _weights(make_file, 6.0), when=Preconditions(if_match=frozenset({0})))
+    assert snap.version == 1 and not created
+
+
+def test_the_change_marker_moves_only_on_writes(tiny_geometry, make_file, endpoint, bucket):
+    a, b = _replicas(tiny_geometry, endpoint, bucket)
+    assert not b.backend.changed()  # no marker yet: nothing to follow
+    a.put("t", _weights(make_file, 1.0))
+    assert b.backend.changed() and not b.backend.changed()
+    marker = json.loads(s3_client(endpoint).get_object(Bucket=bucket, Key=f"tasks/{CHANGES}")["Body"].read())
+    assert marker["task"] == "t" and marker["version"] == 1
+    a.delete("t")
+    assert b.backend.changed()
+
+
+def test_an_unreachable_store_keeps_memory_and_fails_writes_clearly(tiny_geometry, make_file, endpoint, bucket):
+    proxy = TcpProxy(int(endpoint.rsplit(":", 1)[1]))
+    try:
+        registry = PromptRegistry(tiny_geometry, backend=ObjectStore(f"s3://{bucket}/p", client=s3_client(proxy.endpoint)))
+        registry.put("cached", _weights(make_file, 1.0))
+        proxy.cut()
+        with pytest.raises(StorageUnavailable, match="cannot be reached"):
+            registry.put("new", _weights(make_file, 2.0))
+        with pytest.raises(StorageUnavailable):
+            registry.sync()
+        with pytest.raises(StorageUnavailable):
+            registry.delete("cached")
+        assert registry.get("cached").version == 1 and "new" not in registry  # memory as it was
+        proxy.restore()
+        assert registry.put("new", _weights(make_file, 2.0))[0].version == 1
+        registry.sync()
+        assert sorted(d.task for d in registry.list()) == ["cached", "new"]
+    finally:
+        proxy.close()
+
+
+def test_a_missing_bucket_is_named(tiny_geometry, make_file, endpoint):
+    registry = PromptRegistry(tiny_geometry, backend=_store(endpoint, "no-such-bucket-here"))
+    with pytest.raises(StorageUnavailable, match="no bucket 'no-such-bucket-here'"):
+        registry.sync()
+
+
+def test_nothing_imports_boto3_unless_an_object_store_is_used():
+    ours = ("import sys, server.cli, server.config, prompt_store.registry, prompt_store.sync; "
+            "assert 'boto3' not in sys.modules, 'boto3 imported'")
+    subprocess.run([sys.executable, "-c", ours], check=True)
+    # transformers imports accelerate, which imports boto3 on its own when it is installed; our backend
+    # module is still loaded only for an s3:// store.
+    app = "import sys, server.api.app; assert 'prompt_store.backends.s3' not in sys.modules, 'loaded'"
+    subprocess.run([sys.executable, "-c", app], check=True)
