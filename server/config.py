@@ -69,6 +69,24 @@ class Settings(BaseSettings):
         description="Directory where task prompts are stored and loaded from at startup "
         "(default: <cache-dir>/prompts/<served model name>).",
     )
+    prompt_store: str | None = Field(
+        None,
+        description="An S3-compatible object store shared by every replica, s3://bucket/prefix, instead of "
+        "--prompt-dir (needs promptswap[s3]; credentials and region from the standard AWS variables).",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="The object store's endpoint, for S3-compatible stores other than AWS (MinIO, ...)."
+    )
+    prompt_poll_interval_s: float = Field(
+        2.0, gt=0, description="With --prompt-store: how often a replica checks the store for changes, in seconds."
+    )
+    prompt_full_sync_s: float = Field(
+        60.0, gt=0, description="With --prompt-store: how often a replica lists the whole store anyway, in "
+        "seconds (bounds how long a lost change marker can hide a change).",
+    )
+    s3_timeout_s: float = Field(
+        10.0, gt=0, description="With --prompt-store: connect and read timeout of each object store request."
+    )
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for every interface).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
     device: str | None = Field(
@@ -163,6 +181,21 @@ class Settings(BaseSettings):
             raise ValueError(f"{setting_source('gguf_file')} names a file inside the --model directory; "
                              f"give --model that directory (or give --model the .gguf file alone), got --model "
                              f"{self.model!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_prompt_store(self) -> Settings:
+        if self.prompt_store is None:
+            if self.s3_endpoint_url is not None:
+                raise ValueError(f"{setting_source('s3_endpoint_url')} is for an object store: give "
+                                 f"{setting_source('prompt_store')} s3://bucket/prefix too")
+            return self
+        if self.prompt_dir is not None:
+            raise ValueError(f"give {setting_source('prompt_dir')} (one server, a local directory) or "
+                             f"{setting_source('prompt_store')} (an object store shared by replicas), not both")
+        if not self.prompt_store.startswith("s3://") or not self.prompt_store[5:].split("/")[0]:
+            raise ValueError(f"{setting_source('prompt_store')} must be s3://bucket/prefix (a local directory "
+                             f"is --prompt-dir), got {self.prompt_store!r}")
         return self
 
     def demo_kind(self) -> DemoKind | None:

@@ -99,7 +99,10 @@ def run_serve(args: argparse.Namespace) -> int:
     # Mistakes that would otherwise surface only after the model has loaded (minutes for a real one).
     try:
         sock = startup.bind(settings.host, settings.port)
-        startup.check_prompt_dir(settings.resolved_prompt_dir())
+        if settings.prompt_store is None:
+            startup.check_prompt_dir(settings.resolved_prompt_dir())
+        else:
+            startup.check_object_store_client()
         startup.check_model(settings)
     except startup.StartupError as exc:
         print(f"promptswap serve: cannot start: {exc}", file=sys.stderr)

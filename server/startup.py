@@ -34,6 +34,15 @@ def check_prompt_dir(directory: Path) -> None:
         raise StartupError(f"the prompt directory {directory} is not writable ({exc.strerror or exc})", fix) from None
 
 
+def check_object_store_client() -> None:
+    """boto3 is installed (the store itself may be down: then the server starts and /ready waits for it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("boto3") is None:
+        raise StartupError("--prompt-store s3://... needs boto3, which is not installed",
+                           'install the extra: pip install "promptswap[s3]"')
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on host:port, bound as uvicorn binds (IPv6 for an address with a colon), or
     StartupError if the address is taken or not this machine's. Listening at once, so a second server

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -17,20 +18,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_serve_process(model_dir, tmp_path, *flags: str, prompt_dir=None) -> tuple[subprocess.Popen, str]:
+def start_serve_process(model_dir, tmp_path, *flags: str, prompt_dir=None, env=None,
+                        log_path=None) -> tuple[subprocess.Popen, str]:
     """`promptswap serve` as its own process on a free port, once /health answers; (process, base URL).
-    No model_dir: the offline demo."""
+    No model_dir: the offline demo. With `--prompt-store` among the flags, no prompt directory. `log_path`:
+    its output goes to that file (for long runs: an unread pipe would fill and block the server)."""
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTSWAP_")}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PROMPTSWAP_")}, **(env or {})}
+    store = [] if "--prompt-store" in flags else ["--prompt-dir", str(prompt_dir or tmp_path / "prompts")]
+    out = open(log_path, "w") if log_path else subprocess.PIPE  # noqa: SIM115 -- the process holds it
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", *(["--model", str(model_dir)] if model_dir else []),
-         "--port", str(port), "--prompt-dir", str(prompt_dir or tmp_path / "prompts"), *flags],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+         "--port", str(port), *store, *flags],
+        env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
-        assert proc.poll() is None, proc.stdout.read()
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else Path(log_path).read_text()
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return proc, url

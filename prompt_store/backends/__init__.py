@@ -57,8 +57,13 @@ class NotStored(LookupError):
 
 
 class PromptBackend(Protocol):
-    location: str  # for logs and messages: a directory, or s3://bucket/prefix
-    directory: Path | None  # the local directory, if that is what it is
+    @property
+    def location(self) -> str:
+        """For logs and messages: a directory, or s3://bucket/prefix."""
+
+    @property
+    def directory(self) -> Path | None:
+        """The local directory, if that is what it is."""
 
     def scan(self) -> dict[str, Entry] | None:
         """Every stored task (None: nothing is persisted, so there is nothing to load)."""

@@ -17,6 +17,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Scope
 
 from prompt_store import PromptRegistry, RegistryLimits
+from prompt_store.backends import open_backend
+from prompt_store.sync import StorePoller
 from server.api.auth import AuthMiddleware
 from server.api.errors import UnexpectedErrorMiddleware, install_error_handler
 from server.api.limits import BodyLimitMiddleware
@@ -45,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     state.settings = settings
     state.engine = None
     state.registry = None
+    state.poller = None
     state.ready = False
     state.started_at = time.time()
     state.metrics = Metrics(
@@ -82,13 +85,20 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     except (OSError, ValueError, ModelNotSupported) as exc:
         log.error("cannot start: %s: %s", type(exc).__name__, exc)
         raise
-    state.engine, state.registry, state.ready = engine, registry, True
-    log.info("promptswap ready: model %s (served as %r), %d prompts from %s", base.name,
-             settings.model_name(), len(registry), registry.directory)
+    poller = None
+    if settings.prompt_store is not None:  # shared with other replicas: follow it (and load it first)
+        poller = StorePoller(registry, interval_s=settings.prompt_poll_interval_s,
+                             full_sync_s=settings.prompt_full_sync_s)
+        poller.start()
+    state.engine, state.registry, state.poller, state.ready = engine, registry, poller, True
+    log.info("promptswap ready: model %s (served as %r), %d prompts from %s%s", base.name, settings.model_name(),
+             len(registry), registry.location, "" if poller is None else " (loading; /ready answers once loaded)")
     try:
         yield
     finally:
         state.ready = False  # /health answers 503 while draining
+        if poller is not None:
+            poller.stop()
         # uvicorn has already waited (up to the same timeout) for open responses to finish.
         await run_in_threadpool(engine.shutdown, settings.shutdown_timeout_s)
         log.info("engine stopped")
@@ -117,13 +127,18 @@ def _model_source(settings: Settings) -> str:
 def _build_engine(settings: Settings) -> tuple[BaseModel, PromptRegistry, Engine]:
     base = load_base_model(_model_source(settings), device=settings.device, dtype=settings.dtype)
     limits = RegistryLimits(max_virtual_tokens=settings.max_virtual_tokens, max_bytes=settings.max_prompt_bytes)
-    registry = PromptRegistry(base.geometry, settings.resolved_prompt_dir(), dtype=base.dtype, limits=limits,
+    backend = open_backend(settings.prompt_store or settings.resolved_prompt_dir(),
+                           endpoint_url=settings.s3_endpoint_url, timeout_s=settings.s3_timeout_s)
+    registry = PromptRegistry(base.geometry, backend=backend, dtype=base.dtype, limits=limits,
                               base_model_names=served_model_names(settings, base),
                               strict_base_model=settings.strict_base_model)
-    registry.load_all()
     demo = settings.demo_kind()
-    if demo is not None:
-        (smollm2 if demo == "smollm2" else random_demo).register_demo_tasks(registry, base)
+    if settings.prompt_store is None:
+        registry.load_all()
+        if demo is not None:
+            (smollm2 if demo == "smollm2" else random_demo).register_demo_tasks(registry, base)
+    elif demo is not None:  # replicas would race to write them into the shared store
+        log.info("the demo's built-in tasks are not added to the shared prompt store %s", registry.location)
     engine = Engine(base, registry, settings.engine_config())
     engine.start()
     return base, registry, engine

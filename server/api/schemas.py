@@ -149,6 +149,12 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class Readiness(BaseModel):
+    status: Literal["ok", "unavailable"] = Field(description="unavailable (503) until every stored task is loaded")
+    reason: str | None = Field(None, description="Why not ready")
+    prompts: int | None = Field(None, description="How many tasks are served")
+
+
 class Health(BaseModel):
     status: Literal["ok", "unavailable"] = Field(description="unavailable while starting or draining (503)")
     model: str | None = Field(None, description="The base model's served name")

@@ -52,3 +52,15 @@ def test_serve_a_gguf_file_under_its_stem(start_server, tmp_path):
         assert any((tmp_path / "cache" / "models").glob(f"{path.stem}-*/config.json"))  # converted into the cache
     finally:
         server.stop()
+
+
+def test_one_prompt_store_is_named(tmp_path):
+    assert Settings(prompt_store="s3://bucket/tasks").prompt_store == "s3://bucket/tasks"
+    with pytest.raises(ValidationError, match="not both"):
+        Settings(prompt_store="s3://bucket/tasks", prompt_dir=tmp_path)
+    with pytest.raises(ValidationError, match=r"must be s3://bucket/prefix .*got '/srv/prompts'"):
+        Settings(prompt_store="/srv/prompts")
+    with pytest.raises(ValidationError, match="must be s3://bucket/prefix"):
+        Settings(prompt_store="s3:///tasks")
+    with pytest.raises(ValidationError, match="--s3-endpoint-url / PROMPTSWAP_S3_ENDPOINT_URL is for an object store"):
+        Settings(s3_endpoint_url="http://127.0.0.1:9000")

@@ -156,7 +156,8 @@ def test_the_change_marker_moves_only_on_writes(tiny_geometry, make_file, endpoi
 def test_an_unreachable_store_keeps_memory_and_fails_writes_clearly(tiny_geometry, make_file, endpoint, bucket):
     proxy = TcpProxy(int(endpoint.rsplit(":", 1)[1]))
     try:
-        registry = PromptRegistry(tiny_geometry, backend=ObjectStore(f"s3://{bucket}/p", client=s3_client(proxy.endpoint)))
+        store = ObjectStore(f"s3://{bucket}/p", client=s3_client(proxy.endpoint))
+        registry = PromptRegistry(tiny_geometry, backend=store)
         registry.put("cached", _weights(make_file, 1.0))
         proxy.cut()
         with pytest.raises(StorageUnavailable, match="cannot be reached"):

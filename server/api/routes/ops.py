@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from server.api.deps import MetricsDep
-from server.api.schemas import Health
+from server.api.schemas import Health, Readiness
 
 router = APIRouter(tags=["ops"])
 
@@ -21,6 +21,22 @@ def health(request: Request) -> Response:
         return JSONResponse({"status": "unavailable"}, status_code=503)
     return JSONResponse({"status": "ok", "model": state.settings.model_name(), "prompts": len(state.registry),
                          "demo": state.settings.demo})
+
+
+@router.get("/ready", response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "Starting, loading the prompt store, or draining"}})
+def ready(request: Request) -> Response:
+    """Readiness, for a load balancer: 200 once the model is loaded and every stored task has been loaded
+    once (with an object store, the first full listing); 503 before that and while draining. /health
+    stays the liveness check."""
+    state = request.app.state
+    registry = getattr(state, "registry", None)
+    if getattr(state, "engine", None) is None or not state.ready:
+        return JSONResponse({"status": "unavailable", "reason": "starting or draining"}, status_code=503)
+    if registry is None or not registry.synced:
+        return JSONResponse({"status": "unavailable", "reason": f"loading the prompt store {registry.location}"
+                             if registry is not None else "starting"}, status_code=503)
+    return JSONResponse({"status": "ok", "prompts": len(registry)})
 
 
 # The exposition format follows the Accept header: Prometheus text, or OpenMetrics when asked for.
