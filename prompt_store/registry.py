@@ -282,10 +282,16 @@ class PromptRegistry:
             return 0
         with self._lock:
             before = dict(self._tags)
-        loaded = [self._load(entry) for task, entry in sorted(entries.items()) if before.get(task) != entry.tag]
+        loaded, gone = [], []
+        for task, entry in sorted(entries.items()):
+            if before.get(task) != entry.tag:
+                try:
+                    loaded.append(self._load(entry))
+                except NotStored:  # removed since the listing
+                    gone.append(task)
         for _, _, version in loaded:
             self.backend.issued(version or 0)
-        removed = [task for task in before if task not in entries]
+        removed = [task for task in before if task not in entries or task in gone]
         changed = 0
         with self._write_lock:
             for task_entry, result, version in loaded:

@@ -30,6 +30,7 @@ class StorePoller:
         self.max_backoff_s = max_backoff_s if max_backoff_s is not None else max(8 * interval_s, 10.0)
         self.failures = 0  # consecutive failed polls (0: the store answers)
         self.last_full_sync: float | None = None  # time.monotonic() of the last complete listing
+        self.last_success: float | None = None  # time.monotonic() of the last poll the store answered
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="promptswap-store-poller", daemon=True)
 
@@ -40,6 +41,9 @@ class StorePoller:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def seconds_since_success(self) -> float | None:
+        return None if self.last_success is None else time.monotonic() - self.last_success
 
     def poll_once(self) -> None:
         """One round: a full listing when one is due (or none succeeded yet), else the cheap check first."""
@@ -68,6 +72,7 @@ class StorePoller:
                 delay = min(self.interval_s * 2**self.failures, self.max_backoff_s)
                 log.exception("the prompt store poller failed; retrying in %.1f s", delay)
                 continue
+            self.last_success = time.monotonic()
             if self.failures:
                 log.info("the prompt store %s answers again after %d failed polls", self.registry.location,
                          self.failures)

@@ -8,6 +8,7 @@ startup naming its flag and variable. Every field's description is also its `pro
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -37,6 +38,7 @@ ENGINE_FIELDS = (
     "threads",
 )
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's
 DEMO_MODEL_NAME = "promptswap-demo"  # the random-weight demo's served name
 RANDOM_DEMO = "random-demo"  # --model value that asks for the random-weight demo explicitly
 DemoKind = Literal["smollm2", "random"]
@@ -91,6 +93,12 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
     device: str | None = Field(
         None, description="Device for the model: cpu, cuda, cuda:1 (default: cuda when torch sees a GPU, else cpu)."
+    )
+    device_map: str | None = Field(
+        None,
+        description="Spread a model too large for one device over the visible GPUs, the CPU and disk with "
+        "accelerate: auto, balanced, balanced_low_0, sequential, or a JSON object {module name: device} "
+        "(device: a GPU index, cpu or disk). Each layer's KV cache lives on that layer's device. Not with --device.",
     )
     dtype: DtypeName | None = Field(
         None, description="Model dtype (default: bfloat16 on cuda, float32 on cpu)."
@@ -198,6 +206,35 @@ class Settings(BaseSettings):
                              f"is --prompt-dir), got {self.prompt_store!r}")
         return self
 
+    @model_validator(mode="after")
+    def _device_map_is_valid(self) -> Settings:
+        if self.device_map is None:
+            return self
+        if self.device is not None:
+            raise ValueError(f"give {setting_source('device')} (one device) or {setting_source('device_map')} "
+                             "(the model spread over several), not both")
+        self.device_map_value()
+        return self
+
+    def device_map_value(self) -> str | dict | None:
+        """--device-map as accelerate takes it: a strategy name, or {module name: device}."""
+        value = self.device_map
+        if value is None or value in DEVICE_MAP_STRATEGIES:
+            return value
+        try:
+            mapping = json.loads(value)
+        except ValueError:
+            mapping = None
+        if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, (int, str))
+                                                     for k, v in mapping.items()):
+            raise ValueError(f"{setting_source('device_map')} must be one of {', '.join(DEVICE_MAP_STRATEGIES)} or a "
+                             f"JSON object {{module name: GPU index, \"cpu\" or \"disk\"}}, got {value!r}")
+        return mapping
+
+    def offload_dir(self) -> Path:
+        """Where a device map's "disk" layers are kept (one folder per served model)."""
+        return self.cache_dir / "offload" / _slug(self.model_name())
+
     def demo_kind(self) -> DemoKind | None:
         """Which offline demo serves (None: the configured model). Unset picks the real one when installed."""
         if self.model == RANDOM_DEMO:
@@ -235,12 +272,15 @@ class Settings(BaseSettings):
         if self.prompt_dir is not None:
             return self.prompt_dir
         # One directory per base model: a prompt only fits the model it was trained for.
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model_name())
-        return self.cache_dir / "prompts" / slug
+        return self.cache_dir / "prompts" / _slug(self.model_name())
 
     def engine_config(self) -> EngineConfig:
         given = {name: getattr(self, name) for name in ENGINE_FIELDS if getattr(self, name) is not None}
         return EngineConfig(**given)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
 def setting_source(name: str) -> str:

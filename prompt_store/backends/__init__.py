@@ -53,7 +53,7 @@ class Written:
 
 
 class NotStored(LookupError):
-    """remove() of a task the backend does not hold."""
+    """remove() or read() of a task the backend does not hold (read: removed since it was listed)."""
 
 
 class PromptBackend(Protocol):
@@ -69,7 +69,8 @@ class PromptBackend(Protocol):
         """Every stored task (None: nothing is persisted, so there is nothing to load)."""
 
     def read(self, entry: Entry, max_bytes: int) -> tuple[bytes, Entry]:
-        """A task's bytes and the entry they were read under (its tag may have moved since the listing)."""
+        """A task's bytes and the entry they were read under (its tag may have moved since the listing);
+        NotStored if it was removed since."""
 
     def version_hint(self, entry: Entry) -> int:
         """The version recorded by a stored task that failed to load (0 if unknown): it was issued once."""

@@ -100,7 +100,14 @@ class ObjectStore:
         return entries
 
     def read(self, entry: Entry, max_bytes: int) -> tuple[bytes, Entry]:
-        answer = self._call("read", entry.task, self._client.get_object, Bucket=self.bucket, Key=self._key(entry.task))
+        try:
+            answer = self._client.get_object(Bucket=self.bucket, Key=self._key(entry.task))
+        except ClientError as exc:
+            if _status(exc) == 404:  # deleted since the listing
+                raise NotStored(entry.task) from None
+            raise self._error(exc, "read", entry.task) from None
+        except BotoCoreError as exc:
+            raise self._error(exc, "read", entry.task) from None
         size = answer["ContentLength"]
         if size > max_bytes:
             answer["Body"].close()

@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     state.metrics = Metrics(
         engine_stats=lambda: state.engine.stats() if state.engine is not None else None,
         prompt_count=lambda: len(state.registry) if state.registry is not None else 0,
+        store_poller=lambda: state.poller,
     )
     install_error_handler(app)
     install_openapi(app, settings)
@@ -125,7 +126,8 @@ def _model_source(settings: Settings) -> str:
 
 
 def _build_engine(settings: Settings) -> tuple[BaseModel, PromptRegistry, Engine]:
-    base = load_base_model(_model_source(settings), device=settings.device, dtype=settings.dtype)
+    base = load_base_model(_model_source(settings), device=settings.device, dtype=settings.dtype,
+                           device_map=settings.device_map_value(), offload_dir=settings.offload_dir())
     limits = RegistryLimits(max_virtual_tokens=settings.max_virtual_tokens, max_bytes=settings.max_prompt_bytes)
     backend = open_backend(settings.prompt_store or settings.resolved_prompt_dir(),
                            endpoint_url=settings.s3_endpoint_url, timeout_s=settings.s3_timeout_s)

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
+from prompt_store.sync import StorePoller
 from server.engine.handle import RequestHandle
 from server.engine.loop import EngineStats
 
@@ -32,7 +33,8 @@ def task_label(task: str | None) -> str:
 
 
 class Metrics:
-    def __init__(self, engine_stats: Callable[[], EngineStats | None], prompt_count: Callable[[], int]) -> None:
+    def __init__(self, engine_stats: Callable[[], EngineStats | None], prompt_count: Callable[[], int],
+                 store_poller: Callable[[], StorePoller | None] = lambda: None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "promptswap_requests", "Generation requests by task and outcome (ok; cancelled: client gone; "
@@ -52,6 +54,7 @@ class Metrics:
             ["task"], buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
         self.registry.register(_EngineCollector(engine_stats, prompt_count))
+        self.registry.register(_StoreCollector(store_poller))
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept or "")
@@ -117,3 +120,25 @@ class _EngineCollector:
             "promptswap_prompt_cache_misses", "Requests whose task prefix had to be computed.",
             value=stats.prompt_cache_misses,
         )
+
+
+class _StoreCollector:
+    """A shared prompt store's health, as this replica sees it (only with --prompt-store)."""
+
+    def __init__(self, poller: Callable[[], StorePoller | None]) -> None:
+        self.poller = poller
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        poller = self.poller()
+        if poller is None:
+            return
+        yield GaugeMetricFamily("promptswap_prompt_store_failures",
+                                "Consecutive polls of the shared prompt store that failed (0: it answers).",
+                                value=poller.failures)
+        age = poller.seconds_since_success()
+        if age is not None:
+            yield GaugeMetricFamily("promptswap_prompt_store_sync_age_seconds",
+                                    "Seconds since the shared prompt store last answered a poll.", value=age)

@@ -80,6 +80,9 @@ class PrefillChunk:
     positions: torch.Tensor  # [P * PAGE_SIZE]
     _masks: dict = field(default_factory=dict)
 
+    def to(self, device: torch.device) -> PrefillChunk:
+        return PrefillChunk(self.start, self.n, self.first, self.pages.to(device), self.positions.to(device))
+
     def allowed(self, window: int | None) -> torch.Tensor:
         """`[n, rows]` bool: query i (position first+i) sees the rows holding positions <= first+i."""
         q = torch.arange(self.first, self.first + self.n, device=self.positions.device)[:, None]
@@ -103,6 +106,10 @@ class DecodeGroup:
     last: torch.Tensor  # [D] position of each request's new token
     _masks: dict = field(default_factory=dict)
 
+    def to(self, device: torch.device) -> DecodeGroup:
+        return DecodeGroup(self.token_idx.to(device), self.pages.to(device), self.positions.to(device),
+                           self.last.to(device))
+
     def allowed(self, window: int | None) -> torch.Tensor:
         """`[D, rows]` bool: each request's new token sees its whole (windowed) history."""
         return _allowed(self.positions, self.last[:, None], window)
@@ -123,10 +130,22 @@ class StepLayout:
     rows: torch.Tensor  # [T] KV row of each packed token (page * PAGE_SIZE + offset)
     decodes: list[DecodeGroup]
     prefills: list[PrefillChunk]
+    _elsewhere: dict = field(default_factory=dict)  # device -> this layout's tensors there
+
+    def on(self, device: torch.device) -> StepLayout:
+        """This layout with its tensors on `device`: a model split over devices runs each layer on its own."""
+        if device == self.rows.device:
+            return self
+        if device not in self._elsewhere:
+            self._elsewhere[device] = StepLayout(self.kv, self.rows.to(device), [d.to(device) for d in self.decodes],
+                                                 [c.to(device) for c in self.prefills])
+        return self._elsewhere[device]
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float | None, window: int | None, softcap: float | None) -> torch.Tensor:
         # query [1, heads, T, hd]; key/value [1, kv_heads, T, hd]
+        if query.device != self.rows.device:
+            return self.on(query.device).attend(layer, query, key, value, scaling, window, softcap)
         _, heads, total, hd = query.shape
         kv_heads = key.shape[1]
         groups = heads // kv_heads

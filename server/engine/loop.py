@@ -74,7 +74,8 @@ class Engine:
         if self.config.kv_cache_bytes is not None:
             self.kv_budget_bytes = self.config.kv_cache_bytes
         else:
-            self.kv_budget_bytes, why = default_kv_budget(base.device, self.config.kv_cache_memory_fraction)
+            self.kv_budget_bytes, why = default_kv_budget(base.devices_of_layers(),
+                                                          self.config.kv_cache_memory_fraction)
             log.info("KV cache budget %.2f GiB: %s (--kv-cache-bytes sets it)", self.kv_budget_bytes / 2**30, why)
         g = base.geometry
         self.page_bytes = PAGE_SIZE * PagedKV.position_bytes(g.num_layers, g.num_kv_heads, g.head_dim, base.dtype)

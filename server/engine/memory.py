@@ -8,6 +8,8 @@ cache grows as requests need it, so tests and several replicas on one machine re
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -15,13 +17,30 @@ import torch
 CPU_SHARE = 0.25  # of the RAM available at start: the model's activations and the process need the rest
 
 
-def default_kv_budget(device: torch.device, fraction: float) -> tuple[int, str]:
-    """(bytes, how they were chosen) for the KV pool on `device`.
+def default_kv_budget(devices: Sequence[torch.device] | torch.device, fraction: float) -> tuple[int, str]:
+    """(bytes, how they were chosen) for the KV pool, whose layers live on `devices` (one per layer).
 
     Task prefixes live in the same pool (pages.py), so nothing is set apart for them. On CUDA the pool
     is allocated whole at its first use (server/engine/kv.py); the rest of the free memory is left to
-    the model's activations.
+    the model's activations. A model split over devices holds each page's layers on their layers'
+    devices: the pool is as large as its most crowded device allows.
     """
+    if isinstance(devices, torch.device):
+        devices = [devices]
+    layers_on = Counter(devices)
+    best: tuple[int, str] | None = None
+    for device, layers in layers_on.items():
+        budget, why = _one_device_budget(device, fraction)
+        whole = budget * len(devices) // layers  # this device holds layers/len(devices) of every page
+        if len(layers_on) > 1:
+            why = f"{why}, holding {layers} of {len(devices)} layers"
+        if best is None or whole < best[0]:
+            best = (whole, why)
+    assert best is not None, "a model has layers"
+    return best
+
+
+def _one_device_budget(device: torch.device, fraction: float) -> tuple[int, str]:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * fraction), f"{fraction:g} of the {_gib(free)} free on {device} after loading the model"

@@ -22,9 +22,13 @@ class BaseModel:
     tokenizer: Any  # a transformers tokenizer
     geometry: ModelGeometry
     name: str
-    device: torch.device
+    device: torch.device  # where inputs go: the input embeddings' device
     dtype: torch.dtype
     max_context: int
+    layer_devices: tuple[torch.device, ...] = ()  # where each decoder layer computes (empty: all on `device`)
+
+    def devices_of_layers(self) -> list[torch.device]:
+        return list(self.layer_devices) or [self.device] * self.geometry.num_layers
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -63,31 +67,76 @@ def check_architecture(name_or_path: str | Path) -> Any:
 
 
 def load_base_model(name_or_path: str | Path, device: str | None = None,
-                    dtype: str | torch.dtype | None = None) -> BaseModel:
-    """Load a decoder-only causal LM frozen, in eval mode, with promptswap's attention plugged in."""
+                    dtype: str | torch.dtype | None = None, *, device_map: str | dict | None = None,
+                    offload_dir: str | Path | None = None) -> BaseModel:
+    """Load a decoder-only causal LM frozen, in eval mode, with promptswap's attention plugged in.
+
+    `device_map` ("auto", "balanced", "sequential", or {module name: device}) spreads the model over the
+    visible GPUs, the CPU and `offload_dir` ("disk") with accelerate; each layer's KV pages then live on
+    the device where that layer computes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name_or_path = str(name_or_path)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     config = check_architecture(name_or_path)
+    placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_dir}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=torch_dtype, attn_implementation=ATTN_IMPLEMENTATION
+            name_or_path, dtype=torch_dtype, attn_implementation=ATTN_IMPLEMENTATION, **placement
         )
     except (ValueError, KeyError) as exc:  # what the config did not tell
         raise ModelNotSupported(
             f"{name_or_path} ({config.model_type}) cannot be served ({type(exc).__name__}: {exc}); promptswap "
             "needs a decoder-only causal LM whose attention goes through transformers' AttentionInterface"
         ) from exc
-    model.to(dev).eval().requires_grad_(False)
+    if device_map is None:
+        model.to(dev)
+    model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     geometry = ModelGeometry.from_config(model.config, name_or_path)
     max_context = _max_context(model.config, tokenizer)
     name = Path(name_or_path.rstrip("/")).name or name_or_path
-    log.info("loaded %s (%s) on %s in %s; context %d", name_or_path, config.model_type, dev, torch_dtype,
+    layer_devices: tuple[torch.device, ...] = ()
+    if device_map is not None:
+        dev = execution_device(model, model.get_input_embeddings(), dev)
+        layer_devices = tuple(_layer_devices(model, geometry.num_layers, dev))
+        log.info("device map %s: %s", device_map if isinstance(device_map, str) else "given",
+                 getattr(model, "hf_device_map", {}))
+    where = dev if not layer_devices else ", ".join(sorted({str(d) for d in layer_devices}))
+    log.info("loaded %s (%s) on %s in %s; context %d", name_or_path, config.model_type, where, torch_dtype,
              max_context)
-    return BaseModel(model, tokenizer, geometry, name, dev, torch_dtype, max_context)
+    return BaseModel(model, tokenizer, geometry, name, dev, torch_dtype, max_context, layer_devices)
+
+
+def execution_device(model: torch.nn.Module, module: torch.nn.Module, default: torch.device) -> torch.device:
+    """Where `module` computes under accelerate's device map: its own hook's or the nearest enclosing
+    module's execution device (a layer offloaded to CPU RAM or disk computes on the main device), else
+    the device of its weights."""
+    names = {id(m): name for name, m in model.named_modules()}
+    parts = names.get(id(module), "").split(".")
+    modules = dict(model.named_modules())
+    for end in range(len(parts), -1, -1):
+        owner = modules.get(".".join(parts[:end]))
+        hook = getattr(owner, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]) if hook is not None else ():
+            found = getattr(h, "execution_device", None)
+            if found is not None:
+                return torch.device(found)
+    for param in module.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return default
+
+
+def _layer_devices(model: torch.nn.Module, num_layers: int, default: torch.device) -> list[torch.device]:
+    """The device each decoder layer's attention computes on (attention modules carry their layer_idx)."""
+    found: dict[int, torch.device] = {}
+    for _, module in model.named_modules():
+        layer = getattr(module, "layer_idx", None)
+        if isinstance(layer, int) and layer not in found and 0 <= layer < num_layers:
+            found[layer] = execution_device(model, module, default)
+    return [found.get(layer, default) for layer in range(num_layers)]
 
 
 def _max_context(config, tokenizer) -> int:

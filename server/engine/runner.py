@@ -27,8 +27,8 @@ class ModelRunner:
         self.model = base.model
         self.device = base.device
         g = base.geometry
-        self.kv = PagedKV(g.num_layers, g.num_kv_heads, g.head_dim, dtype=base.dtype, device=base.device,
-                          total_pages=total_pages)
+        self.kv = PagedKV(g.num_layers, g.num_kv_heads, g.head_dim, dtype=base.dtype,
+                          devices=base.devices_of_layers(), total_pages=total_pages)
 
     # -- task prefixes -------------------------------------------------------------------------
 

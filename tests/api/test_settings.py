@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,32 @@ def test_one_prompt_store_is_named(tmp_path):
         Settings(prompt_store="s3:///tasks")
     with pytest.raises(ValidationError, match="--s3-endpoint-url / PROMPTSWAP_S3_ENDPOINT_URL is for an object store"):
         Settings(s3_endpoint_url="http://127.0.0.1:9000")
+
+
+def test_a_device_map_is_a_strategy_or_a_placement():
+    assert Settings(device_map="auto").device_map_value() == "auto"
+    assert Settings(device_map='{"model.layers.0": 0, "lm_head": "cpu"}').device_map_value() == \
+        {"model.layers.0": 0, "lm_head": "cpu"}
+    with pytest.raises(ValidationError, match="not both"):
+        Settings(device_map="auto", device="cuda")
+    with pytest.raises(ValidationError, match="must be one of auto, balanced"):
+        Settings(device_map="everywhere")
+    with pytest.raises(ValidationError, match="JSON object"):
+        Settings(device_map='{"lm_head": [1]}')
+
+
+def test_serve_a_model_spread_by_a_device_map(start_server, llama_dir):
+    """Over HTTP, with layers on "disk": the app hands the map and an offload folder to the loader."""
+    import httpx
+
+    from tests.engine.test_device_map import half_on_disk
+
+    placement = half_on_disk(llama_dir)
+    spread = start_server(model=str(llama_dir), device_map=json.dumps(placement))
+    plain = start_server(model=str(llama_dir))
+    body = {"text": "hello world", "max_new_tokens": 8, "ignore_eos": True}
+    answers = [httpx.post(f"{s.url}/generate", json=body, timeout=60) for s in (spread, plain)]
+    assert all(a.status_code == 200 for a in answers), answers[0].text
+    assert answers[0].json()["token_ids"] == answers[1].json()["token_ids"]
+    spread.stop()
+    plain.stop()

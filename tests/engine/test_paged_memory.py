@@ -109,8 +109,9 @@ def test_what_a_page_held_before_never_reaches_its_next_owner(make_engine, refer
     engine.submit("warm up the pool", task="pt8", params=params).result(timeout=30)
     # What an overflowing request could leave behind: every page but the null page full of NaN.
     kv = engine.runner.kv
-    kv.keys[:, 1:] = float("nan")
-    kv.values[:, 1:] = float("inf")
+    for keys, values in kv.storage():
+        keys[:, 1:] = float("nan")
+        values[:, 1:] = float("inf")
     for task in (None, "prefix16", "pt64"):  # new pages, reused pages, a cached prefix evicted or not
         text = "the lazy dog"
         assert list(engine.submit(text, task=task, params=params).result(timeout=30).token_ids) == \

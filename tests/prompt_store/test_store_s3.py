@@ -189,3 +189,44 @@ def test_nothing_imports_boto3_unless_an_object_store_is_used():
     # module is still loaded only for an s3:// store.
     app = "import sys, server.api.app; assert 'prompt_store.backends.s3' not in sys.modules, 'loaded'"
     subprocess.run([sys.executable, "-c", app], check=True)
+
+
+def test_a_task_deleted_between_listing_and_reading_is_dropped(tiny_geometry, make_file, endpoint, bucket):
+    a, b = _replicas(tiny_geometry, endpoint, bucket)
+    a.put("fleeting", _weights(make_file, 1.0))
+    a.put("stays", _weights(make_file, 2.0))
+    b.sync()
+    a.put("fleeting", _weights(make_file, 3.0))  # B's next listing sees a new tag...
+    listing = b.backend.scan()
+    a.delete("fleeting")  # ...but it is gone before B reads it
+    b.backend.scan = lambda: listing  # the listing B took before the delete
+    b.sync()  # no error: the poller would otherwise count an outage
+    assert "fleeting" not in b and b.get("stays").version == 1
+
+
+def test_the_poller_follows_the_marker_and_lists_in_full_now_and_then(tiny_geometry, make_file, endpoint, bucket):
+    """A write whose marker update was lost (here: an object put without one) is found by the full listing."""
+    import time
+
+    from prompt_store.sync import StorePoller
+
+    a, b = _replicas(tiny_geometry, endpoint, bucket)
+    poller = StorePoller(b, interval_s=0.05, full_sync_s=1.0)
+    poller.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not b.synced:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        a.put("marked", _weights(make_file, 1.0))
+        while "marked" not in b:  # through the marker: within a few polls
+            assert time.monotonic() < deadline, "the marker was not followed"
+            time.sleep(0.01)
+        s3_client(endpoint).put_object(Bucket=bucket, Key="tasks/unmarked.safetensors", Body=_weights(make_file, 2.0))
+        written = time.monotonic()
+        while "unmarked" not in b:
+            assert time.monotonic() - written < 10, "the full listing did not find it"
+            time.sleep(0.01)
+        assert poller.failures == 0 and poller.seconds_since_success() is not None
+    finally:
+        poller.stop()

@@ -150,10 +150,18 @@ def test_an_unreachable_store_keeps_cached_tasks_serving(cluster):
         assert refused.json()["error"]["type"] == "storage_error"
         assert "object store" in refused.json()["error"]["message"]
         assert httpx.get(f"{cluster.b}/ready").status_code == 200  # still serving what it has
-        time.sleep(3 * POLL_S)  # a few failed polls: backoff, no crash
+        _until(lambda: _gauge(cluster.b, "promptswap_prompt_store_failures") >= 1, "B's polls fail")
         assert _generate(cluster.b, "cached") == expected
     finally:
         cluster.proxy.restore()
     assert _put(cluster.a, "after-outage", 10).status_code == 201
     _until(lambda: httpx.get(f"{cluster.b}/prompts/after-outage").status_code == 200, "B recovers")
     assert httpx.get(f"{cluster.b}/prompts/during-outage").status_code == 404
+    assert _gauge(cluster.b, "promptswap_prompt_store_failures") == 0
+
+
+def _gauge(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not on /metrics")
