@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from prompt_store.backends import Current, Entry, NotStored, PromptBackend
+from prompt_store.backends import Current, Entry, NotStored, PromptBackend, Unreadable
 from prompt_store.backends.local import LocalDirectory
 from prompt_store.dtypes import dtype_name
 from prompt_store.errors import BodyTooLarge, PromptError, UnknownTask
@@ -251,7 +251,12 @@ class PromptRegistry:
             try:
                 self.backend.remove(task, when, self._current(task))
             except NotStored:
-                raise self._unknown(task) from None
+                error = self._unknown(task)
+                with self._lock:  # gone from the store (another replica deleted it): stop serving it here too
+                    self._snapshots.pop(task, None)
+                    self._descriptors.pop(task, None)
+                    self._tags.pop(task, None)
+                raise error from None
             with self._lock:
                 self._snapshots.pop(task, None)
                 self._descriptors.pop(task, None)
@@ -276,12 +281,12 @@ class PromptRegistry:
         """Bring memory up to the store: load new and changed tasks (by tag), drop removed ones. Returns
         how many tasks changed. Fetching runs without the write lock; a task this process wrote or
         deleted meanwhile is left as it wrote it (its own write is newer than the listing)."""
+        with self._lock:  # before listing: a write from here on differs from it, so the sync leaves it be
+            before = dict(self._tags)
         entries = self.backend.scan()
         if entries is None:
             self._synced.set()
             return 0
-        with self._lock:
-            before = dict(self._tags)
         loaded, gone = [], []
         for task, entry in sorted(entries.items()):
             if before.get(task) != entry.tag:
@@ -289,6 +294,12 @@ class PromptRegistry:
                     loaded.append(self._load(entry))
                 except NotStored:  # removed since the listing
                     gone.append(task)
+                except Unreadable as exc:  # this object alone: a served version stays, a new task is listed
+                    log.warning("prompt %s in %s not loaded: %s", task, self.location, exc)
+                    if before.get(task) is None:
+                        unreadable = PromptDescriptor(task=task, bytes=entry.size, error=f"Unreadable: {exc}")
+                        # A tag that never matches: the next sync tries again (the policy may be fixed).
+                        loaded.append((replace(entry, tag=f"unreadable:{entry.tag}"), unreadable, 0))
         for _, _, version in loaded:
             self.backend.issued(version or 0)
         removed = [task for task in before if task not in entries or task in gone]

@@ -48,6 +48,10 @@ class StorePoller:
     def poll_once(self) -> None:
         """One round: a full listing when one is due (or none succeeded yet), else the cheap check first."""
         now = time.monotonic()
+        if self.last_success is None:  # once, before the first listing
+            check = getattr(self.registry.backend, "check_conditional_writes", None)
+            if check is not None:
+                check()
         if self.last_full_sync is None or now - self.last_full_sync >= self.full_sync_s:
             self.registry.backend.changed()  # note the marker first: a write after it bumps it again
             self.registry.sync()
@@ -61,6 +65,8 @@ class StorePoller:
             try:
                 self.poll_once()
             except (StorageError, OSError) as exc:
+                # The marker may have been read before the failure: list in full once the store answers.
+                self.last_full_sync = None
                 self.failures += 1
                 delay = min(self.interval_s * 2**self.failures, self.max_backoff_s)
                 if self.failures == 1 or self.failures % 10 == 0:
@@ -68,6 +74,7 @@ class StorePoller:
                                 "in %.1f s (failure %d)", self.registry.location, exc, delay, self.failures)
                 continue
             except Exception:  # a bug must not stop convergence for good: log it, keep polling
+                self.last_full_sync = None
                 self.failures += 1
                 delay = min(self.interval_s * 2**self.failures, self.max_backoff_s)
                 log.exception("the prompt store poller failed; retrying in %.1f s", delay)

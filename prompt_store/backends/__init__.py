@@ -56,6 +56,11 @@ class NotStored(LookupError):
     """remove() or read() of a task the backend does not hold (read: removed since it was listed)."""
 
 
+class Unreadable(Exception):
+    """One stored task cannot be read (access denied to that object, an archived object): that task fails,
+    the rest of the store loads."""
+
+
 class PromptBackend(Protocol):
     @property
     def location(self) -> str:

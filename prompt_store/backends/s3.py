@@ -16,16 +16,18 @@ neither wrote: the loser re-reads and tries again, or fails the client's own con
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from prompt_store.backends import S3_SCHEME, Current, Entry, NotStored, Written
+from prompt_store.backends import S3_SCHEME, Current, Entry, NotStored, Unreadable, Written
 from prompt_store.errors import BodyTooLarge, StorageError, StorageUnavailable
 from prompt_store.format import parse_header
 from prompt_store.preconditions import Preconditions
@@ -41,6 +43,7 @@ log = logging.getLogger("prompt_store.registry")
 
 SUFFIX = ".safetensors"
 VERSION_META = "promptswap-version"  # user metadata (x-amz-meta-promptswap-version)
+WRITE_META = "promptswap-write"  # the id of the write that stored the object
 TOMBSTONES = ".tombstones/"
 CHANGES = ".changes"
 ATTEMPTS = 8  # conditional writes lost to other replicas in a row before giving up (503)
@@ -54,6 +57,7 @@ class _Conflict(Exception):
 class _Head:
     etag: str
     version: int
+    write_id: str | None = None
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -103,8 +107,11 @@ class ObjectStore:
         try:
             answer = self._client.get_object(Bucket=self.bucket, Key=self._key(entry.task))
         except ClientError as exc:
-            if _status(exc) == 404:  # deleted since the listing
+            status = _status(exc) or 500
+            if status == 404 and _code(exc) != "NoSuchBucket":  # deleted since the listing
                 raise NotStored(entry.task) from None
+            if 400 <= status < 500 and status not in (404, 408, 429):  # this object only (access, archived)
+                raise Unreadable(f"{self._key(entry.task)}: {_code(exc)} ({exc})") from None
             raise self._error(exc, "read", entry.task) from None
         except BotoCoreError as exc:
             raise self._error(exc, "read", entry.task) from None
@@ -147,19 +154,25 @@ class ObjectStore:
 
     def write(self, task: str, encode: Callable[[int], bytes], when: Preconditions, current: Current) -> Written:
         key = self._key(task)
+        # Names this write in the object's metadata: if the store applied a PUT whose answer was lost (and
+        # botocore's retry of it then lost its condition), the next HEAD shows it was ours.
+        write_id = uuid.uuid4().hex
+        sent: tuple[int, int, bool] | None = None  # (version, size, created) of the last PUT sent
         for _ in range(ATTEMPTS):
             head = self._head(task)
+            if sent is not None and head is not None and head.write_id == write_id:
+                self._bump(task, sent[0])
+                return Written(sent[0], head.etag, sent[1], created=sent[2])
             when.check(task, head is not None, head.version if head is not None else None)
-            floor = head.version if head is not None else 0
-            if floor == 0:  # new, or written by another tool: start above every deleted version
-                floor = max(floor, self._tombstone(task)[0])
-            version = floor + 1
+            # Above the current version and every deleted one, even if an old object was copied back in.
+            version = max(head.version if head is not None else 0, self._tombstone(task)[0]) + 1
             blob = encode(version)
             guard = {"IfMatch": head.etag} if head is not None else {"IfNoneMatch": "*"}
+            sent = (version, len(blob), head is None)
             try:
                 answer = self._call("store", task, self._client.put_object, conditional=True,
-                                    Bucket=self.bucket, Key=key, Body=blob, Metadata={VERSION_META: str(version)},
-                                    ContentType="application/octet-stream", **guard)
+                                    Bucket=self.bucket, Key=key, Body=blob, ContentType="application/octet-stream",
+                                    Metadata={VERSION_META: str(version), WRITE_META: write_id}, **guard)
             except _Conflict:
                 continue
             self._bump(task, version)
@@ -167,12 +180,16 @@ class ObjectStore:
         raise self._contended("store", task)
 
     def remove(self, task: str, when: Preconditions, current: Current) -> None:
+        sent = False  # a DELETE was sent: its answer may have been lost and its retry found nothing
         for _ in range(ATTEMPTS):
             head = self._head(task)
             if head is None:
+                if sent:
+                    return  # gone, as asked (by this delete, or by another at the same moment)
                 raise NotStored(task)
             when.check(task, True, head.version)
             self._raise_tombstone(task, head.version)  # first: a re-create must never see no object and no floor
+            sent = True
             try:
                 self._call("delete", task, self._client.delete_object, conditional=True,
                            Bucket=self.bucket, Key=self._key(task), IfMatch=head.etag)
@@ -181,6 +198,33 @@ class ObjectStore:
             self._bump(task, head.version)
             return
         raise self._contended("delete", task)
+
+    def check_conditional_writes(self) -> bool:
+        """Whether the store honours conditional writes, tried on a probe object: some S3-compatible stores
+        ignore If-None-Match / If-Match, and then racing writers can lose updates. Logged, not fatal."""
+        key = f"{self._base}.probe-{uuid.uuid4().hex}"
+        honoured = True
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=b"1", IfNoneMatch="*")
+            for attempt in ({"IfNoneMatch": "*"}, {"IfMatch": '"0"'}):
+                try:
+                    self._client.put_object(Bucket=self.bucket, Key=key, Body=b"2", **attempt)
+                    honoured = False
+                except ClientError as exc:
+                    honoured &= _status(exc) == 412
+            try:
+                self._client.delete_object(Bucket=self.bucket, Key=key, IfMatch='"0"')
+                honoured = False
+            except ClientError as exc:
+                honoured &= _status(exc) == 412
+        finally:
+            with contextlib.suppress(BotoCoreError, ClientError):
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+        if not honoured:
+            log.error("the object store %s ignores conditional writes (If-Match / If-None-Match): replicas racing "
+                      "on one task can lose an update. Use a store that honours them (AWS S3, recent MinIO)",
+                      self.location)
+        return honoured
 
     # -- objects ---------------------------------------------------------------------------------
 
@@ -196,10 +240,11 @@ class ObjectStore:
             raise self._error(exc, "read", task) from None
         except BotoCoreError as exc:
             raise self._error(exc, "read", task) from None
-        version = _int(answer.get("Metadata", {}).get(VERSION_META))
+        metadata = answer.get("Metadata", {})
+        version = _int(metadata.get(VERSION_META))
         if version is None:  # written by another tool: the header may still record one
             version = self._header_version(task)
-        return _Head(answer["ETag"], version)
+        return _Head(answer["ETag"], version, metadata.get(WRITE_META))
 
     def _header_version(self, task: str) -> int:
         answer = self._call("read", task, self._client.get_object, Bucket=self.bucket, Key=self._key(task))
@@ -214,7 +259,7 @@ class ObjectStore:
         try:
             answer = self._client.get_object(Bucket=self.bucket, Key=self._base + TOMBSTONES + task)
         except ClientError as exc:
-            if _status(exc) == 404:
+            if _status(exc) == 404 and _code(exc) != "NoSuchBucket":
                 return 0, None
             raise self._error(exc, "read", task) from None
         except BotoCoreError as exc:
@@ -278,6 +323,10 @@ class ObjectStore:
         return StorageUnavailable(
             f"could not {action} task {task!r}: it changed {ATTEMPTS} times in {self.location} while this write "
             "tried; try again", cause=RuntimeError("conditional write contention"))
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 def _status(exc: ClientError) -> int | None:

@@ -111,7 +111,10 @@ class ModelRunner:
             if seq.samples_after(n):
                 sample_at.append(start + n - 1)
         layout = StepLayout(self.kv, torch.tensor(rows, device=dev), self._decode_groups(decoding), prefills)
-        keep = torch.tensor(sample_at if sample_at else [len(positions) - 1], device=dev)
+        # The rows to keep index the last layer's output: on a model spread over devices that is not where the
+        # inputs are, and an index on the CPU serves every device.
+        keep = torch.tensor(sample_at if sample_at else [len(positions) - 1],
+                            device=dev if not self.base.layer_devices else "cpu")
         inputs = {"input_ids": torch.tensor([ids], device=dev)}
         if embeddings:  # the text's embeddings after the virtual tokens', as PEFT feeds a soft prompt
             text = self.model.get_input_embeddings()(inputs["input_ids"])[0] if ids else None

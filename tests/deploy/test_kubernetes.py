@@ -77,9 +77,12 @@ def test_environment_names_are_settings_the_app_reads(docs, container):
     Settings(prompt_dir=None, prompt_store=docs["Secret"]["stringData"]["PROMPTSWAP_PROMPT_STORE"])
 
 
-def test_the_grace_period_outlasts_the_drain(docs):
+def test_the_grace_period_outlasts_the_drain(docs, container):
     spec = docs["Deployment"]["spec"]["template"]["spec"]
-    assert spec["terminationGracePeriodSeconds"] > Settings.model_fields["shutdown_timeout_s"].default
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pause = float(command[1])
+    assert spec["terminationGracePeriodSeconds"] > pause + Settings.model_fields["shutdown_timeout_s"].default
 
 
 def test_service_and_autoscaler_point_at_the_deployment(docs, container):

@@ -230,3 +230,59 @@ def test_the_poller_follows_the_marker_and_lists_in_full_now_and_then(tiny_geome
         assert poller.failures == 0 and poller.seconds_since_success() is not None
     finally:
         poller.stop()
+
+
+def test_a_put_that_lands_while_a_sync_lists_is_kept(tiny_geometry, make_file, endpoint, bucket):
+    """The writer serves its own write at once, even when its poller listed the store just before it."""
+    (b,) = _replicas(tiny_geometry, endpoint, bucket, n=1)
+    listing_of = b.backend.scan
+
+    def listing_then_a_put():
+        listing = listing_of()  # taken before the put below
+        b.put("fresh", _weights(make_file, 1.0))
+        return listing
+
+    b.backend.scan = listing_then_a_put
+    b.sync()
+    assert b.get("fresh").version == 1
+
+
+def test_an_archived_object_fails_alone(tiny_geometry, make_file, endpoint, bucket):
+    """An object the store refuses to read (archived: 403 InvalidObjectState) is that task's failure; the
+    rest loads, and the replica becomes ready."""
+    (a,) = _replicas(tiny_geometry, endpoint, bucket, n=1)
+    a.put("fine", _weights(make_file, 1.0))
+    s3_client(endpoint).put_object(Bucket=bucket, Key="tasks/archived.safetensors", Body=_weights(make_file, 2.0),
+                                   StorageClass="GLACIER")
+    (b,) = _replicas(tiny_geometry, endpoint, bucket, n=1)
+    b.sync()
+    assert b.synced and b.get("fine").version == 1
+    assert "InvalidObjectState" in b.describe("archived").error and "archived" not in b
+
+
+def test_a_task_deleted_elsewhere_stops_being_served_on_delete(tiny_geometry, make_file, endpoint, bucket):
+    a, b = _replicas(tiny_geometry, endpoint, bucket)
+    a.put("t", _weights(make_file, 1.0))
+    b.sync()
+    a.delete("t")
+    with pytest.raises(UnknownTask):
+        b.delete("t")  # 404: the store has no such task...
+    assert "t" not in b  # ...and B no longer serves its stale copy
+
+
+def test_versions_stay_above_the_tombstone_when_an_old_object_is_copied_back(tiny_geometry, make_file, endpoint,
+                                                                             bucket):
+    (a,) = _replicas(tiny_geometry, endpoint, bucket, n=1)
+    client = s3_client(endpoint)
+    a.put("t", _weights(make_file, 1.0))
+    old = client.get_object(Bucket=bucket, Key="tasks/t.safetensors")
+    a.put("t", _weights(make_file, 2.0))
+    a.delete("t")  # the tombstone records 2
+    client.put_object(Bucket=bucket, Key="tasks/t.safetensors", Body=old["Body"].read(), Metadata=old["Metadata"])
+    assert a.put("t", _weights(make_file, 3.0))[0].version == 3  # not 2 again
+
+
+def test_the_store_is_checked_for_conditional_writes(endpoint, bucket):
+    store = _store(endpoint, bucket)
+    assert store.check_conditional_writes()
+    assert "Contents" not in s3_client(endpoint).list_objects_v2(Bucket=bucket)  # the probe is removed
