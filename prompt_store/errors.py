@@ -122,6 +122,18 @@ class AmbiguousKind(PromptError):
     default_param = "kind"
 
 
+class InvalidTemplate(PromptError):
+    """A task's text template without `{text}` exactly once (or too long)."""
+
+    default_param = "template"
+
+
+class InvalidChoices(PromptError):
+    """A task's stored choices are not 1..32 distinct non-empty strings."""
+
+    default_param = "choices"
+
+
 class StorageError(Exception):
     """The prompt was fine but the prompt store (directory or object store) could not be changed or read.
     Nothing was changed here: the registry still serves what it served before. Not a PromptError: the

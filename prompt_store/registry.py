@@ -26,6 +26,7 @@ from prompt_store.errors import BodyTooLarge, PromptError, UnknownTask
 from prompt_store.format import PromptFile, read_path, read_prompt, tensor_sha256, write_prompt
 from prompt_store.geometry import ModelGeometry
 from prompt_store.preconditions import NO_PRECONDITIONS, Preconditions
+from prompt_store.template import encode_choices
 from prompt_store.validate import (
     SERVED_DTYPES,
     CheckedPrompt,
@@ -55,6 +56,8 @@ class PromptSnapshot:
     base_model: str | None = None
     description: str | None = None
     warnings: tuple[str, ...] = ()  # noticed when it was stored (an adapter recorded for another model)
+    template: str | None = None  # the text template it was trained with: requests' text goes in its {text}
+    choices: tuple[str, ...] | None = None  # the answers it was trained to give (a classifier's labels)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -78,6 +81,8 @@ class PromptDescriptor:
     base_model: str | None = None
     description: str | None = None
     warnings: tuple[str, ...] = ()
+    template: str | None = None
+    choices: tuple[str, ...] | None = None
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -89,7 +94,7 @@ class PromptDescriptor:
             task=snap.task, kind=snap.kind, num_virtual_tokens=snap.num_virtual_tokens,
             dtype=dtype_name(snap.embeddings.dtype), bytes=nbytes, sha256=snap.sha256, version=snap.version,
             created_at=snap.created_at, source=snap.source, base_model=snap.base_model,
-            description=snap.description, warnings=snap.warnings,
+            description=snap.description, warnings=snap.warnings, template=snap.template, choices=snap.choices,
         )  # fmt: skip
 
 
@@ -228,6 +233,7 @@ class PromptRegistry:
             version=0, sha256=tensor_sha256(checked.embeddings), embeddings=checked.embeddings,
             created_at=time.time(), source=checked.source, base_model=checked.base_model,
             description=description if description is not None else checked.description, warnings=warnings,
+            template=checked.template, choices=checked.choices,
         )  # fmt: skip
 
         def encode(version: int) -> bytes:
@@ -355,6 +361,7 @@ class PromptRegistry:
             version=version or 0, sha256=tensor_sha256(checked.embeddings), embeddings=checked.embeddings,
             created_at=_float(meta.get("created_at")) or entry.modified or time.time(), source=checked.source,
             base_model=checked.base_model, description=checked.description, warnings=warnings,
+            template=checked.template, choices=checked.choices,
         )  # fmt: skip
         return entry, snap, version
 
@@ -390,6 +397,10 @@ def _metadata(snap: PromptSnapshot) -> dict[str, str]:
         meta["base_model"] = snap.base_model
     if snap.description is not None:
         meta["description"] = snap.description
+    if snap.template is not None:
+        meta["template"] = snap.template
+    if snap.choices is not None:
+        meta["choices"] = encode_choices(snap.choices)
     return meta
 
 

@@ -30,6 +30,7 @@ from prompt_store.errors import (
 )
 from prompt_store.format import TENSOR_NAME, PromptFile, load_config
 from prompt_store.geometry import KINDS, Kind, ModelGeometry
+from prompt_store.template import check_template, parse_choices
 
 SERVED_DTYPES = served_dtypes()
 TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -71,6 +72,8 @@ class CheckedPrompt:
     base_model: str | None
     description: str | None
     source: Literal["file", "peft"]
+    template: str | None = None  # the text template it was trained with (template.py)
+    choices: tuple[str, ...] | None = None  # the answers it was trained to give
 
     @property
     def served_kind(self) -> Kind:
@@ -187,6 +190,8 @@ def check_prompt(
         base_model=(peft.base_model if peft else None) or source.metadata.get("base_model"),
         description=source.metadata.get("description"),
         source="peft" if peft is not None or source_kind == "peft" else "file",
+        template=check_template(source.metadata["template"]) if "template" in source.metadata else None,
+        choices=parse_choices(source.metadata["choices"]) if "choices" in source.metadata else None,
     )
 
 

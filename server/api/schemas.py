@@ -27,6 +27,8 @@ _Text = Annotated[str, Field(min_length=1)]  # "" gives no token to start from
 _STOP_HELP = f"A stop string or a list of at most {MAX_STOP_STRINGS}, each of 1..{MAX_STOP_CHARS} characters."
 _LIST_HELP = f"at most --max-batch-requests entries ({Settings.model_fields['max_batch_requests'].default} by default)"
 
+_RAW_HELP = ("Send the text as it is: without the task's text template (a task trained with `promptswap train "
+             "--template` has one; GET /prompts/{task} shows it).")
 # promptswap's own API takes the engine's defaults as they are: written once, in SamplingParams.
 _ENGINE = SamplingParams()
 
@@ -50,6 +52,7 @@ class GenerateParams(_Sampling, _Strict):
     seed: int | None = _ENGINE.seed
     stop: str | list[str] | None = Field(None, description=_STOP_HELP)
     ignore_eos: bool = _ENGINE.ignore_eos
+    raw: bool = Field(False, description=_RAW_HELP)
 
 
 class GenerateRequest(GenerateParams):
@@ -125,6 +128,7 @@ class CompletionRequest(_Sampling, BaseModel):
     # Extensions, as vLLM names them.
     top_k: int = 0
     ignore_eos: bool = False
+    raw: bool = Field(False, description=_RAW_HELP)  # promptswap's own
 
     @model_validator(mode="before")
     @classmethod

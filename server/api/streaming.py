@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncGenerator, Awaitable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -44,9 +44,18 @@ def sampling_params(cap: int, *, max_new_tokens: int | None, param_name: str = "
         raise ErrorInContext(exc, ErrorContext(rename={"max_new_tokens": param_name})) from exc
 
 
-async def submit_all(engine: Engine, metrics: Metrics, requests: list[tuple[str, str | None, SamplingParams]],
+class Submission(NamedTuple):
+    """One request as a route hands it to the engine."""
+
+    text: str
+    task: str | None
+    params: SamplingParams
+    raw: bool = False  # skip the task's text template
+
+
+async def submit_all(engine: Engine, metrics: Metrics, requests: list[Submission],
                      context_of: Any) -> list[RequestHandle]:
-    """Submit each (text, task, params) from a worker thread: tokenizing is CPU work, and the event loop
+    """Submit each request from a worker thread: tokenizing is CPU work, and the event loop
     must go on serving meanwhile. A refusal is counted, cancels the ones already submitted and is raised
     in the context `context_of(i)` gives for entry i (None: as it is)."""
     work = asyncio.ensure_future(run_in_threadpool(_submit_all, engine, metrics, requests, context_of))
@@ -59,13 +68,13 @@ async def submit_all(engine: Engine, metrics: Metrics, requests: list[tuple[str,
         raise
 
 
-def _submit_all(engine: Engine, metrics: Metrics, requests: list[tuple[str, str | None, SamplingParams]],
+def _submit_all(engine: Engine, metrics: Metrics, requests: list[Submission],
                 context_of: Any) -> list[RequestHandle]:
     handles: list[RequestHandle] = []
     try:
-        for i, (text, task, params) in enumerate(requests):
+        for i, (text, task, params, raw) in enumerate(requests):
             try:
-                handles.append(engine.submit(text, task=task, params=params))
+                handles.append(engine.submit(text, task=task, params=params, raw=raw))
             except Exception as exc:
                 unknown = isinstance(exc, UnknownTask | InvalidTaskName)
                 outcome = outcome_of(exc)

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from prompt_store.registry import PromptSnapshot
+from prompt_store.template import apply_template
 from server.engine import threads
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalText
@@ -129,13 +130,17 @@ class Engine:
 
     # -- submission (any thread) ---------------------------------------------------------------
 
-    def submit(self, text: str, *, task: str | None = None, params: SamplingParams | None = None) -> RequestHandle:
-        """Validate and queue one request; errors a client caused are raised here, before the loop."""
+    def submit(self, text: str, *, task: str | None = None, params: SamplingParams | None = None,
+               raw: bool = False) -> RequestHandle:
+        """Validate and queue one request; errors a client caused are raised here, before the loop. The
+        task's text template (the one it was trained with) frames the text unless `raw`."""
         params = params or SamplingParams()
         if not self._accepting:
             raise EngineStopped()
         snapshot = self.tasks.get(task) if task is not None else None  # UnknownTask
         num_virtual = snapshot.num_virtual_tokens if snapshot is not None else 0
+        if snapshot is not None and not raw:
+            text = apply_template(snapshot.template, text)  # the same version's template as its weights
         _check_encodable(text)
         at_least = -(-len(text) // self.longest_token_chars)
         if num_virtual + at_least + 1 > self.max_context:

@@ -27,7 +27,8 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, m
                    settings: SettingsDep):
     params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=body.max_new_tokens,
                                        **body.sampling_kwargs())
-    [handle] = await streaming.submit_all(engine, metrics, [(body.text, body.task, params)], lambda i: None)
+    submission = streaming.Submission(body.text, body.task, params, body.raw)
+    [handle] = await streaming.submit_all(engine, metrics, [submission], lambda i: None)
     if not body.stream:
         return GenerateResponse.of(await unless_disconnected(request, streaming.result(handle, metrics)))
     events = streaming.events(handle, metrics)
@@ -76,7 +77,7 @@ async def generate_batch(body: BatchRequest, request: Request, engine: EngineDep
                                                **e.sampling_kwargs())
         except Exception as exc:
             raise ErrorInContext(exc, entry(i)) from exc
-        submissions.append((e.text, e.task, params))
+        submissions.append(streaming.Submission(e.text, e.task, params, e.raw))
     handles = await streaming.submit_all(engine, metrics, submissions, entry)
     # They all joined the engine's continuous batch; wait for all, in order.
     completions = await unless_disconnected(request, streaming.all_results(handles, metrics, "requests"))

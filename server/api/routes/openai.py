@@ -78,7 +78,8 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
         return ErrorContext(rename={"task": "model", "text": f"prompt[{i}]" if len(prompts) > 1 else "prompt"},
                             hints={"model": f"`model` is a task name or {base!r} for the base model"})
 
-    handles = await streaming.submit_all(engine, metrics, [(str(text), task, params) for text in prompts], context)
+    submissions = [streaming.Submission(str(text), task, params, body.raw) for text in prompts]
+    handles = await streaming.submit_all(engine, metrics, submissions, context)
     reply = _Reply(body.model, usage=bool(body.stream_options and body.stream_options.include_usage))
     if not body.stream:
         return reply.full(await unless_disconnected(request, streaming.all_results(handles, metrics, "prompt")))

@@ -1,0 +1,75 @@
+"""What a task carries besides its weights: the text template it was trained with, and its answers.
+
+A template contains `{text}` exactly once, replaced literally by the request's text: other braces are
+plain text (a JSON example in a template stays as it is). `choices` are the answers a classifier task
+was trained to give (at most MAX_CHOICES distinct strings), kept as a JSON list in the file's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from prompt_store.errors import InvalidChoices, InvalidTemplate
+
+PLACEHOLDER = "{text}"
+MAX_TEMPLATE_CHARS = 16_384
+MAX_CHOICES = 32
+MAX_CHOICE_CHARS = 256
+
+
+def check_template(template: object) -> str:
+    """The template if it is a string with `{text}` exactly once (and not huge); else InvalidTemplate."""
+    if not isinstance(template, str):
+        raise InvalidTemplate(f"a template must be a string, got {type(template).__name__}",
+                              expected="a string containing {text} once", actual=type(template).__name__)
+    count = template.count(PLACEHOLDER)
+    if count != 1:
+        raise InvalidTemplate(f"a template must contain {PLACEHOLDER} exactly once (replaced by the request's text), "
+                              f"found it {count} times in {template[:80]!r}",
+                              expected=f"{PLACEHOLDER} once", actual=count)
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise InvalidTemplate(f"a template may have at most {MAX_TEMPLATE_CHARS} characters, got {len(template)}",
+                              expected=f"<= {MAX_TEMPLATE_CHARS}", actual=len(template))
+    return template
+
+
+def apply_template(template: str | None, text: str) -> str:
+    """The text as the task was trained to see it: `{text}` replaced literally, once."""
+    if template is None:
+        return text
+    before, _, after = template.partition(PLACEHOLDER)
+    return before + text + after
+
+
+def check_choices(choices: Iterable[object]) -> tuple[str, ...]:
+    values = list(choices)
+    if not 1 <= len(values) <= MAX_CHOICES:
+        raise InvalidChoices(f"a task has 1..{MAX_CHOICES} choices, got {len(values)}",
+                             expected=f"1..{MAX_CHOICES}", actual=len(values))
+    strings: list[str] = []
+    for value in values:
+        if not isinstance(value, str) or not value or len(value) > MAX_CHOICE_CHARS:
+            raise InvalidChoices(f"each choice must be a non-empty string of at most {MAX_CHOICE_CHARS} characters, "
+                                 f"got {str(value)[:40]!r}", expected="a non-empty string", actual=str(value)[:40])
+        strings.append(value)
+    if len(set(strings)) != len(strings):
+        raise InvalidChoices("choices must be distinct", expected="distinct strings", actual=strings)
+    return tuple(strings)
+
+
+def parse_choices(raw: str) -> tuple[str, ...]:
+    """Choices as a file's metadata keeps them: a JSON list of strings."""
+    try:
+        values = json.loads(raw)
+    except ValueError:
+        raise InvalidChoices("the choices metadata must be a JSON list of strings", expected="a JSON list",
+                             actual=raw[:40]) from None
+    if not isinstance(values, list):
+        raise InvalidChoices("the choices metadata must be a JSON list of strings", expected="a JSON list",
+                             actual=type(values).__name__)
+    return check_choices(values)
+
+
+def encode_choices(choices: Iterable[str]) -> str:
+    return json.dumps(list(choices), ensure_ascii=False)
