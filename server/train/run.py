@@ -2,9 +2,9 @@
 
 The base model is frozen (PEFT trains only the virtual tokens, the prompt encoder or the prefix). Each
 epoch ends with the validation loss, and the best epoch's adapter is kept (early stopping after
-`patience` epochs without improvement). Accuracy is measured with a greedy loop of our own over
-`PeftModel.forward` (PeftModel.generate is wrong for prompt learning on transformers 5.24), on the
-templated input as the server will see it.
+`patience` epochs without improvement). Accuracy is measured on that adapter as saved and loaded back,
+with a greedy loop of our own over `PeftModel.forward` (PeftModel.generate is wrong for prompt learning
+on transformers 5.24), on the templated input as the server will see it.
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def fit(opts: TrainOptions) -> tuple[Any, TrainSummary]:
     import warnings
 
     import transformers
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, Trainer, TrainingArguments
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from prompt_store.dtypes import torch_dtype
@@ -123,22 +123,21 @@ def fit(opts: TrainOptions) -> tuple[Any, TrainSummary]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     has_val = bool(data.val)
     steps_per_epoch = -(-len(data.train) // opts.batch_size)
-    with tempfile.TemporaryDirectory(prefix="promptswap-train-") as checkpoints:
+    with tempfile.TemporaryDirectory(prefix="promptswap-train-") as work:
+        best = Path(work) / "best"
         args = TrainingArguments(
-            output_dir=checkpoints, num_train_epochs=opts.epochs, learning_rate=opts.lr or DEFAULT_LR[opts.kind],
+            output_dir=work, num_train_epochs=opts.epochs, learning_rate=opts.lr or DEFAULT_LR[opts.kind],
             per_device_train_batch_size=opts.batch_size, per_device_eval_batch_size=opts.batch_size,
-            eval_strategy="epoch" if has_val else "no", save_strategy="epoch" if has_val else "no",
-            load_best_model_at_end=has_val, metric_for_best_model="eval_loss", greater_is_better=False,
-            save_total_limit=2, save_only_model=True, logging_strategy="steps",
+            # The best epoch is kept by KeepBest, not by the Trainer's checkpoints: a prefix learned through
+            # a projection is saved as its tables, which cannot be loaded back into the projection.
+            eval_strategy="epoch" if has_val else "no", save_strategy="no", logging_strategy="steps",
             logging_steps=max(1, steps_per_epoch // 4), report_to="none", disable_tqdm=True, seed=opts.seed,
             use_cpu=device.type == "cpu", label_names=["labels"], remove_unused_columns=False,
             dataloader_pin_memory=False, optim="adamw_torch", lr_scheduler_type="linear",
         )
-        callbacks: list[Any] = [EarlyStoppingCallback(early_stopping_patience=opts.patience)] if has_val else []
-        if opts.progress:
-            callbacks.append(loss_bar())
+        keep = keep_best(best, opts.patience)
         trainer = Trainer(
-            model=model, args=args, callbacks=callbacks,
+            model=model, args=args, callbacks=[keep, *([loss_bar()] if opts.progress else [])],
             train_dataset=[{"input_ids": enc.input_ids, "labels": enc.labels} for _, enc in data.train],
             eval_dataset=[{"input_ids": enc.input_ids, "labels": enc.labels} for _, enc in data.val] or None,
             data_collator=lambda features: pad_batch(features, pad_id),
@@ -146,17 +145,46 @@ def fit(opts: TrainOptions) -> tuple[Any, TrainSummary]:
         for noisy in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(noisy)
         trainer.train()
-    eval_losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
-    measured = data.val or data.train
-    model.eval()
-    correct = sum(exact_match(model, tokenizer, example, enc, device) for example, enc in measured)
-    save_adapter(model, opts.out, served_name=opts.served_name, template=data.template, choices=data.choices)
-    return model, TrainSummary(
-        train_examples=len(data.train), val_examples=len(data.val), epochs=float(trainer.state.epoch or 0),
-        stopped_early=(trainer.state.epoch or 0) < opts.epochs - 1e-9, best_val_loss=min(eval_losses, default=None),
-        correct=correct, measured_on=len(measured), accuracy_on="validation" if data.val else "training",
+        if not best.exists():  # no validation set: the last epoch is the result
+            model.save_pretrained(str(best))
+        # Measured as served: the saved adapter, loaded back, on the frozen base.
+        trained = PeftModel.from_pretrained(model.get_base_model(), str(best)).to(device).eval()
+        measured = data.val or data.train
+        correct = sum(exact_match(trained, tokenizer, example, enc, device) for example, enc in measured)
+        write_adapter(best, opts.out, served_name=opts.served_name, template=data.template, choices=data.choices)
+    epochs = float(trainer.state.epoch or 0)
+    return trained, TrainSummary(
+        train_examples=len(data.train), val_examples=len(data.val), epochs=epochs,
+        stopped_early=epochs < opts.epochs - 1e-9, best_val_loss=keep.best_loss, correct=correct,
+        measured_on=len(measured), accuracy_on="validation" if data.val else "training",
         seconds=time.monotonic() - started, out=opts.out, choices=data.choices,
     )
+
+
+def keep_best(directory: Path, patience: int) -> Any:
+    """After each evaluation: save the adapter when the validation loss is the best so far; stop training
+    after `patience` evaluations without a better one."""
+    from transformers import TrainerCallback
+
+    class KeepBest(TrainerCallback):
+        def __init__(self) -> None:
+            self.best_loss: float | None = None
+            self.worse = 0
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, model: Any = None,
+                        **kwargs: Any) -> None:
+            loss = (metrics or {}).get("eval_loss")
+            if loss is None:
+                return
+            if self.best_loss is None or loss < self.best_loss:
+                self.best_loss, self.worse = loss, 0
+                model.save_pretrained(str(directory))
+            else:
+                self.worse += 1
+                if self.worse >= patience:
+                    control.should_training_stop = True
+
+    return KeepBest()
 
 
 def greedy_answer(model: Any, prompt_ids: list[int], max_new_tokens: int, eos_id: int, device: Any) -> list[int]:
@@ -182,16 +210,19 @@ def exact_match(model: Any, tokenizer: Any, example: Example, enc: Encoded, devi
     return tokenizer.decode(generated, skip_special_tokens=True).strip() == example.output.strip()
 
 
-def save_adapter(model: Any, out: Path, *, served_name: str, template: str | None,
-                 choices: tuple[str, ...] | None) -> None:
-    """PEFT's adapter directory, unchanged in form (PeftModel.from_pretrained loads it), with the served base
-    model recorded in its config and the template and choices in its safetensors metadata (the store reads
-    them; PEFT ignores them)."""
+def write_adapter(saved: Path, out: Path, *, served_name: str, template: str | None,
+                  choices: tuple[str, ...] | None) -> None:
+    """The adapter PEFT saved in `saved`, written to `out` unchanged in form (PeftModel.from_pretrained loads
+    it), with the served base model recorded in its config and the template and choices in its safetensors
+    metadata (the store reads them; PEFT ignores them)."""
+    import shutil
+
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(saved / name, out / name)
     config_path = out / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = served_name

@@ -128,3 +128,50 @@ def test_train_upload_and_serve_two_tasks(tmp_path, llama_dir, capsys, monkeypat
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.parametrize("variant", [
+    {"kind": "prompt", "init_text": "classify this review"},
+    {"kind": "ptuning", "encoder_hidden_size": 16},
+    {"kind": "prefix"},
+    {"kind": "prefix", "prefix_projection": True, "encoder_hidden_size": 16},
+])
+def test_every_kind_writes_an_adapter_the_store_serves(tmp_path, llama_dir, variant):
+    from transformers import AutoConfig
+
+    from prompt_store import ModelGeometry, PromptRegistry
+
+    data = write_examples(tmp_path / "d.jsonl", "Negative", n=12)
+    out = tmp_path / "adapter"
+    fit(TrainOptions(model_path=str(llama_dir), served_name="llama", data=data, out=out, num_virtual_tokens=3,
+                     template=TEMPLATE, epochs=1, progress=False, **variant))
+    registry = PromptRegistry(ModelGeometry.from_config(AutoConfig.from_pretrained(llama_dir)),
+                              base_model_names=["llama"])
+    snapshot, _ = registry.put_path("t", out)
+    assert snapshot.num_virtual_tokens == 3 and snapshot.warnings == ()
+    assert snapshot.kind == ("prefix" if variant["kind"] == "prefix" else "prompt")
+    assert snapshot.template == TEMPLATE and snapshot.choices == ("Negative",)
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path, llama_dir):
+    """A rate too high to settle, patience 1: training stops early, and the adapter written is the epoch with
+    the best validation loss (its loss, recomputed with PEFT, is the one reported), not the last one."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from server.train.data import pad_batch
+    from server.train.run import prepare
+
+    data = write_examples(tmp_path / "d.jsonl", "Positive", n=40)
+    opts = TrainOptions(model_path=str(llama_dir), served_name="llama", data=data, out=tmp_path / "best",
+                        num_virtual_tokens=4, epochs=30, patience=1, lr=1.0, progress=False)
+    _, summary = fit(opts)
+    assert summary.stopped_early and summary.epochs < 30
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    val = prepare(opts, tokenizer).val
+    assert 0 < len(val) <= 8  # one evaluation batch, so the Trainer's mean is this mean
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), str(tmp_path / "best")).eval()
+    batch = pad_batch([{"input_ids": e.input_ids, "labels": e.labels} for _, e in val], tokenizer.eos_token_id)
+    with torch.inference_mode():
+        loss = model(**batch).loss.item()
+    assert loss == pytest.approx(summary.best_val_loss, rel=1e-4)
