@@ -9,8 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from server.config import Settings
 from server.engine.sequence import (
     DEFAULT_MAX_NEW_TOKENS,
+    MAX_CHOICES,
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
+    ChoiceScores,
     Completion,
     SamplingParams,
 )
@@ -53,6 +55,11 @@ class GenerateParams(_Sampling, _Strict):
     stop: str | list[str] | None = Field(None, description=_STOP_HELP)
     ignore_eos: bool = _ENGINE.ignore_eos
     raw: bool = Field(False, description=_RAW_HELP)
+    choices: list[str] | bool | None = Field(
+        None, description=f"Score these answers (1..{MAX_CHOICES} strings; true: the task's stored choices) instead of "
+        "generating: the answer is then {task, best, choices: [{text, logprob, mean_logprob, num_tokens}], usage}, "
+        "most likely first. A choice's tokens are tokenizer(choice, add_special_tokens=False) after the text's. "
+        "Not with stream.")
 
 
 class GenerateRequest(GenerateParams):
@@ -87,8 +94,38 @@ class GenerateResponse(BaseModel):
         )
 
 
+class ChoiceOut(BaseModel):
+    text: str
+    logprob: float = Field(description="log P(the choice's tokens | task, text): the sum over its tokens")
+    mean_logprob: float = Field(description="logprob / num_tokens")
+    num_tokens: int
+
+
+class ChoicesResponse(BaseModel):
+    """A request with `choices`: every choice scored, most likely first (`best` is the first's text)."""
+
+    task: str | None
+    best: str
+    choices: list[ChoiceOut]
+    usage: UsageOut = Field(description="completion_tokens: the choices' tokens scored")
+
+    @classmethod
+    def of(cls, s: ChoiceScores) -> ChoicesResponse:
+        return cls(
+            task=s.task, best=s.best,
+            choices=[ChoiceOut(text=c.text, logprob=c.logprob, mean_logprob=c.mean_logprob, num_tokens=c.num_tokens)
+                     for c in s.choices],
+            usage=UsageOut(prompt_tokens=s.usage.prompt_tokens, virtual_tokens=s.usage.virtual_tokens,
+                           completion_tokens=s.usage.completion_tokens),
+        )
+
+
+def response_of(result: Completion | ChoiceScores) -> GenerateResponse | ChoicesResponse:
+    return ChoicesResponse.of(result) if isinstance(result, ChoiceScores) else GenerateResponse.of(result)
+
+
 class BatchResponse(BaseModel):
-    results: list[GenerateResponse]
+    results: list[GenerateResponse | ChoicesResponse]
 
 
 class PromptList(BaseModel):

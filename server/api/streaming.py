@@ -23,10 +23,11 @@ from server.api.metrics import UNKNOWN_LABEL, Metrics, Outcome, task_label
 from server.engine.errors import InvalidParameter, RequestCancelled
 from server.engine.handle import RequestHandle
 from server.engine.loop import Engine
-from server.engine.sequence import DEFAULT_MAX_NEW_TOKENS, Completion, SamplingParams, TokenDelta
+from server.engine.sequence import DEFAULT_MAX_NEW_TOKENS, ChoiceScores, Completion, SamplingParams, TokenDelta
 
 T = TypeVar("T")
-Event = TokenDelta | Completion
+Result = Completion | ChoiceScores
+Event = TokenDelta | Result
 
 
 def sampling_params(cap: int, *, max_new_tokens: int | None, param_name: str = "max_new_tokens",
@@ -51,6 +52,7 @@ class Submission(NamedTuple):
     task: str | None
     params: SamplingParams
     raw: bool = False  # skip the task's text template
+    choices: list[str] | bool | None = None  # score these (True: the task's stored ones) instead of generating
 
 
 async def submit_all(engine: Engine, metrics: Metrics, requests: list[Submission],
@@ -72,9 +74,9 @@ def _submit_all(engine: Engine, metrics: Metrics, requests: list[Submission],
                 context_of: Any) -> list[RequestHandle]:
     handles: list[RequestHandle] = []
     try:
-        for i, (text, task, params, raw) in enumerate(requests):
+        for i, (text, task, params, raw, choices) in enumerate(requests):
             try:
-                handles.append(engine.submit(text, task=task, params=params, raw=raw))
+                handles.append(engine.submit(text, task=task, params=params, raw=raw, choices=choices))
             except Exception as exc:
                 unknown = isinstance(exc, UnknownTask | InvalidTaskName)
                 outcome = outcome_of(exc)
@@ -98,7 +100,7 @@ async def events(handle: RequestHandle, metrics: Metrics) -> AsyncGenerator[Even
     error: BaseException | None = None
     try:
         async for item in handle.stream():
-            if isinstance(item, Completion):
+            if isinstance(item, Completion | ChoiceScores):
                 outcome = "ok"
             yield item
     except RequestCancelled:
@@ -118,16 +120,16 @@ def outcome_of(error: BaseException) -> Outcome:
     return "server_error" if status_of(error) >= 500 else "client_error"
 
 
-async def result(handle: RequestHandle, metrics: Metrics) -> Completion:
+async def result(handle: RequestHandle, metrics: Metrics) -> Result:
     completion = None
     async for item in events(handle, metrics):
         completion = item
-    assert isinstance(completion, Completion), "the engine's stream must end with a Completion"
+    assert isinstance(completion, Completion | ChoiceScores), "the engine's stream must end with its result"
     return completion
 
 
-async def all_results(handles: list[RequestHandle], metrics: Metrics, name: str) -> list[Completion]:
-    """Every request's Completion, in order; the first failure (named `name[i]`) cancels the rest."""
+async def all_results(handles: list[RequestHandle], metrics: Metrics, name: str) -> list[Result]:
+    """Every request's result, in order; the first failure (named `name[i]`) cancels the rest."""
     tasks = [asyncio.ensure_future(result(h, metrics)) for h in handles]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -139,6 +141,13 @@ async def all_results(handles: list[RequestHandle], metrics: Metrics, name: str)
     finally:
         for task in tasks:
             task.cancel()
+
+
+def completions(results: list[Result]) -> list[Completion]:
+    """Results of requests that generate (none scored choices)."""
+    out = [r for r in results if isinstance(r, Completion)]
+    assert len(out) == len(results), "a generating request ends with a Completion"
+    return out
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

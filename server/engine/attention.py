@@ -32,26 +32,61 @@ LAYOUT_KWARG = "promptswap_layout"
 
 
 @dataclass(frozen=True, slots=True)
-class PageList:
-    """One request's pages in reading order: `prefix_pages` (holding `virtual` positions) then its own."""
+class Segment:
+    """Pages holding consecutive positions: the first row holds `first`; only the first `count` rows hold
+    one (None: every row of the pages, the rest masked by causality)."""
 
     pages: list[int]
-    prefix_pages: int = 0
-    virtual: int = 0
+    first: int = 0
+    count: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PageList:
+    """One request's pages in reading order, segment by segment: its task prefix's shared pages (the
+    virtual positions), its own, and for a choice being scored the text's pages before the choice's own."""
+
+    segments: tuple[Segment, ...]
+
+    @classmethod
+    def of(cls, own: list[int], prefix: list[int] | None = None, virtual: int = 0) -> PageList:
+        """The usual request: a prefix holding `virtual` positions (if any), then its own pages."""
+        if not prefix:
+            return cls((Segment(own),))
+        return cls((Segment(prefix, 0, virtual), Segment(own, virtual)))
+
+    @property
+    def pages(self) -> list[int]:
+        return [page for segment in self.segments for page in segment.pages]
 
 
 def page_views(requests: Seq[PageList], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(pages `[R, P]`, positions `[R, P * PAGE_SIZE]`) for requests read together, padded with the null
     page (always zero; its rows hold position -1 there: no query sees them)."""
     width = max(len(r.pages) for r in requests)
+    most = max(len(r.segments) for r in requests)
     pages = torch.tensor([r.pages + [NULL_PAGE] * (width - len(r.pages)) for r in requests], dtype=torch.long)
-    row = torch.arange(width * PAGE_SIZE)[None, :]
-    prefix_rows = torch.tensor([r.prefix_pages * PAGE_SIZE for r in requests])[:, None]
-    virtual = torch.tensor([r.virtual for r in requests])[:, None]
-    own_rows = torch.tensor([len(r.pages) * PAGE_SIZE for r in requests])[:, None]
-    positions = torch.where(row < prefix_rows, row, virtual + row - prefix_rows)
-    held = torch.where(row < prefix_rows, row < virtual, row < own_rows)
-    positions = torch.where(held, positions, -1)
+    starts, firsts, counts, ends = [], [], [], []
+    for r in requests:
+        row = 0
+        seg_starts, seg_firsts, seg_counts = [], [], []
+        for seg in r.segments:
+            rows = len(seg.pages) * PAGE_SIZE
+            seg_starts.append(row)
+            seg_firsts.append(seg.first)
+            seg_counts.append(rows if seg.count is None else seg.count)
+            row += rows
+        pad = most - len(r.segments)  # never selected: their start is past every row
+        starts.append(seg_starts + [1 << 40] * pad)
+        firsts.append(seg_firsts + [0] * pad)
+        counts.append(seg_counts + [0] * pad)
+        ends.append(row)
+    row = torch.arange(width * PAGE_SIZE)[None, :]  # [1, W]
+    start_t = torch.tensor(starts)  # [R, S]
+    segment = (row[:, :, None] >= start_t[:, None, :]).sum(-1) - 1  # [R, W] the segment each row is in
+    offset = row - start_t.gather(1, segment)
+    held = (offset < torch.tensor(counts).gather(1, segment)) & (row < torch.tensor(ends)[:, None])
+    positions = torch.where(held, torch.tensor(firsts).gather(1, segment) + offset, -1)
     return pages.to(device), positions.to(device)
 
 

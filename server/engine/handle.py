@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import TypeAlias
 
-    from server.engine.sequence import Completion, Sequence, TokenDelta
+    from server.engine.sequence import ChoiceScores, Completion, Sequence, TokenDelta
 
-    Item: TypeAlias = TokenDelta | Completion | BaseException
+    Result: TypeAlias = Completion | ChoiceScores  # generated text, or scored choices
+    Item: TypeAlias = TokenDelta | Result | BaseException
 
 
 class OutputChannel:
@@ -31,7 +32,7 @@ class OutputChannel:
         self._items: deque[Item] = deque()
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-        self._final: Completion | BaseException | None = None
+        self._final: Result | BaseException | None = None
 
     @property
     def done(self) -> bool:
@@ -43,7 +44,7 @@ class OutputChannel:
     def push(self, delta: TokenDelta) -> None:
         self._put(delta)
 
-    def complete(self, completion: Completion) -> None:
+    def complete(self, completion: Result) -> None:
         self._put(completion, last=True)
 
     def fail(self, error: BaseException) -> None:
@@ -64,7 +65,7 @@ class OutputChannel:
 
     # -- caller side ---------------------------------------------------------------------------
 
-    def __iter__(self) -> Iterator[TokenDelta | Completion]:
+    def __iter__(self) -> Iterator[TokenDelta | Result]:
         """Blocking: each TokenDelta as it is made, then the Completion; raises the request's error."""
         while True:
             with self._cond:
@@ -77,7 +78,7 @@ class OutputChannel:
             if item is self._final:
                 return
 
-    def result(self, timeout: float | None = None) -> Completion:
+    def result(self, timeout: float | None = None) -> Result:
         """Block until the request ends; return its Completion or raise its error."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._final is not None, timeout=timeout):
@@ -88,7 +89,7 @@ class OutputChannel:
         assert final is not None
         return final
 
-    async def stream(self) -> AsyncIterator[TokenDelta | Completion]:
+    async def stream(self) -> AsyncIterator[TokenDelta | Result]:
         """Async: each TokenDelta as it is made, then the Completion; raises the request's error."""
         event = asyncio.Event()
         entry = (asyncio.get_running_loop(), event)
@@ -172,11 +173,11 @@ class RequestHandle:
         """Stop generating (e.g. the client went away); the slot is freed at the engine's next step."""
         self._seq.cancelled = True
 
-    def __iter__(self) -> Iterator[TokenDelta | Completion]:
+    def __iter__(self) -> Iterator[TokenDelta | Result]:
         return iter(self._seq.output)
 
-    def result(self, timeout: float | None = None) -> Completion:
+    def result(self, timeout: float | None = None) -> Result:
         return self._seq.output.result(timeout)
 
-    def stream(self) -> AsyncIterator[TokenDelta | Completion]:
+    def stream(self) -> AsyncIterator[TokenDelta | Result]:
         return self._seq.output.stream()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence as TypingSequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -36,7 +37,7 @@ from server.engine.pages import PAGE_SIZE, SharedPrefix
 from server.engine.runner import ModelRunner
 from server.engine.sampler import make_generator, sample
 from server.engine.scheduler import Batch, Scheduler, SchedulerConfig
-from server.engine.sequence import SamplingParams, Sequence
+from server.engine.sequence import MAX_CHOICES, SamplingParams, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +132,10 @@ class Engine:
     # -- submission (any thread) ---------------------------------------------------------------
 
     def submit(self, text: str, *, task: str | None = None, params: SamplingParams | None = None,
-               raw: bool = False) -> RequestHandle:
+               raw: bool = False, choices: TypingSequence[str] | bool | None = None) -> RequestHandle:
         """Validate and queue one request; errors a client caused are raised here, before the loop. The
-        task's text template (the one it was trained with) frames the text unless `raw`."""
+        task's text template (the one it was trained with) frames the text unless `raw`. With `choices`
+        (or True: the task's stored choices) the request scores each choice instead of generating."""
         params = params or SamplingParams()
         if not self._accepting:
             raise EngineStopped()
@@ -154,10 +156,11 @@ class Engine:
         if used + 1 > self.max_context:
             raise RequestTooLong(self.max_context - 1, used,
                                  f"{num_virtual} virtual + {len(prompt_ids)} text tokens, +1 to generate")
+        scored = self._choices(choices, snapshot, used) if choices is not None and choices is not False else None
         # Generation stops at the context's end (finish_reason "length") rather than refusing.
         params = replace(params, max_new_tokens=min(params.max_new_tokens, self.max_context - used))
         seq = Sequence(prompt_ids=prompt_ids, params=params, task=task, prompt=snapshot, num_virtual=num_virtual,
-                       detokenizer=IncrementalText(self.tokenizer, prompt_ids, params.stop))
+                       detokenizer=IncrementalText(self.tokenizer, prompt_ids, params.stop), choices=scored)
         if not self.scheduler.fits_alone(seq):
             raise RequestTooLong(self.scheduler.config.kv_pages * PAGE_SIZE, seq.max_total_len,
                                  f"virtual + text + max_new_tokens need {self.scheduler.pages_needed(seq)} KV pages "
@@ -175,6 +178,36 @@ class Engine:
             self._inbox.append(seq)
             self._lock.notify_all()
         return RequestHandle(seq)
+
+    def _choices(self, choices: TypingSequence[str] | bool, snapshot: PromptSnapshot | None,
+                 used: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """Each choice with its tokens (`tokenizer(choice, add_special_tokens=False)`, appended to the text's)."""
+        if choices is True:
+            if snapshot is None or not snapshot.choices:
+                raise InvalidParameter("choices", "a list of strings, or true for a task that stores its choices "
+                                       "(trained with promptswap train)",
+                                       f"true, but {'no task was named' if snapshot is None else 'the task has none'}")
+            texts = list(snapshot.choices)
+        else:
+            texts = list(choices)  # type: ignore[arg-type]  # not a bool here
+        if not 1 <= len(texts) <= MAX_CHOICES:
+            raise InvalidParameter("choices", f"1..{MAX_CHOICES} strings", len(texts))
+        if len(set(texts)) != len(texts):
+            raise InvalidParameter("choices", "distinct strings", texts)
+        scored = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text:
+                raise InvalidParameter(f"choices[{i}]", "a non-empty string", text)
+            _check_encodable(text, f"choices[{i}]")
+            ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if not ids:
+                raise InvalidParameter(f"choices[{i}]", "a choice that gives at least one token", text)
+            if used + len(ids) > self.max_context:
+                raise RequestTooLong(self.max_context, used + len(ids),
+                                     f"the text and choice {i} ({len(ids)} tokens) need {used + len(ids)} positions",
+                                     param=f"choices[{i}]")
+            scored.append((text, ids))
+        return tuple(scored)
 
     def stats(self) -> EngineStats:
         pool = self.scheduler.pool.stats()
@@ -230,8 +263,27 @@ class Engine:
         batch = [(seq, n) for seq, n in step.batch if not seq.finished]
         if batch or computed:
             logits, batch = self._run(batch, computed)
-            tokens = sample(logits, [seq for seq, n in batch if seq.samples_after(n)])
+            picking, pick_rows, scored = [], [], []
+            offset = 0
+            for seq, n in batch:  # each request's logits rows, in batch order (Sequence.rows_kept)
+                rows = logits[offset:offset + seq.rows_kept(n)]
+                offset += len(rows)
+                if seq.scoring:
+                    scored.append((seq, n, rows))
+                elif len(rows):
+                    picking.append(seq)
+                    pick_rows.append(rows)
+            tokens = sample(torch.cat(pick_rows) if pick_rows else logits[:0], picking)
+            done = [seq for seq, n, rows in scored if score_choices(seq, n, rows)]
             self.scheduler.postprocess(batch, tokens, release=lambda seq: self._left())
+            for seq in done:
+                try:
+                    self.scheduler.finish(seq)
+                finally:  # as postprocess does: pages back and place freed before the caller hears
+                    try:
+                        self._left()
+                    finally:
+                        seq.finish_scoring()
         if not self.scheduler.running:  # idle: give back the storage no page uses
             self.runner.fit_storage(self.scheduler.pool.used_extent(), idle=True)
 
@@ -308,12 +360,33 @@ class Engine:
         self._left()
 
 
-def _check_encodable(text: str) -> None:
+def score_choices(seq: Sequence, n: int, rows: torch.Tensor) -> bool:
+    """Take a scoring request's logits rows of this step; True when every choice is scored.
+
+    The text's last row gives each choice's first token; the choices' step gives, for each choice, its
+    other tokens, one row per token before them. Log-probabilities come from the raw distribution."""
+    assert seq.choices is not None
+    if not len(rows):
+        return False  # a chunk of the text, not its last
+    logprobs = torch.log_softmax(rows.float(), dim=-1)  # [k, vocab]
+    if not seq.computes_choices(n):
+        firsts = torch.tensor([ids[0] for _, ids in seq.choices], device=logprobs.device)
+        seq.choice_logprobs = [[lp] for lp in logprobs[0, firsts].tolist()]
+        return seq.choice_tokens == 0
+    row = 0
+    for (_, ids), scored in zip(seq.choices, seq.choice_logprobs, strict=True):
+        following = torch.tensor(ids[1:], device=logprobs.device)
+        scored.extend(logprobs[row + torch.arange(len(following), device=logprobs.device), following].tolist())
+        row += len(following)
+    return True
+
+
+def _check_encodable(text: str, param: str = "text") -> None:
     """A lone UTF-16 surrogate (e.g. JSON's "\\ud800") is a valid Python str but no text a tokenizer takes."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise InvalidParameter("text", "text that can be encoded as UTF-8 (no lone surrogate code points)",
+        raise InvalidParameter(param, "text that can be encoded as UTF-8 (no lone surrogate code points)",
                                f"{exc.object[exc.start:exc.end]!r} at character {exc.start}") from None
 
 

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.attention import LAYOUT_KWARG, DecodeGroup, PageList, PrefillChunk, StepLayout, page_views
+from server.engine.attention import (
+    LAYOUT_KWARG,
+    DecodeGroup,
+    PageList,
+    PrefillChunk,
+    Segment,
+    StepLayout,
+    page_views,
+)
 from server.engine.kv import PagedKV
 from server.engine.model_loader import BaseModel
 from server.engine.pages import PAGE_SIZE, SharedPrefix
@@ -89,15 +97,18 @@ class ModelRunner:
         for entry in prefixes:
             emb = entry.source.embeddings.to(device=dev, dtype=self.base.dtype)
             n = emb.shape[0]
-            pages, held = page_views([PageList(entry.pages)], dev)
+            pages, held = page_views([PageList.of(entry.pages)], dev)
             prefills.append(PrefillChunk(len(positions), n, 0, pages[0], held[0]))
             positions.extend(range(n))
             rows.extend(_row_list(entry.pages, 0, n))
             embeddings.append(emb)
         offset = len(positions)  # packed offset of the first text token
         decoding: list[tuple[int, Sequence, int]] = []  # (packed offset, request, position of its token)
-        sample_at: list[int] = []
+        sample_at: list[int] = []  # packed offsets whose logits are returned, in batch order
         for seq, n in batch:
+            if seq.computes_choices(n):
+                sample_at.extend(self._add_choices(seq, offset + len(ids), ids, positions, rows, prefills))
+                continue
             start = offset + len(ids)
             first = seq.num_virtual + seq.num_cached  # position of the first new token
             ids.extend(seq.all_ids[seq.num_cached:seq.num_cached + n])
@@ -124,6 +135,30 @@ class ModelRunner:
         logits = out.logits[0].float()  # [k, vocab]
         return logits if sample_at else logits[:0]
 
+    def _add_choices(self, seq: Sequence, start: int, ids: list[int], positions: list[int], rows: list[int],
+                     prefills: list[PrefillChunk]) -> list[int]:
+        """Pack a scoring request's choices: each choice's tokens but its last, at the positions after the
+        text, written to the choice's own pages, each reading the task prefix, the text's pages (computed
+        once, shared by every choice) and its own. Returns the packed offsets of all those tokens: their
+        logits score each choice's next token."""
+        assert seq.choices is not None
+        text = len(seq.prompt_ids)
+        first = seq.num_virtual + text
+        head = [Segment(seq.prefix.pages, 0, seq.prefix.positions)] if seq.prefix is not None else []
+        kept: list[int] = []
+        for (_, choice), pages in zip(seq.choices, seq.choice_pages, strict=True):
+            m = len(choice) - 1
+            if m == 0:
+                continue  # a one-token choice was scored by the text's last logits alone
+            plist = PageList((*head, Segment(seq.pages, seq.num_virtual, text), Segment(pages, first)))
+            view_pages, held = page_views([plist], self.device)
+            prefills.append(PrefillChunk(start + len(kept), m, first, view_pages[0], held[0]))
+            ids.extend(choice[:-1])
+            positions.extend(range(first, first + m))
+            rows.extend(_row_list(pages, 0, m))
+            kept.extend(range(start + len(kept), start + len(kept) + m))
+        return kept
+
     def _decode_groups(self, decoding: list[tuple[int, Sequence, int]]) -> list[DecodeGroup]:
         """Decoding requests, shortest first, in groups whose lengths are within GROUP_SPREAD of each other."""
         dev = self.device
@@ -146,9 +181,8 @@ class ModelRunner:
 
 def _page_list(seq: Sequence) -> PageList:
     prefix = seq.prefix
-    if prefix is None:
-        return PageList(seq.pages)
-    return PageList(prefix.pages + seq.pages, len(prefix.pages), prefix.positions)
+    return PageList.of(seq.pages, prefix.pages if prefix is not None else None,
+                       prefix.positions if prefix is not None else 0)
 
 
 def _row_list(pages: list[int], first: int, n: int) -> list[int]:

@@ -84,7 +84,10 @@ class Scheduler:
 
     @staticmethod
     def pages_needed(seq: Sequence) -> int:
-        """Pages `seq` holds by its last token, alone: its prefix's and its own."""
+        """Pages `seq` holds by its last token, alone: its prefix's and its own (and its choices')."""
+        if seq.choices is not None:
+            return (pages_for(seq.num_virtual) + pages_for(len(seq.prompt_ids))
+                    + sum(pages_for(len(ids) - 1) for _, ids in seq.choices))
         return pages_for(seq.num_virtual) + pages_for(seq.max_total_len - seq.num_virtual)
 
     def fits_alone(self, seq: Sequence) -> bool:
@@ -105,6 +108,15 @@ class Scheduler:
         budget = self.config.max_tokens_per_step
         for decoding in (True, False):  # decodes first: they are cheap and latency-bound
             for seq in list(self.running):
+                if seq.status is Status.RUNNING and seq.scores_choices_next:
+                    if decoding:
+                        continue  # with the prefills
+                    n = seq.choice_tokens
+                    if self._waits_for_room(n, budget, step) or not self._grow_choices(seq, step):
+                        continue
+                    step.batch.append((seq, n))
+                    budget -= n
+                    continue
                 if seq.status is not Status.RUNNING or seq.in_prefill == decoding:
                     continue  # preempted meanwhile, or not this pass's kind
                 n = 1 if decoding else min(seq.num_uncached, budget)
@@ -120,8 +132,8 @@ class Scheduler:
                 break  # first come, first served: wait for memory rather than let others overtake
             # A soft prompt first used now has its virtual tokens computed in this step's pass: they count.
             prefix_tokens = seq.num_virtual if self._computes_prefix(seq, key) else 0
-            if prefix_tokens >= budget and step.batch and prefix_tokens < self._prefix_room():
-                break  # a later step has room; only a prefix no step could hold beside the decodes goes over
+            if self._waits_for_room(prefix_tokens, budget - 1, step):
+                break  # a later step has room for the prefix and at least one text token
             n = min(seq.num_uncached, max(1, budget - prefix_tokens))
             budget -= prefix_tokens
             if key is not None:
@@ -142,9 +154,12 @@ class Scheduler:
         self.peak_running = max(self.peak_running, len(self.running))
         return step
 
-    def _prefix_room(self) -> int:
-        """The most prefix tokens a step can hold beside one token of every running request."""
-        return self.config.max_tokens_per_step - len(self.running)
+    def _waits_for_room(self, n: int, budget: int, step: ScheduledStep) -> bool:
+        """Whether `n` tokens that must go in one step (a new task prefix, the choices' step) wait for a later
+        step: when they are over this step's budget and a later one could hold them beside one token of
+        every running request. Only what no step could hold goes over the budget."""
+        room = self.config.max_tokens_per_step - len(self.running)
+        return n > budget and bool(step.batch) and n < room
 
     def _computes_prefix(self, seq: Sequence, key: Hashable | None) -> bool:
         """Whether admitting `seq` now starts a soft prompt's prefix, computed in this step's pass."""
@@ -171,11 +186,30 @@ class Scheduler:
                 return False
         return True
 
+    def _grow_choices(self, seq: Sequence, step: ScheduledStep) -> bool:
+        """Give a scoring request the pages of its choices' tokens (each choice its own, after the text's),
+        preempting the newest running requests if the pool is short. False if `seq` had to give way."""
+        assert seq.choices is not None
+        sizes = [pages_for(len(ids) - 1) for _, ids in seq.choices]
+        while True:
+            pages = self.pool.allocate(sum(sizes))
+            if pages is not None:
+                seq.choice_pages = []
+                for size in sizes:
+                    seq.choice_pages.append(pages[:size])
+                    pages = pages[size:]
+                return True
+            victim = self.running[-1]
+            self.preempt(victim, step)
+            if victim is seq:
+                return False
+
     def preempt(self, seq: Sequence, step: ScheduledStep) -> None:
         """Take `seq`'s pages back and queue it first in line, to be recomputed when memory allows."""
         self.running.remove(seq)
         self._release_pages(seq)
         seq.num_cached = 0
+        seq.choice_logprobs = []  # a scoring request computes its text again, then its choices
         seq.preemptions += 1
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
@@ -187,6 +221,9 @@ class Scheduler:
 
     def _release_pages(self, seq: Sequence) -> None:
         self.pool.release(seq.pages)
+        for pages in seq.choice_pages:
+            self.pool.release(pages)
+        seq.choice_pages = []
         if seq.prefix is not None:
             self.pool.release_prefix(seq.prefix)
             seq.prefix = None
@@ -201,10 +238,11 @@ class Scheduler:
         order), finish the requests that are done and return them. A finished request's pages are
         given back, and `release` called, before its caller hears the result, so a caller that sees it
         done never sees its memory still held."""
-        sampling = [seq for seq, n in batch if seq.samples_after(n)]
+        sampling = [seq for seq, n in batch if seq.samples_after(n) and not seq.scoring]
         assert len(sampling) == len(tokens), "one sampled token per request that samples"
         for seq, n in batch:
-            seq.num_cached += n
+            if not seq.computes_choices(n):  # the choices' tokens are not the request's own
+                seq.num_cached += n
         finished = []
         for seq, token in zip(sampling, tokens, strict=True):
             reason = seq.append(token, self.eos_ids)

@@ -32,6 +32,7 @@ DEFAULT_MAX_NEW_TOKENS = 64
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_SEED = 2**63 - 1
+MAX_CHOICES = 64  # choices one request may score
 
 
 def normalize_stop(stop: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -118,6 +119,27 @@ class Completion:
     usage: Usage
 
 
+@dataclass(frozen=True, slots=True)
+class ChoiceScore:
+    text: str
+    logprob: float  # log P(choice's tokens | task, text): the sum over its tokens
+    mean_logprob: float  # logprob / num_tokens
+    num_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceScores:
+    """The result of a request that scores choices instead of generating: every choice, most likely first."""
+
+    task: str | None
+    choices: tuple[ChoiceScore, ...]
+    usage: Usage
+
+    @property
+    def best(self) -> str:
+        return self.choices[0].text
+
+
 class Status(enum.Enum):
     WAITING = "waiting"  # queued (or preempted), holding no KV pages
     RUNNING = "running"  # holds KV pages; prefilling or decoding
@@ -159,6 +181,12 @@ class Sequence:
     output: OutputChannel = field(default_factory=OutputChannel)
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    # Scoring choices instead of generating: each choice's text and tokens (None: an ordinary request).
+    # First the text is computed as a prompt (its last logits give each choice's first token), then one
+    # step computes every choice's other tokens at once, each reading the text's pages (`choice_pages`).
+    choices: tuple[tuple[str, tuple[int, ...]], ...] | None = None
+    choice_logprobs: list[list[float]] = field(default_factory=list)  # per choice, its tokens' so far
+    choice_pages: list[list[int]] = field(default_factory=list)  # per choice, pages of its tokens but the last
 
     # -- positions ------------------------------------------------------------------------------
 
@@ -190,6 +218,31 @@ class Sequence:
     def in_prefill(self) -> bool:
         """More than the last token is uncomputed: its prompt (or, after preemption, everything) is due."""
         return self.num_uncached > 1
+
+    @property
+    def scoring(self) -> bool:
+        return self.choices is not None
+
+    @property
+    def scores_choices_next(self) -> bool:
+        """The text is computed and some choice has more than one token: the choices' step is due."""
+        return self.choices is not None and bool(self.choice_logprobs) and self.choice_tokens > 0
+
+    def computes_choices(self, n: int) -> bool:
+        """Whether a step of `n` tokens is the choices' step (the text is all computed already)."""
+        return self.choices is not None and n > 0 and self.num_cached == self.num_tokens
+
+    def rows_kept(self, n: int) -> int:
+        """How many logits rows a step of `n` tokens keeps for this request: every choice token's in the
+        choices' step, the last token's when it picks (or scores) what follows, else none."""
+        if self.computes_choices(n):
+            return self.choice_tokens
+        return 1 if self.samples_after(n) else 0
+
+    @property
+    def choice_tokens(self) -> int:
+        """Tokens the choices' step computes: every choice's tokens but its last (which no logits follow)."""
+        return sum(len(ids) - 1 for _, ids in self.choices or ())
 
     def samples_after(self, n: int) -> bool:
         """Whether computing `n` more tokens reaches the end, so the step picks this request's next token."""
@@ -227,6 +280,17 @@ class Sequence:
         usage = Usage(len(self.prompt_ids), self.num_virtual, len(self.output_ids))
         full_text = text.text if text is not None else ""
         self.output.complete(Completion(self.task, full_text, tuple(self.output_ids), reason, usage))
+
+    def finish_scoring(self) -> None:
+        """End a scoring request: every choice with its log-probability, most likely first."""
+        assert self.choices is not None and len(self.choice_logprobs) == len(self.choices)
+        scores = [ChoiceScore(text, sum(lps), sum(lps) / len(lps), len(lps))
+                  for (text, _), lps in zip(self.choices, self.choice_logprobs, strict=True)]
+        scores.sort(key=lambda score: score.logprob, reverse=True)  # stable: ties keep the request's order
+        self.status = Status.FINISHED
+        self.finish_reason = "length"
+        self.output.complete(ChoiceScores(self.task, tuple(scores), Usage(len(self.prompt_ids), self.num_virtual,
+                                                                          self.choice_tokens + len(self.choices))))
 
     def fail(self, error: BaseException) -> None:
         """End with an error (cancelled, failed, shut down): the caller gets it instead of a result."""

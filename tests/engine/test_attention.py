@@ -9,7 +9,7 @@ from server.engine.pages import PAGE_SIZE
 
 
 def one(pages, prefix_pages=0, virtual=0):
-    return page_views([PageList(pages, prefix_pages, virtual)], torch.device("cpu"))
+    return page_views([PageList.of(pages[prefix_pages:], pages[:prefix_pages], virtual)], torch.device("cpu"))
 
 
 def test_gathered_rows_know_their_positions_across_a_part_full_prefix_page():
@@ -40,7 +40,7 @@ def test_prefill_mask_with_a_sliding_window_sees_only_the_last_positions():
 
 
 def test_decode_mask_sees_each_requests_own_history():
-    pages, positions = page_views([PageList([0]), PageList([1, 2], prefix_pages=1, virtual=3)], torch.device("cpu"))
+    pages, positions = page_views([PageList.of([0]), PageList.of([2], [1], virtual=3)], torch.device("cpu"))
     group = DecodeGroup(torch.tensor([0, 1]), pages, positions, last=torch.tensor([2, 4]))
     mask = group.allowed(None)  # [requests, rows]
     assert mask[0].nonzero().flatten().tolist() == [0, 1, 2]  # padded rows (its page 0 again) hidden

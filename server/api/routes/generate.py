@@ -12,25 +12,38 @@ from server.api.deps import EngineDep, MetricsDep, SettingsDep
 from server.api.errors import ErrorContext, ErrorInContext, describe
 from server.api.limits import check_count
 from server.api.openapi import SSE_CONTENT, errors
-from server.api.schemas import BatchRequest, BatchResponse, GenerateRequest, GenerateResponse
+from server.api.schemas import (
+    BatchRequest,
+    BatchResponse,
+    ChoicesResponse,
+    GenerateRequest,
+    GenerateResponse,
+    response_of,
+)
 from server.api.streaming import SSE_HEADERS, Event, sse, unless_disconnected
-from server.engine.sequence import Completion
+from server.engine.errors import InvalidParameter
+from server.engine.sequence import Completion, TokenDelta
 
 router = APIRouter(tags=["generate"])  # needs the API token (server/api/auth.py)
 
 
-@router.post("/generate", response_model=GenerateResponse, responses={**errors(404, 415, 422, 503), 200: {
-    "description": "The completion; with `stream: true`, server-sent events instead (a final event with "
-                   "finish_reason and usage, or an `error` event)",
-    "content": SSE_CONTENT}})
+@router.post("/generate", response_model=GenerateResponse | ChoicesResponse,
+             responses={**errors(404, 415, 422, 503), 200: {
+                 "description": "The completion (GenerateResponse), or with `choices` every choice scored "
+                                "(ChoicesResponse); with `stream: true`, server-sent events instead (a final event "
+                                "with finish_reason and usage, or an `error` event)",
+                 "content": SSE_CONTENT}})
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, metrics: MetricsDep,
                    settings: SettingsDep):
+    if body.stream and body.choices not in (None, False):
+        raise InvalidParameter("choices", "no choices with stream: true (the scores come as one answer)",
+                               body.choices)
     params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=body.max_new_tokens,
                                        **body.sampling_kwargs())
-    submission = streaming.Submission(body.text, body.task, params, body.raw)
+    submission = streaming.Submission(body.text, body.task, params, body.raw, body.choices)
     [handle] = await streaming.submit_all(engine, metrics, [submission], lambda i: None)
     if not body.stream:
-        return GenerateResponse.of(await unless_disconnected(request, streaming.result(handle, metrics)))
+        return response_of(await unless_disconnected(request, streaming.result(handle, metrics)))
     events = streaming.events(handle, metrics)
     try:
         # Wait for the first item before answering, so an error that comes before any token
@@ -52,7 +65,8 @@ async def _sse_stream(first: Event, events: AsyncGenerator[Event, None]) -> Asyn
                 final.update(text="", token_ids=[])  # the pieces were sent already
                 yield sse(final)
                 return
-            yield sse({"text": item.text, "token_ids": list(item.token_ids)})
+            if isinstance(item, TokenDelta):  # (a streaming request never scores choices)
+                yield sse({"text": item.text, "token_ids": list(item.token_ids)})
             item = await anext(events)
     except Exception as exc:  # the status line is sent already: report the error in the stream
         _, body, _ = describe(exc)
@@ -77,8 +91,8 @@ async def generate_batch(body: BatchRequest, request: Request, engine: EngineDep
                                                **e.sampling_kwargs())
         except Exception as exc:
             raise ErrorInContext(exc, entry(i)) from exc
-        submissions.append(streaming.Submission(e.text, e.task, params, e.raw))
+        submissions.append(streaming.Submission(e.text, e.task, params, e.raw, e.choices))
     handles = await streaming.submit_all(engine, metrics, submissions, entry)
     # They all joined the engine's continuous batch; wait for all, in order.
     completions = await unless_disconnected(request, streaming.all_results(handles, metrics, "requests"))
-    return BatchResponse(results=[GenerateResponse.of(c) for c in completions])
+    return BatchResponse(results=[response_of(c) for c in completions])

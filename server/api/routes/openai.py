@@ -26,7 +26,7 @@ from server.api.schemas import CompletionRequest
 from server.api.streaming import SSE_HEADERS, Event, sse, unless_disconnected
 from server.engine.errors import InvalidParameter
 from server.engine.handle import RequestHandle
-from server.engine.sequence import Completion
+from server.engine.sequence import Completion, TokenDelta
 
 router = APIRouter(prefix="/v1", tags=["openai"])  # needs the API token (server/api/auth.py)
 
@@ -82,7 +82,8 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     handles = await streaming.submit_all(engine, metrics, submissions, context)
     reply = _Reply(body.model, usage=bool(body.stream_options and body.stream_options.include_usage))
     if not body.stream:
-        return reply.full(await unless_disconnected(request, streaming.all_results(handles, metrics, "prompt")))
+        results = await unless_disconnected(request, streaming.all_results(handles, metrics, "prompt"))
+        return reply.full(streaming.completions(results))
     events = _merged(handles, metrics)
     try:
         first = await unless_disconnected(request, anext(events))  # errors before any token get a status
@@ -128,7 +129,7 @@ class _Reply:
                     done.append(piece)
                     choice = {"index": index, "text": "", "logprobs": None,
                               "finish_reason": _FINISH[piece.finish_reason]}
-                else:
+                elif isinstance(piece, TokenDelta):
                     choice = {"index": index, "text": piece.text, "logprobs": None, "finish_reason": None}
                 yield sse(self._envelope([choice]))
                 if len(done) == n:
