@@ -162,10 +162,11 @@ class Engine:
         seq = Sequence(prompt_ids=prompt_ids, params=params, task=task, prompt=snapshot, num_virtual=num_virtual,
                        detokenizer=IncrementalText(self.tokenizer, prompt_ids, params.stop), choices=scored)
         if not self.scheduler.fits_alone(seq):
+            what, param = ("the choices' tokens", "choices") if seq.scoring else ("max_new_tokens", "max_new_tokens")
             raise RequestTooLong(self.scheduler.config.kv_pages * PAGE_SIZE, seq.max_total_len,
-                                 f"virtual + text + max_new_tokens need {self.scheduler.pages_needed(seq)} KV pages "
+                                 f"virtual + text + {what} need {self.scheduler.pages_needed(seq)} KV pages "
                                  f"of {PAGE_SIZE} positions; the KV budget holds {self.scheduler.config.kv_pages}",
-                                 param="max_new_tokens")
+                                 param=param)
         seq.rng = make_generator(seq.params)
         with self._lock:
             if not self._accepting:
@@ -375,7 +376,7 @@ def score_choices(seq: Sequence, n: int, rows: torch.Tensor) -> bool:
         return seq.choice_tokens == 0
     row = 0
     for (_, ids), scored in zip(seq.choices, seq.choice_logprobs, strict=True):
-        following = torch.tensor(ids[1:], device=logprobs.device)
+        following = torch.tensor(ids[1:], dtype=torch.long, device=logprobs.device)  # empty for a 1-token choice
         scored.extend(logprobs[row + torch.arange(len(following), device=logprobs.device), following].tolist())
         row += len(following)
     return True

@@ -11,7 +11,8 @@ from server.engine.errors import InvalidParameter
 from server.engine.sequence import ChoiceScores, SamplingParams
 from tests.engine.test_paged_memory import tight_engine
 
-CHOICES = ["yes", "no way", "the quick brown fox jumps over", "東京", "a lazy dog", "price"]
+# Of one token ("the") to sixteen: a one-token choice is scored by the text's logits alone, beside the others.
+CHOICES = ["yes", "no way", "the quick brown fox jumps over", "東京", "a lazy dog", "price", "the"]
 TEXT = "select the price from the model where"
 
 
@@ -64,7 +65,7 @@ def test_scoring_shares_a_batch_with_generation_and_other_scoring(make_engine, r
 
 
 def test_a_preempted_scoring_request_scores_the_same(make_engine, reference, adapter_dirs):
-    engine = tight_engine(make_engine, pages=10, max_running=8)
+    engine = tight_engine(make_engine, pages=12, max_running=8)
     long = SamplingParams(max_new_tokens=40, ignore_eos=True)
     crowd = [engine.submit(f"lazy dog number {i}", task="pt8", params=long) for i in range(4)]
     scored = engine.submit(TEXT * 2, task="prefix16", choices=CHOICES)
