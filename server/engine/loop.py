@@ -37,7 +37,7 @@ from server.engine.pages import PAGE_SIZE, SharedPrefix
 from server.engine.runner import ModelRunner
 from server.engine.sampler import make_generator, sample
 from server.engine.scheduler import Batch, Scheduler, SchedulerConfig
-from server.engine.sequence import MAX_CHOICES, SamplingParams, Sequence
+from server.engine.sequence import MAX_CHOICES, SamplingParams, Sequence, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -267,16 +267,25 @@ class Engine:
             picking, pick_rows, scored = [], [], []
             offset = 0
             for seq, n in batch:  # each request's logits rows, in batch order (Sequence.rows_kept)
-                rows = logits[offset:offset + seq.rows_kept(n)]
-                offset += len(rows)
+                kept = seq.rows_kept(n)
+                rows = logits[offset:offset + kept]
+                offset += kept
                 if seq.scoring:
                     scored.append((seq, n, rows))
-                elif len(rows):
+                    continue
+                if seq.params.prompt_logprobs and kept == n:  # row r predicts the step's token r + 1
+                    seq.record_prompt_logprobs(n, token_logprobs(rows, seq.all_ids[seq.num_cached + 1:],
+                                                                 seq.params.logprobs or 0))
+                if seq.samples_after(n):
                     picking.append(seq)
-                    pick_rows.append(rows)
-            tokens = sample(torch.cat(pick_rows) if pick_rows else logits[:0], picking)
+                    pick_rows.append(rows[-1:])
+            picks = torch.cat(pick_rows) if pick_rows else logits[:0]
+            tokens = sample(picks, picking)
+            reported = [token_logprobs(picks[i:i + 1], [token], seq.params.logprobs)[0]
+                        if seq.params.logprobs is not None else None
+                        for i, (seq, token) in enumerate(zip(picking, tokens, strict=True))]
             done = [seq for seq, n, rows in scored if score_choices(seq, n, rows)]
-            self.scheduler.postprocess(batch, tokens, release=lambda seq: self._left())
+            self.scheduler.postprocess(batch, tokens, release=lambda seq: self._left(), logprobs=reported)
             for seq in done:
                 try:
                     self.scheduler.finish(seq)
@@ -359,6 +368,19 @@ class Engine:
         self.scheduler.finish(seq)
         seq.fail(error)
         self._left()
+
+
+def token_logprobs(rows: torch.Tensor, targets: TypingSequence[int], top: int) -> list[TokenLogprob]:
+    """For each row (up to len(targets)): the target token's log-probability in the row's raw distribution,
+    and the `top` most likely tokens there."""
+    rows = rows[:len(targets)]
+    if not len(rows):
+        return []
+    logprobs = torch.log_softmax(rows.float(), dim=-1)  # [k, vocab]
+    chosen = logprobs[torch.arange(len(rows)), torch.tensor(list(targets[:len(rows)]), dtype=torch.long)].tolist()
+    best_values, best_ids = (torch.topk(logprobs, top, dim=-1) if top else (logprobs[:, :0], logprobs[:, :0].long()))
+    return [TokenLogprob(int(t), lp, tuple(zip(ids, values, strict=True)))
+            for t, lp, ids, values in zip(targets, chosen, best_ids.tolist(), best_values.tolist(), strict=False)]
 
 
 def score_choices(seq: Sequence, n: int, rows: torch.Tensor) -> bool:

@@ -119,8 +119,8 @@ class ModelRunner:
             else:
                 pages, held = page_views([_page_list(seq)], dev)
                 prefills.append(PrefillChunk(start, n, first, pages[0], held[0]))
-            if seq.samples_after(n):
-                sample_at.append(start + n - 1)
+            kept = seq.rows_kept(n)  # the last `kept` tokens' logits (Sequence.rows_kept)
+            sample_at.extend(range(start + n - kept, start + n))
         layout = StepLayout(self.kv, torch.tensor(rows, device=dev), self._decode_groups(decoding), prefills)
         # The rows to keep index the last layer's output: on a model spread over devices that is not where the
         # inputs are, and an index on the CPU serves every device.

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from server.engine.errors import InvalidConfig, check_int
 from server.engine.pages import PagePool, SharedPrefix, pages_for
-from server.engine.sequence import Sequence, Status
+from server.engine.sequence import Sequence, Status, TokenLogprob
 
 Batch = list[tuple[Sequence, int]]  # (request, tokens computed for it in this step)
 
@@ -233,7 +233,8 @@ class Scheduler:
         self.pool.forget(entry)
 
     def postprocess(self, batch: Batch, tokens: list[int],
-                    release: Callable[[Sequence], None] = lambda seq: None) -> list[Sequence]:
+                    release: Callable[[Sequence], None] = lambda seq: None,
+                    logprobs: list[TokenLogprob | None] | None = None) -> list[Sequence]:
         """The step ran: advance caches, append `tokens` (one per request that sampled, in batch
         order), finish the requests that are done and return them. A finished request's pages are
         given back, and `release` called, before its caller hears the result, so a caller that sees it
@@ -244,8 +245,8 @@ class Scheduler:
             if not seq.computes_choices(n):  # the choices' tokens are not the request's own
                 seq.num_cached += n
         finished = []
-        for seq, token in zip(sampling, tokens, strict=True):
-            reason = seq.append(token, self.eos_ids)
+        for i, (seq, token) in enumerate(zip(sampling, tokens, strict=True)):
+            reason = seq.append(token, self.eos_ids, logprobs[i] if logprobs is not None else None)
             if reason is not None:
                 try:
                     self.finish(seq)

@@ -33,6 +33,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_SEED = 2**63 - 1
 MAX_CHOICES = 64  # choices one request may score
+MAX_LOGPROBS = 20  # alternatives reported per token
 
 
 def normalize_stop(stop: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -55,6 +56,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # also accepts a str, a list or None (normalised here)
     ignore_eos: bool = False
+    logprobs: int | None = None  # report each generated token's log-probability and this many alternatives
+    prompt_logprobs: bool = False  # also each prompt token's (after the first), with as many alternatives
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, 1, None)
@@ -74,6 +77,11 @@ class SamplingParams:
         object.__setattr__(self, "stop", stop)
         if not isinstance(self.ignore_eos, bool):
             raise InvalidParameter("ignore_eos", "a boolean", self.ignore_eos)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.prompt_logprobs and self.logprobs is None:
+            raise InvalidParameter("logprobs", "a number of alternatives when prompt log-probabilities are asked",
+                                   None)
 
     @property
     def greedy(self) -> bool:
@@ -101,11 +109,22 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token's log-probability in the model's raw next-token distribution (before temperature, top-k and
+    top-p, as OpenAI and vLLM report it), and the most likely alternatives there."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), most likely first
+
+
+@dataclass(frozen=True, slots=True)
 class TokenDelta:
     """A new piece of generated text and the tokens that made it (text may lag tokens at UTF-8 seams)."""
 
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()  # when asked: one per token
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +136,9 @@ class Completion:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
     usage: Usage
+    logprobs: tuple[TokenLogprob, ...] | None = None  # when asked: one per generated token
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # when asked: prompt tokens 1.. (the first has none)
+    prompt_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +209,8 @@ class Sequence:
     choices: tuple[tuple[str, tuple[int, ...]], ...] | None = None
     choice_logprobs: list[list[float]] = field(default_factory=list)  # per choice, its tokens' so far
     choice_pages: list[list[int]] = field(default_factory=list)  # per choice, pages of its tokens but the last
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when asked
+    prompt_token_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.., when asked
 
     # -- positions ------------------------------------------------------------------------------
 
@@ -234,10 +258,22 @@ class Sequence:
 
     def rows_kept(self, n: int) -> int:
         """How many logits rows a step of `n` tokens keeps for this request: every choice token's in the
-        choices' step, the last token's when it picks (or scores) what follows, else none."""
+        choices' step; every token's while prompt tokens are being scored; the last token's when it picks
+        (or scores) what follows; else none."""
         if self.computes_choices(n):
             return self.choice_tokens
+        if self.params.prompt_logprobs and len(self.prompt_token_logprobs) < len(self.prompt_ids) - 1:
+            return n
         return 1 if self.samples_after(n) else 0
+
+    def record_prompt_logprobs(self, n: int, entries: list[TokenLogprob]) -> None:
+        """Log-probabilities of the tokens after each of this step's `n` tokens (`entries`, one per row), kept
+        for prompt tokens not yet recorded (a recomputed request sees its positions again)."""
+        first = self.num_cached  # index of the step's first token in all_ids; row r predicts first + r + 1
+        for r, entry in enumerate(entries):
+            target = first + r + 1
+            if target < len(self.prompt_ids) and target == len(self.prompt_token_logprobs) + 1:
+                self.prompt_token_logprobs.append(entry)
 
     @property
     def choice_tokens(self) -> int:
@@ -254,13 +290,16 @@ class Sequence:
 
     # -- what the caller hears ------------------------------------------------------------------
 
-    def append(self, token: int, eos_ids: frozenset[int]) -> FinishReason | None:
+    def append(self, token: int, eos_ids: frozenset[int], logprob: TokenLogprob | None = None) -> FinishReason | None:
         """Take a sampled token, hand its text to the caller; return why the request ends now, if it does."""
         self.output_ids.append(token)
+        if logprob is not None:
+            self.token_logprobs.append(logprob)
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
         text = self.detokenizer
-        self.output.push(TokenDelta(text.add(token) if text is not None else "", (token,)))
+        self.output.push(TokenDelta(text.add(token) if text is not None else "", (token,),
+                                    (logprob,) if logprob is not None else ()))
         if text is not None and text.stopped:
             return "stop"
         if token in eos_ids and not self.params.ignore_eos:
@@ -279,7 +318,13 @@ class Sequence:
             self.output.push(TokenDelta(tail, ()))
         usage = Usage(len(self.prompt_ids), self.num_virtual, len(self.output_ids))
         full_text = text.text if text is not None else ""
-        self.output.complete(Completion(self.task, full_text, tuple(self.output_ids), reason, usage))
+        asked = self.params.logprobs is not None
+        self.output.complete(Completion(
+            self.task, full_text, tuple(self.output_ids), reason, usage,
+            logprobs=tuple(self.token_logprobs) if asked else None,
+            prompt_logprobs=tuple(self.prompt_token_logprobs) if self.params.prompt_logprobs else None,
+            prompt_ids=tuple(self.prompt_ids),
+        ))
 
     def finish_scoring(self) -> None:
         """End a scoring request: every choice with its log-probability, most likely first."""
