@@ -6,10 +6,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from server.api import logprobs as logprob_format
 from server.config import Settings
 from server.engine.sequence import (
     DEFAULT_MAX_NEW_TOKENS,
     MAX_CHOICES,
+    MAX_LOGPROBS,
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
     ChoiceScores,
@@ -39,7 +41,8 @@ class _Sampling:
     """The body fields that go to SamplingParams as they are (each route caps max_new_tokens / max_tokens)."""
 
     def sampling_kwargs(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in ("temperature", "top_k", "top_p", "seed", "stop", "ignore_eos")}
+        return {name: getattr(self, name)
+                for name in ("temperature", "top_k", "top_p", "seed", "stop", "ignore_eos", "logprobs")}
 
 
 class GenerateParams(_Sampling, _Strict):
@@ -55,6 +58,9 @@ class GenerateParams(_Sampling, _Strict):
     stop: str | list[str] | None = Field(None, description=_STOP_HELP)
     ignore_eos: bool = _ENGINE.ignore_eos
     raw: bool = Field(False, description=_RAW_HELP)
+    logprobs: int | None = Field(
+        None, description=f"0..{MAX_LOGPROBS}: report each generated token's log-probability (from the raw "
+        "distribution, before temperature, top_k and top_p) and this many most likely alternatives.")
     choices: list[str] | bool | None = Field(
         None, description=f"Score these answers (1..{MAX_CHOICES} strings; true: the task's stored choices) instead of "
         "generating: the answer is then {task, best, choices: [{text, logprob, mean_logprob, num_tokens}], usage}, "
@@ -76,21 +82,34 @@ class UsageOut(BaseModel):
     completion_tokens: int
 
 
+class AlternativeOut(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+
+
+class TokenLogprobOut(AlternativeOut):
+    top: list[AlternativeOut]
+
+
 class GenerateResponse(BaseModel):
     task: str | None
     text: str
     token_ids: list[int]
     finish_reason: Literal["length", "stop", "eos"]
     usage: UsageOut
+    logprobs: list[TokenLogprobOut] | None = Field(None, description="With `logprobs`: one per generated token")
 
     @classmethod
-    def of(cls, c: Completion) -> GenerateResponse:
+    def of(cls, c: Completion, tokenizer: Any = None) -> GenerateResponse:
         return cls(
             task=c.task, text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
             usage=UsageOut(
                 prompt_tokens=c.usage.prompt_tokens, virtual_tokens=c.usage.virtual_tokens,
                 completion_tokens=c.usage.completion_tokens,
             ),
+            logprobs=[TokenLogprobOut(**e) for e in logprob_format.native(c.logprobs, tokenizer)]
+            if c.logprobs is not None else None,
         )
 
 
@@ -120,8 +139,8 @@ class ChoicesResponse(BaseModel):
         )
 
 
-def response_of(result: Completion | ChoiceScores) -> GenerateResponse | ChoicesResponse:
-    return ChoicesResponse.of(result) if isinstance(result, ChoiceScores) else GenerateResponse.of(result)
+def response_of(result: Completion | ChoiceScores, tokenizer: Any) -> GenerateResponse | ChoicesResponse:
+    return ChoicesResponse.of(result) if isinstance(result, ChoiceScores) else GenerateResponse.of(result, tokenizer)
 
 
 class BatchResponse(BaseModel):

@@ -100,8 +100,12 @@ def test_errors_reach_the_client_as_openai_errors(oa, task):
     assert err.value.body["param"] == "max_tokens" and err.value.body["message"].startswith("max_tokens must be")
     with pytest.raises(openai.UnprocessableEntityError):
         oa.completions.create(model=task, prompt=[1, 2, 3], max_tokens=2)
-    with pytest.raises(openai.UnprocessableEntityError):
-        oa.completions.create(model=task, prompt=TEXT, max_tokens=2, logprobs=2)
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        oa.completions.create(model=task, prompt=TEXT, max_tokens=2, logprobs=6)  # OpenAI's range is 0..5
+    assert err.value.body["param"] == "logprobs"
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        oa.completions.create(model=task, prompt=TEXT, max_tokens=2, echo=True, stream=True)
+    assert err.value.body["param"] == "echo"
     with pytest.raises(openai.UnprocessableEntityError) as err:
         oa.completions.create(model=task, prompt="", max_tokens=2)
     assert err.value.body["param"] == "prompt"  # the client's name for it, not the engine's `text`

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from server.api import logprobs as logprob_format
 from server.api import streaming
 from server.api.deps import EngineDep, MetricsDep, SettingsDep
 from server.api.errors import ErrorContext, ErrorInContext, describe
@@ -43,7 +45,7 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, m
     submission = streaming.Submission(body.text, body.task, params, body.raw, body.choices)
     [handle] = await streaming.submit_all(engine, metrics, [submission], lambda i: None)
     if not body.stream:
-        return response_of(await unless_disconnected(request, streaming.result(handle, metrics)))
+        return response_of(await unless_disconnected(request, streaming.result(handle, metrics)), engine.tokenizer)
     events = streaming.events(handle, metrics)
     try:
         # Wait for the first item before answering, so an error that comes before any token
@@ -52,21 +54,25 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, m
     except BaseException:
         await events.aclose()
         raise
-    return StreamingResponse(_sse_stream(first, events), media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamingResponse(_sse_stream(first, events, engine.tokenizer), media_type="text/event-stream",
+                             headers=SSE_HEADERS)
 
 
-async def _sse_stream(first: Event, events: AsyncGenerator[Event, None]) -> AsyncIterator[bytes]:
+async def _sse_stream(first: Event, events: AsyncGenerator[Event, None], tokenizer: Any) -> AsyncIterator[bytes]:
     """One event per new piece of text; the last carries finish_reason and usage."""
     item = first
     try:
         while True:
             if isinstance(item, Completion):
-                final = GenerateResponse.of(item).model_dump()
-                final.update(text="", token_ids=[])  # the pieces were sent already
+                final = GenerateResponse.of(item, tokenizer).model_dump()
+                final.update(text="", token_ids=[], logprobs=[] if item.logprobs is not None else None)  # sent already
                 yield sse(final)
                 return
             if isinstance(item, TokenDelta):  # (a streaming request never scores choices)
-                yield sse({"text": item.text, "token_ids": list(item.token_ids)})
+                piece: dict[str, Any] = {"text": item.text, "token_ids": list(item.token_ids)}
+                if item.logprobs:
+                    piece["logprobs"] = logprob_format.native(item.logprobs, tokenizer)
+                yield sse(piece)
             item = await anext(events)
     except Exception as exc:  # the status line is sent already: report the error in the stream
         _, body, _ = describe(exc)
@@ -95,4 +101,4 @@ async def generate_batch(body: BatchRequest, request: Request, engine: EngineDep
     handles = await streaming.submit_all(engine, metrics, submissions, entry)
     # They all joined the engine's continuous batch; wait for all, in order.
     completions = await unless_disconnected(request, streaming.all_results(handles, metrics, "requests"))
-    return BatchResponse(results=[response_of(c) for c in completions])
+    return BatchResponse(results=[response_of(c, engine.tokenizer) for c in completions])

@@ -11,11 +11,13 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from prompt_store.errors import PromptError
+from server.api import logprobs as logprob_format
 from server.api import streaming
 from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
 from server.api.errors import ErrorContext, ErrorInContext, describe
@@ -26,7 +28,7 @@ from server.api.schemas import CompletionRequest
 from server.api.streaming import SSE_HEADERS, Event, sse, unless_disconnected
 from server.engine.errors import InvalidParameter
 from server.engine.handle import RequestHandle
-from server.engine.sequence import Completion, TokenDelta
+from server.engine.sequence import Completion, TokenDelta, TokenLogprob
 
 router = APIRouter(prefix="/v1", tags=["openai"])  # needs the API token (server/api/auth.py)
 
@@ -71,7 +73,8 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     base = settings.model_name()
     task = None if body.model == base else body.model
     params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=body.max_tokens,
-                                       param_name="max_tokens", **body.sampling_kwargs())
+                                       param_name="max_tokens", **body.sampling_kwargs(),
+                                       prompt_logprobs=body.echo and body.logprobs is not None)
 
     def context(i: int) -> ErrorContext:
         # OpenAI's names for the engine's: the task is the `model`, the text is the prompt.
@@ -80,10 +83,13 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
 
     submissions = [streaming.Submission(str(text), task, params, body.raw) for text in prompts]
     handles = await streaming.submit_all(engine, metrics, submissions, context)
-    reply = _Reply(body.model, usage=bool(body.stream_options and body.stream_options.include_usage))
+    reply = _Reply(body.model, usage=bool(body.stream_options and body.stream_options.include_usage),
+                   tokenizer=engine.tokenizer, logprobs=body.logprobs is not None)
     if not body.stream:
         results = await unless_disconnected(request, streaming.all_results(handles, metrics, "prompt"))
-        return reply.full(streaming.completions(results))
+        echoed = [_echoed(str(text), c, engine.tokenizer) for text, c in
+                  zip(prompts, streaming.completions(results), strict=True)] if body.echo else None
+        return reply.full(streaming.completions(results), echoed)
     events = _merged(handles, metrics)
     try:
         first = await unless_disconnected(request, anext(events))  # errors before any token get a status
@@ -97,11 +103,14 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
 class _Reply:
     """Builds OpenAI's response objects for one request."""
 
-    def __init__(self, model: str, usage: bool) -> None:
+    def __init__(self, model: str, usage: bool, tokenizer: Any = None, logprobs: bool = False) -> None:
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.include_usage = usage
+        self.tokenizer = tokenizer
+        self.logprobs = logprobs  # the request asked for them
+        self.offsets: dict[int, int] = {}  # streaming: where each choice's next token starts in its text
 
     def _envelope(self, choices: list[dict]) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
@@ -113,9 +122,21 @@ class _Reply:
         completion = sum(c.usage.completion_tokens for c in completions)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def full(self, completions: list[Completion]) -> dict:
-        choices = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": _FINISH[c.finish_reason]}
-                   for i, c in enumerate(completions)]
+    def full(self, completions: list[Completion], echoed: list[str] | None = None) -> dict:
+        """`echoed`: with `echo`, each prompt as the choice's text starts with it."""
+        choices = []
+        for i, c in enumerate(completions):
+            prompt = echoed[i] if echoed is not None else ""
+            logprobs = None
+            if self.logprobs and c.logprobs is not None:
+                ids = list(c.token_ids)
+                entries: list[TokenLogprob | None] = list(c.logprobs)
+                if echoed is not None:  # the prompt's tokens first; the first has no log-probability
+                    ids = list(c.prompt_ids) + ids
+                    entries = [None, *(c.prompt_logprobs or ()), *entries]
+                logprobs = logprob_format.completion(ids, entries, self.tokenizer)
+            choices.append({"index": i, "text": prompt + c.text, "logprobs": logprobs,
+                            "finish_reason": _FINISH[c.finish_reason]})
         return {**self._envelope(choices), "usage": self._usage(completions)}
 
     async def stream(self, first: tuple[int, Event], events: AsyncGenerator[tuple[int, Event], None],
@@ -130,7 +151,8 @@ class _Reply:
                     choice = {"index": index, "text": "", "logprobs": None,
                               "finish_reason": _FINISH[piece.finish_reason]}
                 elif isinstance(piece, TokenDelta):
-                    choice = {"index": index, "text": piece.text, "logprobs": None, "finish_reason": None}
+                    choice = {"index": index, "text": piece.text, "logprobs": self._piece_logprobs(index, piece),
+                              "finish_reason": None}
                 yield sse(self._envelope([choice]))
                 if len(done) == n:
                     break
@@ -142,6 +164,22 @@ class _Reply:
         finally:
             await events.aclose()
         yield sse("[DONE]")
+
+
+    def _piece_logprobs(self, index: int, piece: TokenDelta) -> dict | None:
+        if not self.logprobs or not piece.logprobs:
+            return None
+        shape = logprob_format.completion(piece.token_ids, piece.logprobs, self.tokenizer, self.offsets.get(index, 0))
+        if shape["tokens"]:
+            self.offsets[index] = shape["text_offset"][-1] + len(shape["tokens"][-1])
+        return shape
+
+
+def _echoed(prompt: str, completion: Completion, tokenizer: Any) -> str:
+    """The prompt as the model saw it: the client's text, or with the task's template around it."""
+    if list(tokenizer(prompt)["input_ids"]) == list(completion.prompt_ids):
+        return prompt
+    return tokenizer.decode(list(completion.prompt_ids), skip_special_tokens=True)
 
 
 async def _merged(handles: list[RequestHandle], metrics: Metrics) -> AsyncGenerator[tuple[int, Event], None]:
@@ -175,8 +213,10 @@ def _refuse_unsupported(body: CompletionRequest) -> None:
     checks = (
         ("n", body.n == 1, "1 (one choice per prompt)", body.n),
         ("best_of", body.best_of in (None, 1), "1 or absent", body.best_of),
-        ("echo", not body.echo, "false", body.echo),
-        ("logprobs", body.logprobs is None, "absent (log probabilities are not returned)", body.logprobs),
+        ("echo", not (body.echo and body.stream), "false with stream (echo is returned whole, not streamed)",
+         body.echo),
+        ("logprobs", body.logprobs is None or (isinstance(body.logprobs, int) and 0 <= body.logprobs <= 5),
+         "an integer in [0, 5] (OpenAI's range; /generate takes up to 20)", body.logprobs),
         ("suffix", not body.suffix, "absent (insertion is not supported)", body.suffix),
         ("presence_penalty", not body.presence_penalty, "0 (penalties are not supported)", body.presence_penalty),
         ("frequency_penalty", not body.frequency_penalty, "0 (penalties are not supported)",
