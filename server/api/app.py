@@ -25,7 +25,7 @@ from server.api.limits import BodyLimitMiddleware
 from server.api.metrics import Metrics
 from server.api.openapi import install_openapi
 from server.api.request_id import RequestIdMiddleware
-from server.api.routes import generate, openai, ops, prompts
+from server.api.routes import chat, generate, openai, ops, prompts
 from server.config import MiB, Settings
 from server.demo import random_demo, smollm2
 from server.engine.errors import ModelNotSupported
@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handler(app)
     install_openapi(app, settings)
-    for module in (ops, generate, prompts, openai):
+    for module in (ops, generate, prompts, openai, chat):
         app.include_router(module.router)
 
     upload_limit = settings.max_prompt_bytes + MiB  # room for the multipart envelope and the config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from server.api import logprobs as logprob_format
 from server.config import Settings
@@ -99,6 +99,13 @@ class GenerateResponse(BaseModel):
     finish_reason: Literal["length", "stop", "eos"]
     usage: UsageOut
     logprobs: list[TokenLogprobOut] | None = Field(None, description="With `logprobs`: one per generated token")
+
+    @model_serializer(mode="wrap")
+    def _logprobs_only_when_asked(self, handler: Any) -> dict:
+        data = handler(self)
+        if data.get("logprobs") is None:
+            data.pop("logprobs", None)  # absent, not null, unless the request asked for them
+        return data
 
     @classmethod
     def of(cls, c: Completion, tokenizer: Any = None) -> GenerateResponse:
@@ -220,3 +227,74 @@ class Health(BaseModel):
     model: str | None = Field(None, description="The base model's served name")
     prompts: int | None = Field(None, description="How many tasks are served")
     demo: bool | None = Field(None, description="Whether this is the offline demo")
+
+
+MAX_MESSAGES = 256  # messages in one chat request (the body's byte limit applies too)
+_ROLES = Literal["system", "developer", "user", "assistant"]
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: _ROLES
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatRequest(_Sampling, BaseModel):
+    """OpenAI's /v1/chat/completions body, with OpenAI's defaults. Unknown fields are ignored (clients send
+    extras); an explicit null means the default; values must have their JSON type."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES,
+                                        description=f"The conversation, 1..{MAX_MESSAGES} messages.")
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens")
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, description=_STOP_HELP)
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, description=f"0..{MAX_LOGPROBS} alternatives per token, with logprobs")
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    user: str | None = None
+    # Extensions, as vLLM names them.
+    top_k: int = 0
+    ignore_eos: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        kwargs = super().sampling_kwargs()
+        # OpenAI's chat shape: a switch, and the number of alternatives apart.
+        kwargs["logprobs"] = (self.top_logprobs or 0) if self.logprobs else None
+        return kwargs

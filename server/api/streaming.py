@@ -53,6 +53,7 @@ class Submission(NamedTuple):
     params: SamplingParams
     raw: bool = False  # skip the task's text template
     choices: list[str] | bool | None = None  # score these (True: the task's stored ones) instead of generating
+    add_special_tokens: bool = True  # False for a conversation the chat template already framed
 
 
 async def submit_all(engine: Engine, metrics: Metrics, requests: list[Submission],
@@ -74,14 +75,15 @@ def _submit_all(engine: Engine, metrics: Metrics, requests: list[Submission],
                 context_of: Any) -> list[RequestHandle]:
     handles: list[RequestHandle] = []
     try:
-        for i, (text, task, params, raw, choices) in enumerate(requests):
+        for i, r in enumerate(requests):
             try:
-                handles.append(engine.submit(text, task=task, params=params, raw=raw, choices=choices))
+                handles.append(engine.submit(r.text, task=r.task, params=r.params, raw=r.raw, choices=r.choices,
+                                             add_special_tokens=r.add_special_tokens))
             except Exception as exc:
                 unknown = isinstance(exc, UnknownTask | InvalidTaskName)
                 outcome = outcome_of(exc)
-                metrics.refused(UNKNOWN_LABEL if unknown else task_label(task), outcome)
-                request_log.refused(task, outcome, exc)
+                metrics.refused(UNKNOWN_LABEL if unknown else task_label(r.task), outcome)
+                request_log.refused(r.task, outcome, exc)
                 context = context_of(i)
                 if context is None:
                     raise

@@ -30,6 +30,10 @@ Questions and answers: Where is the station? Turn left, then walk two hundred me
 """
 
 EOS_TOKEN = "<|endoftext|>"
+# ChatML, as SmolLM2 and Qwen write it: the tiny Llama (and the random demo) chat through it; the tiny GPT-2
+# has none, like GPT-2 itself, so a model without a chat template is tested too.
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def build_tokenizer(out_dir: str | Path, vocab_size: int = 512):
@@ -91,6 +95,9 @@ def build_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, **
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out)
+    if arch == "llama":
+        tokenizer.chat_template = CHATML
+        tokenizer.save_pretrained(str(out))
     config = tiny_config(arch, len(tokenizer), tokenizer.eos_token_id, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

@@ -132,7 +132,8 @@ class Engine:
     # -- submission (any thread) ---------------------------------------------------------------
 
     def submit(self, text: str, *, task: str | None = None, params: SamplingParams | None = None,
-               raw: bool = False, choices: TypingSequence[str] | bool | None = None) -> RequestHandle:
+               raw: bool = False, choices: TypingSequence[str] | bool | None = None,
+               add_special_tokens: bool = True) -> RequestHandle:
         """Validate and queue one request; errors a client caused are raised here, before the loop. The
         task's text template (the one it was trained with) frames the text unless `raw`. With `choices`
         (or True: the task's stored choices) the request scores each choice instead of generating."""
@@ -149,7 +150,8 @@ class Engine:
             raise RequestTooLong(self.max_context - 1, num_virtual + at_least,
                                  f"{num_virtual} virtual + at least {at_least} text tokens in {len(text)} characters, "
                                  "+1 to generate")
-        prompt_ids = list(self.tokenizer(text)["input_ids"])
+        # A chat template writes its own special tokens: the tokenizer must not add a second BOS then.
+        prompt_ids = list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
         if not prompt_ids:
             raise InvalidParameter("text", "a text that gives at least one token", text)
         used = num_virtual + len(prompt_ids)

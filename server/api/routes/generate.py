@@ -65,7 +65,9 @@ async def _sse_stream(first: Event, events: AsyncGenerator[Event, None], tokeniz
         while True:
             if isinstance(item, Completion):
                 final = GenerateResponse.of(item, tokenizer).model_dump()
-                final.update(text="", token_ids=[], logprobs=[] if item.logprobs is not None else None)  # sent already
+                final.update(text="", token_ids=[])  # the pieces were sent already
+                if item.logprobs is not None:
+                    final["logprobs"] = []
                 yield sse(final)
                 return
             if isinstance(item, TokenDelta):  # (a streaming request never scores choices)

@@ -1,0 +1,108 @@
+"""POST /v1/chat/completions with the openai client: the tokenizer's chat template, the task's virtual tokens
+before the whole templated conversation, greedy tokens equal to PEFT's over the same conversation, streaming,
+logprobs in OpenAI's chat shape, and clear refusals."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+import torch
+from safetensors.torch import save
+
+from tests.api.conftest import upload_raw
+from tests.peft_reference import greedy, load_reference
+
+MESSAGES = [{"role": "system", "content": "You answer briefly."},
+            {"role": "user", "content": "Where is the station?"},
+            {"role": "assistant", "content": "Turn left."},
+            {"role": "user", "content": "And then?"}]
+
+
+PROMPT = torch.randn(6, 64, generator=torch.Generator().manual_seed(9))  # the task's virtual tokens
+
+
+@pytest.fixture(scope="module")
+def oa(llama_server):
+    with llama_server.client() as c:  # a soft prompt with a text template: chat must not apply the template
+        prompt = save({"prompt_embeddings": PROMPT}, metadata={"kind": "prompt", "template": "IGNORED {text} IGNORED"})
+        assert upload_raw(c, "chatty", prompt).status_code == 201
+        yield openai.OpenAI(base_url=f"{llama_server.url}/v1", api_key="unused")
+
+
+@pytest.fixture(scope="module")
+def reference(llama_dir, tmp_path_factory):
+    """PEFT over the same templated conversation, for the uploaded task."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir),
+                           PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=6))
+    out = tmp_path_factory.mktemp("chatty")
+    model.save_pretrained(str(out))
+    from safetensors.torch import save_file
+
+    save_file({"prompt_embeddings": PROMPT.contiguous()}, str(out / "adapter_model.safetensors"))
+    peft = load_reference(llama_dir, out)
+    ids = list(tokenizer(tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"])
+    return tokenizer, peft, ids
+
+
+def test_chat_answers_with_the_tasks_tokens_over_the_templated_conversation(oa, reference):
+    tokenizer, peft, ids = reference
+    done = oa.chat.completions.create(model="chatty", messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True,
+                                      extra_body={"ignore_eos": True})
+    expected = greedy(peft, ids, 8)
+    assert done.choices[0].message.role == "assistant"
+    # token by token (the text itself holds back a last token that ends inside a UTF-8 character)
+    assert [e.token for e in done.choices[0].logprobs.content] == [tokenizer.decode([t]) for t in expected]
+    assert tokenizer.decode(expected).startswith(done.choices[0].message.content)
+    assert done.usage.prompt_tokens == len(ids)  # the chat template, not the task's text template
+    assert done.object == "chat.completion" and done.choices[0].finish_reason == "length"
+
+
+def test_streamed_chat_gives_the_same_text(oa):
+    whole = oa.chat.completions.create(model="chatty", messages=MESSAGES, max_tokens=8, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    chunks = list(oa.chat.completions.create(model="chatty", messages=MESSAGES, max_tokens=8, temperature=0,
+                                             stream=True, stream_options={"include_usage": True},
+                                             extra_body={"ignore_eos": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 8
+
+
+def test_chat_logprobs_in_openais_shape(oa, reference):
+    tokenizer, peft, ids = reference
+    done = oa.chat.completions.create(model="chatty", messages=MESSAGES, max_tokens=3, temperature=0, logprobs=True,
+                                      top_logprobs=2, extra_body={"ignore_eos": True})
+    content = done.choices[0].logprobs.content
+    generated = greedy(peft, ids, 3)
+    x = torch.tensor([ids + generated])
+    with torch.inference_mode():
+        rows = torch.log_softmax(peft(input_ids=x, attention_mask=torch.ones_like(x)).logits[0].float(), dim=-1)
+    rows = rows[rows.shape[0] - x.shape[1]:]
+    for i, entry in enumerate(content):
+        row = rows[len(ids) - 1 + i]
+        assert entry.token == tokenizer.decode([generated[i]])
+        assert entry.logprob == pytest.approx(row[generated[i]].item(), abs=2e-4)
+        assert entry.bytes == list(entry.token.encode("utf-8")) and len(entry.top_logprobs) == 2
+
+
+def test_chat_refusals_name_the_field(oa, start_server, gpt2_dir):
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        oa.chat.completions.create(model="chatty", messages=[{"role": "user", "content": "hi"}] * 257)
+    assert err.value.body["param"] == "messages"
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        oa.chat.completions.create(model="chatty", messages=MESSAGES, n=2)
+    assert err.value.body["param"] == "n"
+    with pytest.raises(openai.NotFoundError):
+        oa.chat.completions.create(model="no-such-task", messages=MESSAGES)
+    no_template = start_server(model=str(gpt2_dir))
+    plain = openai.OpenAI(base_url=f"{no_template.url}/v1", api_key="unused")
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        plain.chat.completions.create(model=no_template.settings.model_name(), messages=MESSAGES)
+    assert err.value.body["param"] == "messages" and "chat template" in err.value.body["message"]
+    no_template.stop()
