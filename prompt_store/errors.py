@@ -134,6 +134,12 @@ class InvalidChoices(PromptError):
     default_param = "choices"
 
 
+class InvalidDefaults(PromptError):
+    """A task's generation defaults are not sampling parameters in their ranges."""
+
+    default_param = "defaults"
+
+
 class StorageError(Exception):
     """The prompt was fine but the prompt store (directory or object store) could not be changed or read.
     Nothing was changed here: the registry still serves what it served before. Not a PromptError: the

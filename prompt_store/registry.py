@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -22,11 +22,11 @@ import torch
 from prompt_store.backends import Current, Entry, NotStored, PromptBackend, Unreadable
 from prompt_store.backends.local import LocalDirectory
 from prompt_store.dtypes import dtype_name
-from prompt_store.errors import BodyTooLarge, PromptError, UnknownTask
+from prompt_store.errors import BodyTooLarge, InvalidDefaults, PreconditionFailed, PromptError, UnknownTask
 from prompt_store.format import PromptFile, read_path, read_prompt, tensor_sha256, write_prompt
 from prompt_store.geometry import ModelGeometry
 from prompt_store.preconditions import NO_PRECONDITIONS, Preconditions
-from prompt_store.template import encode_choices
+from prompt_store.template import check_defaults, encode_choices, encode_defaults, parse_defaults
 from prompt_store.validate import (
     SERVED_DTYPES,
     CheckedPrompt,
@@ -58,6 +58,7 @@ class PromptSnapshot:
     warnings: tuple[str, ...] = ()  # noticed when it was stored (an adapter recorded for another model)
     template: str | None = None  # the text template it was trained with: requests' text goes in its {text}
     choices: tuple[str, ...] | None = None  # the answers it was trained to give (a classifier's labels)
+    defaults: dict | None = None  # generation defaults its requests start from (never mutate: shared)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -83,6 +84,7 @@ class PromptDescriptor:
     warnings: tuple[str, ...] = ()
     template: str | None = None
     choices: tuple[str, ...] | None = None
+    defaults: dict | None = None
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -95,6 +97,7 @@ class PromptDescriptor:
             dtype=dtype_name(snap.embeddings.dtype), bytes=nbytes, sha256=snap.sha256, version=snap.version,
             created_at=snap.created_at, source=snap.source, base_model=snap.base_model,
             description=snap.description, warnings=snap.warnings, template=snap.template, choices=snap.choices,
+            defaults=dict(snap.defaults) if snap.defaults is not None else None,
         )  # fmt: skip
 
 
@@ -109,12 +112,14 @@ class PromptRegistry:
         limits: RegistryLimits = RegistryLimits(),  # noqa: B008 -- frozen, so sharing the default is safe
         base_model_names: Iterable[str] = (),
         strict_base_model: bool = False,
+        check_defaults: Callable[[dict], None] | None = None,
     ) -> None:
         """Persisted in `directory`, or in `backend` (an object store); with neither, in memory only.
 
         `base_model_names`: every name the served model goes by (served name, hub id, path, its config's
         own name). An adapter that records another base model is stored with a warning, or refused with
-        BaseModelMismatch when `strict_base_model`. Without names nothing is checked."""
+        BaseModelMismatch when `strict_base_model`. Without names nothing is checked. `check_defaults` checks
+        a task's generation defaults' ranges (the engine's rule), raising InvalidDefaults."""
         if dtype not in SERVED_DTYPES:
             raise ValueError(f"dtype must be one of {SERVED_DTYPES}, got {dtype}")
         if backend is not None and directory is not None:
@@ -124,6 +129,7 @@ class PromptRegistry:
         self.limits = limits
         self.served_names = frozenset(model_key(name) for name in base_model_names if name)
         self.strict_base_model = strict_base_model
+        self.check_defaults = check_defaults
         self.backend: PromptBackend = backend or LocalDirectory(Path(directory) if directory is not None else None)
         self._snapshots: dict[str, PromptSnapshot] = {}
         self._descriptors: dict[str, PromptDescriptor] = {}  # every task, including files that failed
@@ -197,17 +203,19 @@ class PromptRegistry:
         kind: str | None = None,
         config: dict | bytes | None = None,
         description: str | None = None,
+        defaults: dict | None = None,
         when: Preconditions = NO_PRECONDITIONS,
     ) -> tuple[PromptSnapshot, bool]:
         """Add or replace `task` from safetensors bytes (+ PEFT config), if `when` holds. Returns
-        (snapshot, created)."""
+        (snapshot, created). `description` and `defaults`, when given, replace what the file records."""
         check_task_name(task)
         if len(data) > self.limits.max_bytes:
             raise BodyTooLarge(
                 f"the prompt is {len(data)} bytes, over the limit of {self.limits.max_bytes} bytes",
                 expected=self.limits.max_bytes, actual=len(data),
             )
-        return self._put(task, read_prompt(data), kind=kind, config=config, description=description, when=when)
+        return self._put(task, read_prompt(data), kind=kind, config=config, description=description,
+                         defaults=defaults, when=when)
 
     def put_path(
         self, task: str, path: str | Path, *, kind: str | None = None, description: str | None = None,
@@ -222,9 +230,11 @@ class PromptRegistry:
 
     def _put(
         self, task: str, source: PromptFile, *, kind: str | None, config, description: str | None,
-        when: Preconditions,
+        when: Preconditions, defaults: dict | None = None,
     ) -> tuple[PromptSnapshot, bool]:
         checked = self._check(source, kind=kind, config=config)
+        if defaults is not None:
+            defaults = self._check_defaults(defaults)
         warnings = self._base_model_warnings(task, checked)
         if description is not None and not isinstance(description, str):
             raise TypeError(f"description must be a str, got {type(description).__name__}")
@@ -234,6 +244,7 @@ class PromptRegistry:
             created_at=time.time(), source=checked.source, base_model=checked.base_model,
             description=description if description is not None else checked.description, warnings=warnings,
             template=checked.template, choices=checked.choices,
+            defaults=defaults if defaults is not None else checked.defaults,
         )  # fmt: skip
 
         def encode(version: int) -> bytes:
@@ -250,6 +261,64 @@ class PromptRegistry:
                 self._tags[task] = written.tag
         log.info("prompt %s v%d stored (%s, %d virtual tokens)", task, snap.version, snap.kind, snap.num_virtual_tokens)
         return snap, written.created
+
+    def patch(self, task: str, changes: dict, *, when: Preconditions = NO_PRECONDITIONS) -> PromptSnapshot:
+        """Change a task's description and generation defaults without new weights (a JSON merge patch, RFC
+        7396, over {"description", "defaults"}), if `when` holds: a new version, the weights as stored."""
+        if not isinstance(changes, dict):
+            raise InvalidDefaults("a patch is a JSON object (a merge patch over description and defaults)",
+                                  param="body", expected="an object", actual=type(changes).__name__)
+        for key in changes:
+            if key not in ("description", "defaults"):
+                raise InvalidDefaults(f"a patch changes description and defaults, not {key!r}", param=key,
+                                      expected=["description", "defaults"], actual=key)
+        lost: PreconditionFailed | None = None
+        for _ in range(3):  # another writer may land between the read and the write: read again
+            source, version = self._stored(task)
+            when.check(task, True, version)
+            meta = dict(source.metadata)
+            merged = merge_patch({"description": meta.get("description"),
+                                  "defaults": parse_defaults(meta["defaults"]) if "defaults" in meta else None},
+                                 changes)
+            assert isinstance(merged, dict)
+            meta.pop("description", None)
+            meta.pop("defaults", None)
+            if merged.get("description") is not None:
+                if not isinstance(merged["description"], str):
+                    raise InvalidDefaults("description must be a string or null", param="description",
+                                          expected="a string", actual=type(merged["description"]).__name__)
+                meta["description"] = merged["description"]
+            if merged.get("defaults"):
+                meta["defaults"] = encode_defaults(self._check_defaults(merged["defaults"]))
+            try:
+                snapshot, _ = self._put(task, PromptFile(source.embeddings, meta, source.config), kind=None,
+                                        config=source.config, description=None,
+                                        when=Preconditions(if_match=frozenset({version})))
+                return snapshot
+            except PreconditionFailed as exc:
+                lost = exc
+        assert lost is not None
+        raise lost
+
+    def _stored(self, task: str) -> tuple[PromptFile, int]:
+        """The task as stored now (the store's bytes; for a registry without storage, what it serves) and
+        its version."""
+        try:
+            data = self.backend.fetch(task, self.limits.max_bytes)
+        except NotStored:
+            snap = self.get(task)  # UnknownTask when there is none at all
+            memory_only = isinstance(self.backend, LocalDirectory) and self.backend.directory is None
+            if not memory_only:
+                raise self._unknown(task) from None
+            data = write_prompt(snap.embeddings, _metadata(snap))
+        source = read_prompt(data)
+        return source, _int(source.metadata.get("version")) or 0
+
+    def _check_defaults(self, defaults: dict) -> dict:
+        checked = check_defaults(defaults)
+        if self.check_defaults is not None:
+            self.check_defaults(checked)
+        return checked
 
     def delete(self, task: str, *, when: Preconditions = NO_PRECONDITIONS) -> None:
         """Forget `task` and remove it from storage, if `when` holds. Snapshots already handed out stay valid."""
@@ -361,7 +430,7 @@ class PromptRegistry:
             version=version or 0, sha256=tensor_sha256(checked.embeddings), embeddings=checked.embeddings,
             created_at=_float(meta.get("created_at")) or entry.modified or time.time(), source=checked.source,
             base_model=checked.base_model, description=checked.description, warnings=warnings,
-            template=checked.template, choices=checked.choices,
+            template=checked.template, choices=checked.choices, defaults=checked.defaults,
         )  # fmt: skip
         return entry, snap, version
 
@@ -381,6 +450,8 @@ class PromptRegistry:
             source, geometry=self.geometry, limits=self.limits, dtype=self.dtype, kind=kind, config=config
         )
         assert checked.kind is not None, "with a geometry, check_prompt resolves the kind or raises"
+        if checked.defaults is not None and self.check_defaults is not None:
+            self.check_defaults(checked.defaults)
         return checked
 
 
@@ -401,7 +472,22 @@ def _metadata(snap: PromptSnapshot) -> dict[str, str]:
         meta["template"] = snap.template
     if snap.choices is not None:
         meta["choices"] = encode_choices(snap.choices)
+    if snap.defaults:
+        meta["defaults"] = encode_defaults(snap.defaults)
     return meta
+
+
+def merge_patch(target: object, patch: object) -> object:
+    """RFC 7396: objects merge key by key, null removes a key, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
 
 
 def _int(value: str | None) -> int | None:

@@ -1,16 +1,20 @@
-"""What a task carries besides its weights: the text template it was trained with, and its answers.
+"""What a task carries besides its weights: the text template it was trained with, its answers, and the
+generation defaults its requests start from.
 
 A template contains `{text}` exactly once, replaced literally by the request's text: other braces are
 plain text (a JSON example in a template stays as it is). `choices` are the answers a classifier task
 was trained to give (at most MAX_CHOICES distinct strings), kept as a JSON list in the file's metadata.
+`defaults` are sampling parameters only (DEFAULT_KEYS), kept as a JSON object; their ranges are the
+engine's (the registry is given that check: prompt_store knows no serving).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from typing import Any
 
-from prompt_store.errors import InvalidChoices, InvalidTemplate
+from prompt_store.errors import InvalidChoices, InvalidDefaults, InvalidTemplate
 
 PLACEHOLDER = "{text}"
 MAX_TEMPLATE_CHARS = 16_384
@@ -73,3 +77,37 @@ def parse_choices(raw: str) -> tuple[str, ...]:
 
 def encode_choices(choices: Iterable[str]) -> str:
     return json.dumps(list(choices), ensure_ascii=False)
+
+
+DEFAULT_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "ignore_eos", "logprobs")
+
+
+def check_defaults(defaults: object) -> dict[str, Any]:
+    """A task's generation defaults: an object of sampling parameters (DEFAULT_KEYS) with JSON scalar values
+    (stop: a string or a list of strings). Ranges are checked by the registry's `check_defaults`."""
+    if not isinstance(defaults, dict):
+        raise InvalidDefaults(f"defaults must be a JSON object, got {type(defaults).__name__}",
+                              expected="an object", actual=type(defaults).__name__)
+    for key, value in defaults.items():
+        if key not in DEFAULT_KEYS:
+            raise InvalidDefaults(f"defaults.{key} is not a generation default; they are {', '.join(DEFAULT_KEYS)}",
+                                  param=f"defaults.{key}", expected=list(DEFAULT_KEYS), actual=key)
+        stop_list = key == "stop" and isinstance(value, list) and all(isinstance(s, str) for s in value)
+        if not (isinstance(value, bool | int | float | str) or stop_list):
+            raise InvalidDefaults(f"defaults.{key} must be a number, a boolean or a string, got "
+                                  f"{type(value).__name__}", param=f"defaults.{key}", expected="a JSON scalar",
+                                  actual=type(value).__name__)
+    return dict(defaults)
+
+
+def parse_defaults(raw: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise InvalidDefaults("the defaults metadata must be a JSON object", expected="a JSON object",
+                              actual=raw[:40]) from None
+    return check_defaults(value)
+
+
+def encode_defaults(defaults: dict[str, Any]) -> str:
+    return json.dumps(defaults, ensure_ascii=False, sort_keys=True)

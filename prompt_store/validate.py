@@ -30,7 +30,7 @@ from prompt_store.errors import (
 )
 from prompt_store.format import TENSOR_NAME, PromptFile, load_config
 from prompt_store.geometry import KINDS, Kind, ModelGeometry
-from prompt_store.template import check_template, parse_choices
+from prompt_store.template import check_template, parse_choices, parse_defaults
 
 SERVED_DTYPES = served_dtypes()
 TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -74,6 +74,7 @@ class CheckedPrompt:
     source: Literal["file", "peft"]
     template: str | None = None  # the text template it was trained with (template.py)
     choices: tuple[str, ...] | None = None  # the answers it was trained to give
+    defaults: dict | None = None  # generation defaults (sampling parameters) its requests start from
 
     @property
     def served_kind(self) -> Kind:
@@ -192,6 +193,7 @@ def check_prompt(
         source="peft" if peft is not None or source_kind == "peft" else "file",
         template=check_template(source.metadata["template"]) if "template" in source.metadata else None,
         choices=parse_choices(source.metadata["choices"]) if "choices" in source.metadata else None,
+        defaults=parse_defaults(source.metadata["defaults"]) if "defaults" in source.metadata else None,
     )
 
 

@@ -77,6 +77,9 @@ class PromptBackend(Protocol):
         """A task's bytes and the entry they were read under (its tag may have moved since the listing);
         NotStored if it was removed since."""
 
+    def fetch(self, task: str, max_bytes: int) -> bytes:
+        """The task's stored bytes as they are now; NotStored if there are none (or nothing is persisted)."""
+
     def version_hint(self, entry: Entry) -> int:
         """The version recorded by a stored task that failed to load (0 if unknown): it was issued once."""
 

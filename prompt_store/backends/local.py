@@ -63,6 +63,11 @@ class LocalDirectory:
         self._check_inside(path)
         return read_bytes_limited(path, max_bytes), entry
 
+    def fetch(self, task: str, max_bytes: int) -> bytes:
+        if self.directory is None or not self._path(task).is_file():
+            raise NotStored(task)
+        return self.read(Entry(task, tag=""), max_bytes)[0]
+
     def version_hint(self, entry: Entry) -> int:
         return _int(peek_metadata(self._path(entry.task)).get("version")) or 0
 

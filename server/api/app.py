@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Scope
 
-from prompt_store import PromptRegistry, RegistryLimits
+from prompt_store import InvalidDefaults, PromptRegistry, RegistryLimits
 from prompt_store.backends import open_backend
 from prompt_store.sync import StorePoller
 from server.api.auth import AuthMiddleware
@@ -28,9 +28,10 @@ from server.api.request_id import RequestIdMiddleware
 from server.api.routes import chat, generate, openai, ops, prompts
 from server.config import MiB, Settings
 from server.demo import random_demo, smollm2
-from server.engine.errors import ModelNotSupported
+from server.engine.errors import InvalidParameter, ModelNotSupported
 from server.engine.loop import Engine
 from server.engine.model_loader import BaseModel, load_base_model
+from server.engine.sequence import SamplingParams
 from server.model_source import model_source
 
 log = logging.getLogger("promptswap")
@@ -113,7 +114,7 @@ def _build_engine(settings: Settings) -> tuple[BaseModel, PromptRegistry, Engine
                            endpoint_url=settings.s3_endpoint_url, timeout_s=settings.s3_timeout_s)
     registry = PromptRegistry(base.geometry, backend=backend, dtype=base.dtype, limits=limits,
                               base_model_names=served_model_names(settings, base),
-                              strict_base_model=settings.strict_base_model)
+                              strict_base_model=settings.strict_base_model, check_defaults=check_task_defaults)
     demo = settings.demo_kind()
     if settings.prompt_store is None:
         registry.load_all()
@@ -143,6 +144,15 @@ def served_model_names(settings: Settings, base: BaseModel) -> list[str]:
     if settings.demo_kind() == "smollm2":
         names.append(smollm2.HUB_ID)
     return [name for name in names if name]
+
+
+def check_task_defaults(defaults: dict) -> None:
+    """A task's generation defaults must be sampling parameters the engine takes (SamplingParams' ranges)."""
+    try:
+        SamplingParams(**defaults)
+    except InvalidParameter as exc:
+        raise InvalidDefaults(f"defaults.{exc.param} must be {exc.expected}, got {exc.actual!r}",
+                              param=f"defaults.{exc.param}", expected=exc.expected, actual=exc.actual) from None
 
 
 def _warn_about_setup(settings: Settings) -> None:

@@ -37,8 +37,19 @@ _RAW_HELP = ("Send the text as it is: without the task's text template (a task t
 _ENGINE = SamplingParams()
 
 
+# body field -> the SamplingParams field it sets, where the names differ (OpenAI's)
+_ENGINE_NAMES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
+                 "top_logprobs": "logprobs"}
+
+
 class _Sampling:
     """The body fields that go to SamplingParams as they are (each route caps max_new_tokens / max_tokens)."""
+
+    def sent(self) -> frozenset[str]:
+        """The SamplingParams fields this body set itself (a schema default or an explicit null is not sent)."""
+        fields: set[str] = getattr(self, "model_fields_set", set())
+        names = {_ENGINE_NAMES.get(f, f) for f in fields}
+        return frozenset(names & set(SamplingParams.__dataclass_fields__))
 
     def sampling_kwargs(self) -> dict[str, Any]:
         return {name: getattr(self, name)

@@ -133,14 +133,15 @@ class Engine:
 
     def submit(self, text: str, *, task: str | None = None, params: SamplingParams | None = None,
                raw: bool = False, choices: TypingSequence[str] | bool | None = None,
-               add_special_tokens: bool = True) -> RequestHandle:
+               add_special_tokens: bool = True, prompt: PromptSnapshot | None = None) -> RequestHandle:
         """Validate and queue one request; errors a client caused are raised here, before the loop. The
         task's text template (the one it was trained with) frames the text unless `raw`. With `choices`
         (or True: the task's stored choices) the request scores each choice instead of generating."""
         params = params or SamplingParams()
         if not self._accepting:
             raise EngineStopped()
-        snapshot = self.tasks.get(task) if task is not None else None  # UnknownTask
+        # `prompt`: the task's version the caller already read (its defaults applied): the same one runs.
+        snapshot = prompt if prompt is not None else self.tasks.get(task) if task is not None else None
         num_virtual = snapshot.num_virtual_tokens if snapshot is not None else 0
         if snapshot is not None and not raw:
             text = apply_template(snapshot.template, text)  # the same version's template as its weights

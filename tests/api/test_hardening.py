@@ -161,8 +161,8 @@ def test_options_and_405_list_every_method_of_the_path(secured_openapi):
     server, _ = secured_openapi
     with server.client() as c:
         r = c.options("/prompts/some-task")  # open: it only lists methods
-        assert r.status_code == 204 and r.headers["allow"] == "DELETE, GET, OPTIONS, PUT"
-        r = c.patch("/prompts/some-task", headers={"Authorization": "Bearer admin-secret"})
-        assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, OPTIONS, PUT"
+        assert r.status_code == 204 and r.headers["allow"] == "DELETE, GET, OPTIONS, PATCH, PUT"
+        r = c.post("/prompts/some-task", headers={"Authorization": "Bearer admin-secret"})
+        assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, OPTIONS, PATCH, PUT"
         assert r.json()["error"]["type"] == "invalid_request_error"
         assert c.options("/no/such/path").status_code == 404

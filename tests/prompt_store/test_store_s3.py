@@ -286,3 +286,16 @@ def test_the_store_is_checked_for_conditional_writes(endpoint, bucket):
     store = _store(endpoint, bucket)
     assert store.check_conditional_writes()
     assert "Contents" not in s3_client(endpoint).list_objects_v2(Bucket=bucket)  # the probe is removed
+
+
+def test_a_patch_reads_the_store_and_keeps_the_weights(tiny_geometry, make_file, endpoint, bucket):
+    """PATCH on a replica that has not synced yet works from the store's bytes, conditional on their version."""
+    a, b = _replicas(tiny_geometry, endpoint, bucket)
+    first, _ = a.put("t", _weights(make_file, 1.0), defaults={"max_new_tokens": 5, "temperature": 0.5})
+    patched = b.patch("t", {"defaults": {"temperature": None}, "description": "patched on B"})
+    assert patched.version == 2 and patched.sha256 == first.sha256
+    assert patched.defaults == {"max_new_tokens": 5} and patched.description == "patched on B"
+    a.sync()
+    assert a.get("t").defaults == {"max_new_tokens": 5} and a.get("t").version == 2
+    with pytest.raises(PreconditionFailed):
+        a.patch("t", {"description": "stale"}, when=Preconditions(if_match=frozenset({1})))

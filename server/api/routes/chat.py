@@ -49,7 +49,8 @@ async def chat_completions(body: ChatRequest, request: Request, engine: EngineDe
                                        else "max_tokens", **body.sampling_kwargs())
     context = ErrorContext(rename={"task": "model", "text": "messages"},
                            hints={"model": f"`model` is a task name or {base!r} for the base model"})
-    submission = streaming.Submission(text, task, params, raw=True, add_special_tokens=False)
+    submission = streaming.Submission(text, task, params, body.sent(), settings.max_new_tokens_cap, raw=True,
+                                      add_special_tokens=False)
     [handle] = await streaming.submit_all(engine, metrics, [submission], lambda i: context)
     reply = _ChatReply(body.model, engine.tokenizer, logprobs=body.logprobs,
                        usage=bool(body.stream_options and body.stream_options.include_usage))

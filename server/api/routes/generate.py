@@ -42,7 +42,8 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, m
                                body.choices)
     params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=body.max_new_tokens,
                                        **body.sampling_kwargs())
-    submission = streaming.Submission(body.text, body.task, params, body.raw, body.choices)
+    submission = streaming.Submission(body.text, body.task, params, body.sent(), settings.max_new_tokens_cap, body.raw,
+                                      body.choices)
     [handle] = await streaming.submit_all(engine, metrics, [submission], lambda i: None)
     if not body.stream:
         return response_of(await unless_disconnected(request, streaming.result(handle, metrics)), engine.tokenizer)
@@ -99,7 +100,8 @@ async def generate_batch(body: BatchRequest, request: Request, engine: EngineDep
                                                **e.sampling_kwargs())
         except Exception as exc:
             raise ErrorInContext(exc, entry(i)) from exc
-        submissions.append(streaming.Submission(e.text, e.task, params, e.raw, e.choices))
+        submissions.append(streaming.Submission(e.text, e.task, params, e.sent(), settings.max_new_tokens_cap, e.raw,
+                                                e.choices))
     handles = await streaming.submit_all(engine, metrics, submissions, entry)
     # They all joined the engine's continuous batch; wait for all, in order.
     completions = await unless_disconnected(request, streaming.all_results(handles, metrics, "requests"))

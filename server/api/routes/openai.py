@@ -35,9 +35,13 @@ router = APIRouter(prefix="/v1", tags=["openai"])  # needs the API token (server
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
-def _model_card(model_id: str, created: float, parent: str | None) -> dict:
-    return {"id": model_id, "object": "model", "created": int(created), "owned_by": "promptswap",
+def _model_card(model_id: str, created: float, parent: str | None, task: Any = None) -> dict:
+    """OpenAI's model object; a task's also carries its description and generation defaults (extensions)."""
+    card = {"id": model_id, "object": "model", "created": int(created), "owned_by": "promptswap",
             "root": model_id, "parent": parent}
+    if task is not None:
+        card.update(description=task.description, defaults=task.defaults or {})
+    return card
 
 
 @router.get("/models")
@@ -45,7 +49,7 @@ def list_models(request: Request, settings: SettingsDep, registry: RegistryDep) 
     """The base model (no prompt) first, then every task that is served."""
     base = settings.model_name()
     cards = [_model_card(base, request.app.state.started_at, None)]
-    cards += [_model_card(d.task, d.created_at or 0.0, base) for d in registry.list() if d.error is None]
+    cards += [_model_card(d.task, d.created_at or 0.0, base, d) for d in registry.list() if d.error is None]
     return {"object": "list", "data": cards}
 
 
@@ -58,7 +62,7 @@ def get_model(model: str, request: Request, settings: SettingsDep, registry: Reg
         desc = registry.get(model)  # UnknownTask -> 404, a malformed name -> 422
     except PromptError as exc:
         raise ErrorInContext(exc, ErrorContext(rename={"task": "model"})) from exc
-    return _model_card(model, desc.created_at, base)
+    return _model_card(model, desc.created_at, base, desc)
 
 
 @router.post("/completions", responses={**errors(404, 415, 422, 503), 200: {
@@ -81,7 +85,8 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
         return ErrorContext(rename={"task": "model", "text": f"prompt[{i}]" if len(prompts) > 1 else "prompt"},
                             hints={"model": f"`model` is a task name or {base!r} for the base model"})
 
-    submissions = [streaming.Submission(str(text), task, params, body.raw) for text in prompts]
+    submissions = [streaming.Submission(str(text), task, params, body.sent(), settings.max_new_tokens_cap, body.raw)
+                   for text in prompts]
     handles = await streaming.submit_all(engine, metrics, submissions, context)
     reply = _Reply(body.model, usage=bool(body.stream_options and body.stream_options.include_usage),
                    tokenizer=engine.tokenizer, logprobs=body.logprobs is not None)

@@ -7,6 +7,7 @@ and versions are prompt_store's; this module only moves bytes between HTTP and t
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -26,6 +27,10 @@ from server.engine.errors import InvalidParameter
 
 router = APIRouter(tags=["prompts"])  # reads need the API token, writes the admin token (server/api/auth.py)
 
+MetadataQuery = Annotated[str | None, Query(
+    description='JSON {"description": ..., "defaults": {max_new_tokens, temperature, top_k, top_p, stop, seed, '
+                'ignore_eos, logprobs}}: the task\'s description and the generation defaults its requests start '
+                "from (only what a request sends overrides them). Also a multipart field.")]
 KindQuery = Annotated[Kind | None, Query(
     description="prompt or prefix; needed only when neither the file's metadata nor a config decides it")]
 IfMatch = Annotated[str | None, Header(
@@ -37,6 +42,16 @@ _ETAG = {"ETag": {"description": 'The task\'s version, quoted ("7"): send it bac
                   "schema": {"type": "string"}}}
 
 
+_PATCH_SCHEMA = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "description": {"type": ["string", "null"]},
+        "defaults": {"type": ["object", "null"], "description": "max_new_tokens, temperature, top_k, top_p, stop, "
+                                                                "seed, ignore_eos, logprobs; a null value removes one"},
+    },
+}
+
+
 def _upload_body(named: bool) -> dict:
     """The request body for the OpenAPI docs: the route reads it itself, in either form."""
     fields = {
@@ -44,6 +59,7 @@ def _upload_body(named: bool) -> dict:
         "config": {"type": "string", "format": "binary", "description": "PEFT adapter_config.json (optional)"},
         "kind": {"type": "string", "enum": ["prompt", "prefix"]},
         "description": {"type": "string"},
+        "metadata": {"type": "string", "description": 'JSON {"description": ..., "defaults": {...}}'},
     }
     if named:
         fields["task"] = {"type": "string"}
@@ -84,10 +100,11 @@ def describe_prompt(task: str, request: Request, registry: RegistryDep,
 async def put_prompt(task: str, request: Request, registry: RegistryDep,
                      kind: KindQuery = None,
                      description: str | None = Query(None),
+                     metadata: MetadataQuery = None,
                      if_match: IfMatch = None, if_none_match: IfNoneMatch = None) -> Response:
     """Upload or replace `task`: 201 when created, 200 when replaced; the body is its descriptor."""
     when = _conditions(request)  # a malformed header is refused before the body is read
-    upload = await _read_upload(request, kind, description)
+    upload = await _read_upload(request, kind, description, metadata)
     return await _store(registry, task, upload, when)
 
 
@@ -96,17 +113,37 @@ async def put_prompt(task: str, request: Request, registry: RegistryDep,
 async def put_prompt_form(request: Request, registry: RegistryDep,
                           kind: KindQuery = None,
                           description: str | None = Query(None),
+                          metadata: MetadataQuery = None,
                           if_match: IfMatch = None, if_none_match: IfNoneMatch = None) -> Response:
     """The multipart form of PUT /prompts/{task}, with the task name in a `task` field."""
     when = _conditions(request)
     if not _is_multipart(request):
         raise InvalidParameter("content-type", "multipart/form-data with a `task` field",
                                request.headers.get("content-type"))
-    upload = await _read_upload(request, kind, description)
+    upload = await _read_upload(request, kind, description, metadata)
     task = upload.pop("task", None)
     if not task:
         raise InvalidParameter("task", "a form field naming the task", None)
     return await _store(registry, task, upload, when)
+
+
+@router.patch("/prompts/{task}", responses={**errors(404, 412, 415, 422, 503, 507),
+                                            200: {"description": "Changed: the task's new descriptor",
+                                                  "headers": _ETAG}},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/merge-patch+json": {"schema": _PATCH_SCHEMA},
+                  "application/json": {"schema": _PATCH_SCHEMA}}}})
+async def patch_prompt(task: str, request: Request, registry: RegistryDep, if_match: IfMatch = None,
+                       if_none_match: IfNoneMatch = None) -> Response:
+    """Change the task's description and generation defaults without uploading its weights again: a JSON
+    merge patch (RFC 7396; null removes). It makes a new version; If-Match guards it like PUT."""
+    when = _conditions(request)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in ("application/json", "application/merge-patch+json"):
+        raise UnsupportedMediaType(f"a patch is application/merge-patch+json (or application/json), got {ctype}")
+    changes = _json(await request.body(), "body")
+    snapshot = await run_in_threadpool(registry.patch, task, changes, when=when)
+    return JSONResponse(PromptDescriptor.of(snapshot, None).to_dict(), headers=_etag_header(snapshot.version))
 
 
 @router.delete("/prompts/{task}", status_code=204, responses=errors(404, 412, 422, 503, 507))
@@ -148,14 +185,16 @@ def _is_multipart(request: Request) -> bool:
     return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
 
 
-async def _read_upload(request: Request, kind: str | None, description: str | None) -> dict[str, Any]:
-    """The registry.put arguments (data, kind, config, description) from either body form."""
+async def _read_upload(request: Request, kind: str | None, description: str | None,
+                       metadata: str | None) -> dict[str, Any]:
+    """The registry.put arguments (data, kind, config, description, defaults) from either body form."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype in ("application/json", "application/x-www-form-urlencoded", "text/plain"):
         raise UnsupportedMediaType(f"upload the prompt as application/octet-stream (the safetensors file) "
                                    f"or multipart/form-data (weights + config files), got {ctype}")
     if not _is_multipart(request):
-        return {"data": await request.body(), "kind": kind, "config": None, "description": description}
+        return {"data": await request.body(), "kind": kind, "config": None,
+                **_metadata_fields(metadata, description)}
     # At most a few small fields and two files; the body limit bounds the files' size.
     form = await request.form(max_files=2, max_fields=8)
     try:
@@ -172,13 +211,38 @@ async def _read_upload(request: Request, kind: str | None, description: str | No
             "data": await weights.read(),
             "config": config,
             "kind": kind or _text(form.get("kind")),
-            "description": description or _text(form.get("description")),
+            **_metadata_fields(metadata or _text(form.get("metadata")), description or _text(form.get("description"))),
         }
         if "task" in form:
             out["task"] = _text(form.get("task"))
         return out
     finally:
         await form.close()
+
+
+def _json(raw: bytes | str, param: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidParameter(param, "a JSON object", f"invalid JSON ({exc})") from None
+
+
+def _metadata_fields(metadata: str | None, description: str | None) -> dict[str, Any]:
+    """`metadata` ({"description", "defaults"}, JSON) and an explicit `description` (which wins) as put()
+    arguments."""
+    fields: dict[str, Any] = {"description": description, "defaults": None}
+    if metadata is None:
+        return fields
+    parsed = _json(metadata, "metadata")
+    if not isinstance(parsed, dict) or not set(parsed) <= {"description", "defaults"}:
+        raise InvalidParameter("metadata", 'a JSON object with "description" and/or "defaults"',
+                               sorted(parsed) if isinstance(parsed, dict) else type(parsed).__name__)
+    if description is None and parsed.get("description") is not None:
+        if not isinstance(parsed["description"], str):
+            raise InvalidParameter("metadata.description", "a string", parsed["description"])
+        fields["description"] = parsed["description"]
+    fields["defaults"] = parsed.get("defaults")
+    return fields
 
 
 def _text(value: object) -> str | None:
