@@ -288,8 +288,10 @@ class PromptRegistry:
                     raise InvalidDefaults("description must be a string or null", param="description",
                                           expected="a string", actual=type(merged["description"]).__name__)
                 meta["description"] = merged["description"]
-            if merged.get("defaults"):
-                meta["defaults"] = encode_defaults(self._check_defaults(merged["defaults"]))
+            if merged.get("defaults") is not None:  # a non-object is refused, an empty one means none
+                kept = self._check_defaults(merged["defaults"])
+                if kept:
+                    meta["defaults"] = encode_defaults(kept)
             try:
                 snapshot, _ = self._put(task, PromptFile(source.embeddings, meta, source.config), kind=None,
                                         config=source.config, description=None,

@@ -66,7 +66,7 @@ def parse_choices(raw: str) -> tuple[str, ...]:
     """Choices as a file's metadata keeps them: a JSON list of strings."""
     try:
         values = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise InvalidChoices("the choices metadata must be a JSON list of strings", expected="a JSON list",
                              actual=raw[:40]) from None
     if not isinstance(values, list):
@@ -103,7 +103,7 @@ def check_defaults(defaults: object) -> dict[str, Any]:
 def parse_defaults(raw: str) -> dict[str, Any]:
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise InvalidDefaults("the defaults metadata must be a JSON object", expected="a JSON object",
                               actual=raw[:40]) from None
     return check_defaults(value)

@@ -48,7 +48,7 @@ class _Sampling:
     def sent(self) -> frozenset[str]:
         """The SamplingParams fields this body set itself (a schema default or an explicit null is not sent)."""
         fields: set[str] = getattr(self, "model_fields_set", set())
-        names = {_ENGINE_NAMES.get(f, f) for f in fields}
+        names = {_ENGINE_NAMES.get(f, f) for f in fields if getattr(self, f, None) is not None}
         return frozenset(names & set(SamplingParams.__dataclass_fields__))
 
     def sampling_kwargs(self) -> dict[str, Any]:

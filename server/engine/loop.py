@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from prompt_store.registry import PromptSnapshot
-from prompt_store.template import apply_template
+from prompt_store.template import MAX_CHOICE_CHARS, apply_template
 from server.engine import threads
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalText
@@ -160,6 +160,8 @@ class Engine:
             raise RequestTooLong(self.max_context - 1, used,
                                  f"{num_virtual} virtual + {len(prompt_ids)} text tokens, +1 to generate")
         scored = self._choices(choices, snapshot, used) if choices is not None and choices is not False else None
+        if scored is not None and params.prompt_logprobs:
+            raise InvalidParameter("choices", "no choices with prompt log-probabilities (echo)", "both")
         # Generation stops at the context's end (finish_reason "length") rather than refusing.
         params = replace(params, max_new_tokens=min(params.max_new_tokens, self.max_context - used))
         seq = Sequence(prompt_ids=prompt_ids, params=params, task=task, prompt=snapshot, num_virtual=num_virtual,
@@ -196,6 +198,9 @@ class Engine:
             texts = list(choices)  # type: ignore[arg-type]  # not a bool here
         if not 1 <= len(texts) <= MAX_CHOICES:
             raise InvalidParameter("choices", f"1..{MAX_CHOICES} strings", len(texts))
+        longest = max((len(t) for t in texts if isinstance(t, str)), default=0)
+        if longest > MAX_CHOICE_CHARS:
+            raise InvalidParameter("choices", f"strings of at most {MAX_CHOICE_CHARS} characters", longest)
         if len(set(texts)) != len(texts):
             raise InvalidParameter("choices", "distinct strings", texts)
         scored = []
@@ -211,6 +216,11 @@ class Engine:
                                      f"the text and choice {i} ({len(ids)} tokens) need {used + len(ids)} positions",
                                      param=f"choices[{i}]")
             scored.append((text, ids))
+        # The choices' tokens but each one's last go through one step together: they must fit one.
+        together = sum(len(ids) - 1 for _, ids in scored)
+        if together > self.scheduler.config.max_tokens_per_step:
+            raise InvalidParameter("choices", f"choices whose tokens (but each one's last) fit one step: at most "
+                                   f"{self.scheduler.config.max_tokens_per_step} (--max-tokens-per-step)", together)
         return tuple(scored)
 
     def stats(self) -> EngineStats:

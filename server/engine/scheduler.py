@@ -168,6 +168,8 @@ class Scheduler:
 
     def _can_admit(self, seq: Sequence, key: Hashable | None) -> bool:
         need = pages_for(seq.num_tokens) + (self.pool.prefix_cost(key, seq.num_virtual) if key is not None else 0)
+        if seq.choices is not None:  # its choices' pages too: else it would preempt itself at its choices' step
+            need += sum(pages_for(len(ids) - 1) for _, ids in seq.choices)
         reserve = self.reserve if self.running else 0  # alone it needs no room to spare: it fits alone
         return need + reserve <= self.pool.available()
 

@@ -87,6 +87,8 @@ def _usage_error(args: argparse.Namespace) -> str | None:
         return f"--val-split must be in [0, 1), got {args.val_split}"
     if (args.server is None) != (args.task is None):
         return "--server and --task go together"
+    if args.server is not None and not args.server.startswith(("http://", "https://")):
+        return f"--server must be an http:// or https:// URL, got {args.server!r}"
     return None
 
 

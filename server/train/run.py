@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prompt_store.template import MAX_CHOICES, encode_choices
+from prompt_store.errors import InvalidChoices
+from prompt_store.template import check_choices, encode_choices
 from server.train.data import Encoded, Example, checked_template, encode, pad_batch, read_examples, split
 from server.train.peft_setup import DEFAULT_LR, TrainKind, peft_config
 
@@ -87,7 +88,10 @@ def prepare(opts: TrainOptions, tokenizer: Any) -> Prepared:
     encoded_train = [(e, encode(e, tokenizer, template, opts.max_length)) for e in train_ex]
     encoded_val = [(e, encode(e, tokenizer, template, opts.max_length)) for e in val_ex]
     outputs = list(dict.fromkeys(e.output for e in examples + ([] if opts.val is None else val_ex)))
-    choices = tuple(outputs) if len(outputs) <= MAX_CHOICES else None
+    try:  # a classifier's answers; a generative task's outputs are none (too many, or too long to be labels)
+        choices: tuple[str, ...] | None = check_choices(outputs)
+    except InvalidChoices:
+        choices = None
     return Prepared(encoded_train, encoded_val, template, choices)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -37,6 +38,8 @@ def upload(server: str, task: str, adapter_dir: Path, admin_token: str | None, t
             detail = json.loads(detail)["error"]["message"]
         hint = " (set PROMPTSWAP_ADMIN_TOKEN to the server's admin token)" if exc.code == 401 else ""
         raise UploadFailed(f"{url} answered {exc.code}: {detail}{hint}") from None
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         raise UploadFailed(f"could not reach {url} ({reason}); is the server running?") from None
+    except ValueError as exc:  # a 2xx that is not the server's JSON: not a promptswap server?
+        raise UploadFailed(f"{url} answered, but not with a promptswap descriptor ({exc})") from None

@@ -45,6 +45,8 @@ def test_defaults_are_stored_and_shown(client, llama_server):
 def test_only_values_a_request_sends_override_the_defaults(client, llama_server):
     r = client.post("/generate", json={"task": "brief", "text": TEXT}).json()
     assert r["usage"]["completion_tokens"] == 3  # the task's default, not the API's 64
+    nulls = client.post("/generate", json={"task": "brief", "text": TEXT, "max_new_tokens": None, "seed": None})
+    assert nulls.json()["usage"]["completion_tokens"] == 3  # an explicit null sends nothing
     assert client.post("/generate", json={"task": "brief", "text": TEXT, "max_new_tokens": 5}
                        ).json()["usage"]["completion_tokens"] == 5
     oa = openai.OpenAI(base_url=f"{llama_server.url}/v1", api_key="unused")
@@ -82,6 +84,11 @@ def test_patch_changes_defaults_without_new_weights(client):
     (lambda c: c.patch("/prompts/brief", json={"defaults": {"max_tokens": 5}}), 422, "defaults.max_tokens"),
     (lambda c: c.patch("/prompts/brief", content=b"{", headers={"content-type": "application/json"}), 422, "body"),
     (lambda c: c.patch("/prompts/brief", content=b"{}", headers={"content-type": "text/plain"}), 415, None),
+    (lambda c: c.patch("/prompts/brief", json={"defaults": []}), 422, "defaults"),
+    (lambda c: c.patch("/prompts/brief", json={"defaults": False}), 422, "defaults"),
+    (lambda c: c.patch("/prompts/brief", content=b"[" * 5000 + b"]" * 5000,
+                       headers={"content-type": "application/json"}), 422, "body"),
+    (lambda c: upload_raw(c, "deep-meta", weights(), params={"metadata": "[" * 5000 + "]" * 5000}), 422, "metadata"),
     (lambda c: upload_raw(c, "bad-defaults", weights(), params={"metadata": '{"defaults": {"top_p": 2}}'}), 422,
      "defaults.top_p"),
     (lambda c: upload_raw(c, "bad-meta", weights(), params={"metadata": '{"colour": "red"}'}), 422, "metadata"),

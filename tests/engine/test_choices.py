@@ -106,3 +106,16 @@ def test_one_token_choices_need_no_second_step_and_stored_choices_are_used(make_
     registry.put("with-choices", write_prompt(table, {"kind": "prefix", "choices": '["yes", "no way"]'}))
     stored = engine.submit(TEXT, task="with-choices", choices=True).result(timeout=60)
     assert sorted(c.text for c in stored.choices) == ["no way", "yes"]
+
+
+def test_choices_too_long_for_one_step_or_with_prompt_logprobs_are_refused(make_engine):
+    engine = make_engine(max_running=4, max_tokens_per_step=16)
+    with pytest.raises(InvalidParameter) as caught:
+        engine.submit(TEXT, task="pt8", choices=["the quick brown fox jumps over the lazy dog " * 2, "yes"])
+    assert caught.value.param == "choices" and "max-tokens-per-step" in str(caught.value)
+    with pytest.raises(InvalidParameter) as caught:
+        engine.submit(TEXT, choices=["x" * 257])
+    assert caught.value.param == "choices"
+    with pytest.raises(InvalidParameter) as caught:
+        engine.submit(TEXT, choices=["yes"], params=SamplingParams(logprobs=1, prompt_logprobs=True))
+    assert caught.value.param == "choices"

@@ -184,3 +184,25 @@ def test_a_new_soft_prompts_virtual_tokens_count_in_the_step_budget():
     sched2 = Scheduler(SchedulerConfig(kv_pages=100, max_running=8, max_tokens_per_step=64))
     sched2.add(prefix_table)
     assert sched2.schedule().batch == [(prefix_table, 64)]
+
+
+def test_a_scoring_request_is_admitted_only_when_its_choices_pages_fit_too():
+    """Its text alone would fit, but not with its choices' pages: it waits, rather than being admitted and
+    preempting itself at its choices' step, again every step."""
+    sched = Scheduler(SchedulerConfig(max_running=4, max_tokens_per_step=64, kv_pages=12, prefix_cache_pages=0))
+    older = request(60, max_new=40)
+    sched.add(older)
+    for _ in range(3):
+        step(sched)
+    scoring = request(10)
+    scoring.choices = (("a long choice", tuple(range(2, 2 + 8 * PAGE_SIZE))),)  # 8 pages of choice tokens
+    sched.add(scoring)
+    for _ in range(5):
+        scheduled = sched.schedule()
+        assert scoring not in [s for s, _ in scheduled.batch] and scoring.status is Status.WAITING
+        sampling = [s for s, n in scheduled.batch if s.samples_after(n)]
+        sched.postprocess(scheduled.batch, [7] * len(sampling))
+    assert sched.preemptions == 0
+    sched.finish(older)
+    assert scoring in [s for s, _ in sched.schedule().batch]  # room now: text and choices fit
+    check_pool(sched)

@@ -175,3 +175,18 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path, llama_dir):
     with torch.inference_mode():
         loss = model(**batch).loss.item()
     assert loss == pytest.approx(summary.best_val_loss, rel=1e-4)
+
+
+def test_outputs_too_long_to_be_labels_record_no_choices(tmp_path, llama_dir):
+    """A small generative dataset: its outputs are not a classifier's labels, so the adapter stays servable."""
+    from transformers import AutoTokenizer
+
+    from server.train.run import prepare
+
+    long_answer = "word " * 60  # 300 characters: over a choice's limit
+    path = tmp_path / "gen.jsonl"
+    path.write_text("".join(json.dumps({"input": f"in {i}", "output": long_answer + str(i % 2)}) + "\n"
+                            for i in range(6)))
+    opts = TrainOptions(model_path=str(llama_dir), served_name="llama", data=path, out=tmp_path / "o",
+                        max_length=1024, progress=False)
+    assert prepare(opts, AutoTokenizer.from_pretrained(llama_dir)).choices is None

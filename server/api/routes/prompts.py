@@ -223,8 +223,8 @@ async def _read_upload(request: Request, kind: str | None, description: str | No
 def _json(raw: bytes | str, param: str) -> Any:
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidParameter(param, "a JSON object", f"invalid JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidParameter(param, "a JSON object", f"invalid JSON ({type(exc).__name__}: {exc})") from None
 
 
 def _metadata_fields(metadata: str | None, description: str | None) -> dict[str, Any]:
