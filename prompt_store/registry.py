@@ -26,7 +26,7 @@ from prompt_store.errors import BodyTooLarge, InvalidDefaults, PreconditionFaile
 from prompt_store.format import PromptFile, read_path, read_prompt, tensor_sha256, write_prompt
 from prompt_store.geometry import ModelGeometry
 from prompt_store.preconditions import NO_PRECONDITIONS, Preconditions
-from prompt_store.template import check_defaults, encode_choices, encode_defaults, parse_defaults
+from prompt_store.template import check_defaults, encodable, encode_choices, encode_defaults, parse_defaults
 from prompt_store.validate import (
     SERVED_DTYPES,
     CheckedPrompt,
@@ -233,11 +233,11 @@ class PromptRegistry:
         when: Preconditions, defaults: dict | None = None,
     ) -> tuple[PromptSnapshot, bool]:
         checked = self._check(source, kind=kind, config=config)
-        if defaults is not None:
-            defaults = self._check_defaults(defaults)
         warnings = self._base_model_warnings(task, checked)
         if description is not None and not isinstance(description, str):
             raise TypeError(f"description must be a str, got {type(description).__name__}")
+        if defaults is not None:
+            defaults = self._check_defaults(defaults) or None  # {} means none, as a patch's {} does
         draft = PromptSnapshot(
             task=task, kind=checked.served_kind, num_virtual_tokens=checked.num_virtual_tokens,
             version=0, sha256=tensor_sha256(checked.embeddings), embeddings=checked.embeddings,
@@ -246,6 +246,10 @@ class PromptRegistry:
             template=checked.template, choices=checked.choices,
             defaults=defaults if defaults is not None else checked.defaults,
         )  # fmt: skip
+
+        if draft.description is not None and not encodable(draft.description):  # before a version is used
+            raise InvalidDefaults("description must be valid text (no lone surrogate)", param="description",
+                                  expected="UTF-8 text", actual="a lone surrogate")
 
         def encode(version: int) -> bytes:
             # The file keeps the tensor as uploaded (not converted): a restart with another dtype loses

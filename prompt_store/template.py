@@ -22,6 +22,15 @@ MAX_CHOICES = 32
 MAX_CHOICE_CHARS = 256
 
 
+def encodable(text: str) -> bool:
+    """Whether a string can be written into a file's metadata (UTF-8): a lone surrogate cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_template(template: object) -> str:
     """The template if it is a string with `{text}` exactly once (and not huge); else InvalidTemplate."""
     if not isinstance(template, str):
@@ -32,6 +41,9 @@ def check_template(template: object) -> str:
         raise InvalidTemplate(f"a template must contain {PLACEHOLDER} exactly once (replaced by the request's text), "
                               f"found it {count} times in {template[:80]!r}",
                               expected=f"{PLACEHOLDER} once", actual=count)
+    if not encodable(template):
+        raise InvalidTemplate("a template must be valid text (no lone surrogate)", expected="UTF-8 text",
+                              actual="a lone surrogate")
     if len(template) > MAX_TEMPLATE_CHARS:
         raise InvalidTemplate(f"a template may have at most {MAX_TEMPLATE_CHARS} characters, got {len(template)}",
                               expected=f"<= {MAX_TEMPLATE_CHARS}", actual=len(template))
@@ -53,7 +65,7 @@ def check_choices(choices: Iterable[object]) -> tuple[str, ...]:
                              expected=f"1..{MAX_CHOICES}", actual=len(values))
     strings: list[str] = []
     for value in values:
-        if not isinstance(value, str) or not value or len(value) > MAX_CHOICE_CHARS:
+        if not isinstance(value, str) or not value or len(value) > MAX_CHOICE_CHARS or not encodable(value):
             raise InvalidChoices(f"each choice must be a non-empty string of at most {MAX_CHOICE_CHARS} characters, "
                                  f"got {str(value)[:40]!r}", expected="a non-empty string", actual=str(value)[:40])
         strings.append(value)
@@ -94,9 +106,13 @@ def check_defaults(defaults: object) -> dict[str, Any]:
                                   param=f"defaults.{key}", expected=list(DEFAULT_KEYS), actual=key)
         stop_list = key == "stop" and isinstance(value, list) and all(isinstance(s, str) for s in value)
         if not (isinstance(value, bool | int | float | str) or stop_list):
-            raise InvalidDefaults(f"defaults.{key} must be a number, a boolean or a string, got "
-                                  f"{type(value).__name__}", param=f"defaults.{key}", expected="a JSON scalar",
-                                  actual=type(value).__name__)
+            allowed = "a string or a list of strings" if key == "stop" else "a number, a boolean or a string"
+            raise InvalidDefaults(f"defaults.{key} must be {allowed}, got {type(value).__name__}",
+                                  param=f"defaults.{key}", expected=allowed, actual=type(value).__name__)
+        texts = value if isinstance(value, list) else [value] if isinstance(value, str) else []
+        if not all(encodable(t) for t in texts):
+            raise InvalidDefaults(f"defaults.{key} must be valid text (no lone surrogate)", param=f"defaults.{key}",
+                                  expected="UTF-8 text", actual="a lone surrogate")
     return dict(defaults)
 
 

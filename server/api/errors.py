@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -117,7 +118,12 @@ HTTP_ERRORS: dict[type[BaseException], HttpError] = {
     Unauthorized: HttpError(401, "authentication_error", headers={"WWW-Authenticate": "Bearer"}),
     UnsupportedMediaType: HttpError(415, _INVALID),
     RequestBodyTooLarge: HttpError(413, _INVALID, param="body"),
+    # The client hung up while sending its body: nobody reads the answer, and it is no server error.
+    ClientDisconnect: HttpError(499, _INVALID, param="body"),
 }
+
+# FastAPI answers a body it could not even decode (not UTF-8) with this 400; the API promises a 422 naming it.
+_UNPARSABLE_BODY = "There was an error parsing the body"
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +171,7 @@ def status_of(exc: BaseException) -> int:
     if isinstance(exc, RequestValidationError):
         return 422
     if isinstance(exc, StarletteHTTPException):
-        return exc.status_code
+        return 422 if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY else exc.status_code
     return 500
 
 
@@ -186,6 +192,8 @@ def describe(exc: BaseException, context: ErrorContext | None = None) -> tuple[i
         return mapped.status, body, dict(mapped.headers)
     if isinstance(exc, RequestValidationError):
         return 422, _validation_payload(exc), {}
+    if isinstance(exc, StarletteHTTPException) and exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
+        return 422, error_payload(_INVALID, "body must be JSON in UTF-8, got bytes that do not decode", "body"), {}
     if isinstance(exc, StarletteHTTPException):  # routing: 404 unknown path, 405 wrong method
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         return exc.status_code, error_payload(_type_for(exc.status_code), message, None), dict(exc.headers or {})

@@ -291,6 +291,7 @@ class ChatRequest(_Sampling, BaseModel):
     logit_bias: dict[str, float] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    functions: list[Any] | None = None  # OpenAI's older name for tools
     response_format: dict[str, Any] | None = None
     user: str | None = None
     # Extensions, as vLLM names them.

@@ -161,7 +161,9 @@ class Engine:
                                  f"{num_virtual} virtual + {len(prompt_ids)} text tokens, +1 to generate")
         scored = self._choices(choices, snapshot, used) if choices is not None and choices is not False else None
         if scored is not None and params.prompt_logprobs:
-            raise InvalidParameter("choices", "no choices with prompt log-probabilities (echo)", "both")
+            raise InvalidParameter("choices", "absent with prompt log-probabilities (echo)", "both")
+        if scored is not None:  # a scoring answer has no per-token log-probabilities (a task default may ask)
+            params = replace(params, logprobs=None)
         # Generation stops at the context's end (finish_reason "length") rather than refusing.
         params = replace(params, max_new_tokens=min(params.max_new_tokens, self.max_context - used))
         seq = Sequence(prompt_ids=prompt_ids, params=params, task=task, prompt=snapshot, num_virtual=num_virtual,

@@ -100,6 +100,11 @@ def test_chat_refusals_name_the_field(oa, start_server, gpt2_dir):
     assert err.value.body["param"] == "n"
     with pytest.raises(openai.NotFoundError):
         oa.chat.completions.create(model="no-such-task", messages=MESSAGES)
+    for extra, param in (({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"tool_choice": "auto"},
+                         "tool_choice"), ({"functions": [{"name": "f"}]}, "functions")):
+        with pytest.raises(openai.UnprocessableEntityError) as err:
+            oa.chat.completions.create(model="chatty", messages=MESSAGES, extra_body=extra)
+        assert err.value.body["param"] == param
     no_template = start_server(model=str(gpt2_dir))
     plain = openai.OpenAI(base_url=f"{no_template.url}/v1", api_key="unused")
     with pytest.raises(openai.UnprocessableEntityError) as err:

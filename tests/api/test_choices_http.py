@@ -79,3 +79,10 @@ def test_the_openapi_document_describes_both_answers(client):
     refs = json.dumps(schema)
     assert "GenerateResponse" in refs and "ChoicesResponse" in refs
     assert "choices" in doc["components"]["schemas"]["GenerateRequest"]["properties"]
+
+
+def test_choices_refuse_per_token_logprobs_and_bodies_that_do_not_decode(client):
+    r = client.post("/generate", json={"task": "verdict", "text": "x", "choices": ["a"], "logprobs": 2})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "logprobs"
+    r = client.post("/generate", content=b'{"text": "\xff\xfe"}', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "body", r.text

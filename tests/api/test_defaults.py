@@ -107,3 +107,26 @@ def test_a_default_above_the_servers_cap_is_lowered_to_it(start_server, llama_di
         upload_raw(c, "long", weights(), params={"metadata": meta})
         assert c.post("/generate", json={"task": "long", "text": TEXT}).json()["usage"]["completion_tokens"] == 4
     server.stop()
+
+
+@pytest.mark.parametrize(("call", "param"), [
+    (lambda c: upload_raw(c, "sur", weights(), params={"metadata": '{"description": "\\ud800"}'}), "description"),
+    (lambda c: c.patch("/prompts/brief", content=b'{"description": "\\ud800"}',
+                       headers={"content-type": "application/json"}), "description"),
+    (lambda c: c.patch("/prompts/brief", content=b'{"defaults": {"stop": ["\\ud800"]}}',
+                       headers={"content-type": "application/json"}), "defaults.stop"),
+    (lambda c: c.patch("/prompts/brief", json={"defaults": {"stop": ["a", 1]}}), "defaults.stop"),
+])
+def test_text_that_cannot_be_stored_is_refused_before_a_version_is_used(client, call, param):
+    before = client.patch("/prompts/brief", json={"description": "answers briefly"}).json()["version"]
+    r = call(client)
+    assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
+    after = client.patch("/prompts/brief", json={"description": "answers briefly"}).json()
+    assert after["version"] == before + 1  # the refused write took no version number
+    assert after["bytes"] is not None  # a patch answers with the stored size, as GET does
+
+
+def test_metadata_may_come_as_a_file_part(client):
+    r = client.put("/prompts/meta-file", files={"weights": ("w.safetensors", weights(4)),
+                                                "metadata": ("m.json", b'{"defaults": {"max_new_tokens": 2}}')})
+    assert r.status_code == 201 and r.json()["defaults"] == {"max_new_tokens": 2}

@@ -24,7 +24,7 @@ from server.api.openapi import SSE_CONTENT, errors
 from server.api.schemas import ChatRequest
 from server.api.streaming import SSE_HEADERS, Event, sse, unless_disconnected
 from server.engine.errors import InvalidParameter
-from server.engine.sequence import Completion, TokenDelta
+from server.engine.sequence import MAX_LOGPROBS, Completion, TokenDelta
 
 router = APIRouter(prefix="/v1", tags=["openai"])  # needs the API token (server/api/auth.py)
 
@@ -91,6 +91,12 @@ def _refuse_unsupported(body: ChatRequest) -> None:
         ("logit_bias", not body.logit_bias, "absent (logit bias is not supported)", body.logit_bias),
         ("top_logprobs", body.top_logprobs is None or body.logprobs, "absent unless logprobs is true",
          body.top_logprobs),
+        ("top_logprobs", body.top_logprobs is None or (isinstance(body.top_logprobs, int)
+                                                       and 0 <= body.top_logprobs <= MAX_LOGPROBS),
+         f"an integer in [0, {MAX_LOGPROBS}]", body.top_logprobs),
+        ("tool_choice", body.tool_choice in (None, "none"), 'absent or "none" (tool calls are not supported)',
+         body.tool_choice),
+        ("functions", not body.functions, "absent (function calls are not supported)", body.functions),
     )
     for name, ok, expected, actual in checks:
         if not ok:

@@ -18,6 +18,7 @@ from server.api.schemas import (
     BatchRequest,
     BatchResponse,
     ChoicesResponse,
+    GenerateParams,
     GenerateRequest,
     GenerateResponse,
     response_of,
@@ -37,9 +38,7 @@ router = APIRouter(tags=["generate"])  # needs the API token (server/api/auth.py
                  "content": SSE_CONTENT}})
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, metrics: MetricsDep,
                    settings: SettingsDep):
-    if body.stream and body.choices not in (None, False):
-        raise InvalidParameter("choices", "no choices with stream: true (the scores come as one answer)",
-                               body.choices)
+    _check_choices_alone(body)
     params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=body.max_new_tokens,
                                        **body.sampling_kwargs())
     submission = streaming.Submission(body.text, body.task, params, body.sent(), settings.max_new_tokens_cap, body.raw,
@@ -57,6 +56,17 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, m
         raise
     return StreamingResponse(_sse_stream(first, events, engine.tokenizer), media_type="text/event-stream",
                              headers=SSE_HEADERS)
+
+
+def _check_choices_alone(body: GenerateParams) -> None:
+    """Scoring answers with the choices' log-probabilities, whole: no stream, no per-token logprobs."""
+    if body.choices in (None, False):
+        return
+    if getattr(body, "stream", False):
+        raise InvalidParameter("choices", "absent when stream is true (the scores come as one answer)", body.choices)
+    if body.logprobs is not None:
+        raise InvalidParameter("logprobs", "absent with choices (each choice's log-probability is the answer)",
+                               body.logprobs)
 
 
 async def _sse_stream(first: Event, events: AsyncGenerator[Event, None], tokenizer: Any) -> AsyncIterator[bytes]:
@@ -96,6 +106,7 @@ async def generate_batch(body: BatchRequest, request: Request, engine: EngineDep
     submissions = []
     for i, e in enumerate(body.requests):
         try:
+            _check_choices_alone(e)
             params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=e.max_new_tokens,
                                                **e.sampling_kwargs())
         except Exception as exc:

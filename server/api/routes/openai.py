@@ -40,7 +40,7 @@ def _model_card(model_id: str, created: float, parent: str | None, task: Any = N
     card = {"id": model_id, "object": "model", "created": int(created), "owned_by": "promptswap",
             "root": model_id, "parent": parent}
     if task is not None:
-        card.update(description=task.description, defaults=task.defaults or {})
+        card.update(description=task.description, defaults=task.defaults)
     return card
 
 

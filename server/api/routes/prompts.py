@@ -17,7 +17,7 @@ from starlette.datastructures import UploadFile
 
 from prompt_store.errors import UnknownTask
 from prompt_store.geometry import Kind
-from prompt_store.registry import PromptDescriptor, PromptRegistry
+from prompt_store.registry import PromptDescriptor, PromptRegistry, PromptSnapshot
 from server.api import conditional
 from server.api.deps import RegistryDep
 from server.api.errors import UnsupportedMediaType
@@ -143,7 +143,7 @@ async def patch_prompt(task: str, request: Request, registry: RegistryDep, if_ma
         raise UnsupportedMediaType(f"a patch is application/merge-patch+json (or application/json), got {ctype}")
     changes = _json(await request.body(), "body")
     snapshot = await run_in_threadpool(registry.patch, task, changes, when=when)
-    return JSONResponse(PromptDescriptor.of(snapshot, None).to_dict(), headers=_etag_header(snapshot.version))
+    return JSONResponse(_describe_written(registry, task, snapshot).to_dict(), headers=_etag_header(snapshot.version))
 
 
 @router.delete("/prompts/{task}", status_code=204, responses=errors(404, 412, 422, 503, 507))
@@ -157,17 +157,21 @@ async def _store(registry: PromptRegistry, task: str, upload: dict[str, Any],
                  when: conditional.Preconditions) -> Response:
     # Validation, dtype conversion and the fsync'd write take a while: keep them off the event loop.
     snapshot, created = await run_in_threadpool(lambda: registry.put(task, when=when, **upload))
-    try:
-        descriptor = registry.describe(task)
-    except UnknownTask:  # deleted since: this write still happened
-        descriptor = PromptDescriptor.of(snapshot, None)
-    if descriptor.version != snapshot.version:  # another write landed since: describe the one this made
-        descriptor = PromptDescriptor.of(snapshot, None)
-    body = descriptor.to_dict()
+    body = _describe_written(registry, task, snapshot).to_dict()
     headers = _etag_header(snapshot.version)
     if created:
         headers["Location"] = f"/prompts/{task}"
     return JSONResponse(body, status_code=201 if created else 200, headers=headers)
+
+
+def _describe_written(registry: PromptRegistry, task: str, snapshot: PromptSnapshot) -> PromptDescriptor:
+    """The descriptor of the version this write made (with its stored size), even if another write or a delete
+    has landed since."""
+    try:
+        descriptor = registry.describe(task)
+    except UnknownTask:  # deleted since: this write still happened
+        return PromptDescriptor.of(snapshot, None)
+    return descriptor if descriptor.version == snapshot.version else PromptDescriptor.of(snapshot, None)
 
 
 def _conditions(request: Request) -> conditional.Preconditions:
@@ -211,7 +215,8 @@ async def _read_upload(request: Request, kind: str | None, description: str | No
             "data": await weights.read(),
             "config": config,
             "kind": kind or _text(form.get("kind")),
-            **_metadata_fields(metadata or _text(form.get("metadata")), description or _text(form.get("description"))),
+            **_metadata_fields(metadata or await _field(form.get("metadata")),
+                               description or _text(form.get("description"))),
         }
         if "task" in form:
             out["task"] = _text(form.get("task"))
@@ -243,6 +248,17 @@ def _metadata_fields(metadata: str | None, description: str | None) -> dict[str,
         fields["description"] = parsed["description"]
     fields["defaults"] = parsed.get("defaults")
     return fields
+
+
+async def _field(value: object) -> str | None:
+    """A form field's text, sent as a plain field or as a file part (curl -F name=@file.json)."""
+    if isinstance(value, UploadFile):
+        raw = await value.read()
+        try:
+            return raw.decode("utf-8") or None
+        except UnicodeDecodeError:
+            raise InvalidParameter("metadata", "UTF-8 JSON", "bytes that do not decode") from None
+    return _text(value)
 
 
 def _text(value: object) -> str | None:
