@@ -163,6 +163,10 @@ class Settings(BaseSettings):
         False, description="Refuse (422) an adapter whose recorded base model is another model; "
         "without it such an upload is stored with a warning."
     )
+    read_only_prompts: bool = Field(
+        False, description="Serve the stored tasks as they are: PUT, PATCH and DELETE /prompts answer 405, and the "
+        "prompt directory need not be writable (a fixed task set, e.g. a read-only volume)."
+    )
     log_format: LogFormat = Field(
         "text", description="Log lines as text (key=value fields) or as one JSON object per line."
     )

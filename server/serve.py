@@ -99,7 +99,9 @@ def run_serve(args: argparse.Namespace) -> int:
     # Mistakes that would otherwise surface only after the model has loaded (minutes for a real one).
     try:
         sock = startup.bind(settings.host, settings.port)
-        if settings.prompt_store is None:
+        if settings.prompt_store is None and settings.read_only_prompts:
+            startup.check_readable_prompt_dir(settings.resolved_prompt_dir())
+        elif settings.prompt_store is None:
             startup.check_prompt_dir(settings.resolved_prompt_dir())
         else:
             startup.check_object_store_client()

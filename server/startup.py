@@ -22,6 +22,13 @@ class StartupError(Exception):
         super().__init__(f"{cause}; {fix}")
 
 
+def check_readable_prompt_dir(directory: Path) -> None:
+    """With --read-only-prompts: the directory exists and can be listed (nothing is written to it)."""
+    if not directory.is_dir() or not os.access(directory, os.R_OK | os.X_OK):
+        raise StartupError(f"the prompt directory {directory} does not exist or cannot be read",
+                           "give --prompt-dir a readable directory of prompt files")
+
+
 def check_prompt_dir(directory: Path) -> None:
     """The directory exists (made if missing) and a file can be written in it."""
     fix = (f"make it writable by this user (uid {os.getuid()}), e.g. `chown {os.getuid()} {directory}`, "

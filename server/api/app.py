@@ -118,7 +118,7 @@ def _build_engine(settings: Settings) -> tuple[BaseModel, PromptRegistry, Engine
     demo = settings.demo_kind()
     if settings.prompt_store is None:
         registry.load_all()
-        if demo is not None:
+        if demo is not None and not settings.read_only_prompts:
             (smollm2 if demo == "smollm2" else random_demo).register_demo_tasks(registry, base)
     elif demo is not None:  # replicas would race to write them into the shared store
         log.info("the demo's built-in tasks are not added to the shared prompt store %s", registry.location)

@@ -72,6 +72,12 @@ class UnsupportedMediaType(ApiError):
     pass
 
 
+class ReadOnlyPrompts(ApiError):
+    def __init__(self) -> None:
+        super().__init__("this server serves a fixed set of tasks (--read-only-prompts): prompts cannot be uploaded, "
+                         "changed or deleted here", param="method")
+
+
 class RequestBodyTooLarge(StarletteHTTPException):
     """An HTTPException so that FastAPI's body parsing re-raises it as is instead of wrapping it in a 400."""
 
@@ -117,6 +123,7 @@ HTTP_ERRORS: dict[type[BaseException], HttpError] = {
     ApiError: HttpError(400, _INVALID),
     Unauthorized: HttpError(401, "authentication_error", headers={"WWW-Authenticate": "Bearer"}),
     UnsupportedMediaType: HttpError(415, _INVALID),
+    ReadOnlyPrompts: HttpError(405, _INVALID, headers={"Allow": "GET, HEAD, OPTIONS"}),
     RequestBodyTooLarge: HttpError(413, _INVALID, param="body"),
     # The client hung up while sending its body: nobody reads the answer, and it is no server error.
     ClientDisconnect: HttpError(499, _INVALID, param="body"),

@@ -22,6 +22,7 @@ ERROR_DESCRIPTIONS = {
     400: "Bad request: a body that cannot be parsed at all (not UTF-8, a malformed multipart form)",
     401: "The bearer token is missing or wrong; checked before the body is read",
     404: "Unknown task (or model)",
+    405: "The server serves a fixed set of tasks (--read-only-prompts): prompts cannot be written here",
     412: "If-Match or If-None-Match does not hold: nothing was written; `current_version` is the task's version now",
     413: "The request body is over the limit",
     415: "Unsupported media type; the message names the one to send",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -20,12 +20,21 @@ from prompt_store.geometry import Kind
 from prompt_store.registry import PromptDescriptor, PromptRegistry, PromptSnapshot
 from server.api import conditional
 from server.api.deps import RegistryDep
-from server.api.errors import UnsupportedMediaType
+from server.api.errors import ReadOnlyPrompts, UnsupportedMediaType
 from server.api.openapi import errors
 from server.api.schemas import PromptList
 from server.engine.errors import InvalidParameter
 
 router = APIRouter(tags=["prompts"])  # reads need the API token, writes the admin token (server/api/auth.py)
+
+
+def _writable(request: Request) -> None:
+    """Writes are refused (405) on a server started with --read-only-prompts, before the body is read."""
+    if request.app.state.settings.read_only_prompts:
+        raise ReadOnlyPrompts()
+
+
+_WRITE = [Depends(_writable)]
 
 MetadataQuery = Annotated[str | None, Query(
     description='JSON {"description": ..., "defaults": {max_new_tokens, temperature, top_k, top_p, stop, seed, '
@@ -78,7 +87,7 @@ def list_prompts(registry: RegistryDep):
 
 
 _STORED = {
-    **errors(412, 415, 422, 503, 507),
+    **errors(405, 412, 415, 422, 503, 507),
     200: {"description": "Replaced: the task's new descriptor", "headers": _ETAG},
     201: {"description": "Created: the task's descriptor (Location: /prompts/{task})", "headers": _ETAG},
 }
@@ -95,7 +104,7 @@ def describe_prompt(task: str, request: Request, registry: RegistryDep,
     return JSONResponse(descriptor.to_dict(), headers=headers)
 
 
-@router.put("/prompts/{task}", status_code=201, responses=_STORED,
+@router.put("/prompts/{task}", status_code=201, responses=_STORED, dependencies=_WRITE,
             openapi_extra=_upload_body(named=False))
 async def put_prompt(task: str, request: Request, registry: RegistryDep,
                      kind: KindQuery = None,
@@ -108,7 +117,7 @@ async def put_prompt(task: str, request: Request, registry: RegistryDep,
     return await _store(registry, task, upload, when)
 
 
-@router.put("/prompts", status_code=201, responses=_STORED,
+@router.put("/prompts", status_code=201, responses=_STORED, dependencies=_WRITE,
             openapi_extra=_upload_body(named=True))
 async def put_prompt_form(request: Request, registry: RegistryDep,
                           kind: KindQuery = None,
@@ -127,7 +136,7 @@ async def put_prompt_form(request: Request, registry: RegistryDep,
     return await _store(registry, task, upload, when)
 
 
-@router.patch("/prompts/{task}", responses={**errors(404, 412, 415, 422, 503, 507),
+@router.patch("/prompts/{task}", dependencies=_WRITE, responses={**errors(404, 405, 412, 415, 422, 503, 507),
                                             200: {"description": "Changed: the task's new descriptor",
                                                   "headers": _ETAG}},
               openapi_extra={"requestBody": {"required": True, "content": {
@@ -146,7 +155,8 @@ async def patch_prompt(task: str, request: Request, registry: RegistryDep, if_ma
     return JSONResponse(_describe_written(registry, task, snapshot).to_dict(), headers=_etag_header(snapshot.version))
 
 
-@router.delete("/prompts/{task}", status_code=204, responses=errors(404, 412, 422, 503, 507))
+@router.delete("/prompts/{task}", status_code=204, responses=errors(404, 405, 412, 422, 503, 507),
+               dependencies=_WRITE)
 def delete_prompt(task: str, request: Request, registry: RegistryDep, if_match: IfMatch = None,
                   if_none_match: IfNoneMatch = None) -> Response:
     registry.delete(task, when=_conditions(request))
