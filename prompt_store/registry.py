@@ -334,15 +334,17 @@ class PromptRegistry:
             except NotStored:
                 error = self._unknown(task)
                 with self._lock:  # gone from the store (another replica deleted it): stop serving it here too
-                    self._snapshots.pop(task, None)
-                    self._descriptors.pop(task, None)
-                    self._tags.pop(task, None)
+                    self._forget(task)
                 raise error from None
             with self._lock:
-                self._snapshots.pop(task, None)
-                self._descriptors.pop(task, None)
-                self._tags.pop(task, None)
+                self._forget(task)
         log.info("prompt %s deleted", task)
+
+    def _forget(self, task: str) -> None:
+        """Drop `task` from memory (the caller holds `_lock`)."""
+        self._snapshots.pop(task, None)
+        self._descriptors.pop(task, None)
+        self._tags.pop(task, None)
 
     def _current(self, task: str) -> Current:
         """The task as this process serves it. A file that failed to load serves no version: it counts as
@@ -405,9 +407,7 @@ class PromptRegistry:
                 with self._lock:
                     if self._tags.get(task) != before.get(task):
                         continue
-                    self._snapshots.pop(task, None)
-                    self._descriptors.pop(task, None)
-                    self._tags.pop(task, None)
+                    self._forget(task)
                     changed += 1
         failed = sum(1 for d in self.list() if d.error)
         if changed or not self._synced.is_set():

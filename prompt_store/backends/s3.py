@@ -49,6 +49,9 @@ CHANGES = ".changes"
 ATTEMPTS = 8  # conditional writes lost to other replicas in a row before giving up (503)
 
 
+_RAISE = object()  # _call's `absent` when a missing object is an error
+
+
 class _Conflict(Exception):
     """A conditional request lost: the object changed since it was read."""
 
@@ -108,7 +111,7 @@ class ObjectStore:
             answer = self._client.get_object(Bucket=self.bucket, Key=self._key(entry.task))
         except ClientError as exc:
             status = _status(exc) or 500
-            if status == 404 and _code(exc) != "NoSuchBucket":  # deleted since the listing
+            if _absent(exc):  # deleted since the listing
                 raise NotStored(entry.task) from None
             if 400 <= status < 500 and status not in (404, 408, 429):  # this object only (access, archived)
                 raise Unreadable(f"{self._key(entry.task)}: {_code(exc)} ({exc})") from None
@@ -238,14 +241,10 @@ class ObjectStore:
         return f"{self._base}{task}{SUFFIX}"
 
     def _head(self, task: str) -> _Head | None:
-        try:
-            answer = self._client.head_object(Bucket=self.bucket, Key=self._key(task))
-        except ClientError as exc:
-            if _status(exc) == 404:
-                return None
-            raise self._error(exc, "read", task) from None
-        except BotoCoreError as exc:
-            raise self._error(exc, "read", task) from None
+        answer = self._call("read", task, self._client.head_object, absent=None, Bucket=self.bucket,
+                            Key=self._key(task))
+        if answer is None:
+            return None
         metadata = answer.get("Metadata", {})
         version = _int(metadata.get(VERSION_META))
         if version is None:  # written by another tool: the header may still record one
@@ -262,14 +261,10 @@ class ObjectStore:
 
     def _tombstone(self, task: str) -> tuple[int, str | None]:
         """(the highest version the task had when last deleted, the tombstone's ETag); (0, None) if none."""
-        try:
-            answer = self._client.get_object(Bucket=self.bucket, Key=self._base + TOMBSTONES + task)
-        except ClientError as exc:
-            if _status(exc) == 404 and _code(exc) != "NoSuchBucket":
-                return 0, None
-            raise self._error(exc, "read", task) from None
-        except BotoCoreError as exc:
-            raise self._error(exc, "read", task) from None
+        answer = self._call("read", task, self._client.get_object, absent=None, Bucket=self.bucket,
+                            Key=self._base + TOMBSTONES + task)
+        if answer is None:
+            return 0, None
         return _int(self._call("read", task, answer["Body"].read).decode("ascii", "replace")) or 0, answer["ETag"]
 
     def _raise_tombstone(self, task: str, version: int) -> None:
@@ -299,11 +294,14 @@ class ObjectStore:
                         "will see it at their next full listing", task, version, self.location, CHANGES, exc)
 
     def _call(self, action: str, task: str, fn: Callable[..., Any], *args: Any, conditional: bool = False,
-              **kwargs: Any) -> Any:
-        """fn(*args, **kwargs), with the store's failures as StorageError, and a lost condition as _Conflict."""
+              absent: Any = _RAISE, **kwargs: Any) -> Any:
+        """fn(*args, **kwargs), with the store's failures as StorageError, a lost condition as _Conflict, and
+        a missing object as `absent` when one is given."""
         try:
             return fn(*args, **kwargs)
         except ClientError as exc:
+            if absent is not _RAISE and _absent(exc):
+                return absent
             # 412: the ETag moved; 409: a concurrent conditional write; 404: deleted meanwhile.
             if conditional and _status(exc) in (404, 409, 412):
                 raise _Conflict from None
@@ -329,6 +327,11 @@ class ObjectStore:
         return StorageUnavailable(
             f"could not {action} task {task!r}: it changed {ATTEMPTS} times in {self.location} while this write "
             "tried; try again", cause=RuntimeError("conditional write contention"))
+
+
+def _absent(exc: ClientError) -> bool:
+    """No such object (a missing bucket is no missing object: that is the store's failure)."""
+    return _status(exc) == 404 and _code(exc) != "NoSuchBucket"
 
 
 def _code(exc: ClientError) -> str:

@@ -173,17 +173,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(_Sampling, BaseModel):
-    """OpenAI's /v1/completions body, with OpenAI's defaults (written here only). Unknown fields are
-    ignored, as OpenAI clients send extras; an explicit null means the default, as it does for OpenAI;
-    values must have their JSON type, as OpenAI requires."""
+class _OpenAIBody(_Sampling, BaseModel):
+    """What OpenAI's completions and chat bodies share, with OpenAI's defaults (written here only). Unknown
+    fields are ignored, as OpenAI clients send extras; an explicit null means the default, as it does for
+    OpenAI; values must have their JSON type, as OpenAI requires."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
-    # Text only: token-id prompts (OpenAI's list[int] forms) are not accepted.
-    prompt: _Text | list[_Text] = Field(min_length=1, description=f"A text, or a list of texts ({_LIST_HELP}).")
-    max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     n: int = 1
@@ -191,10 +188,6 @@ class CompletionRequest(_Sampling, BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description=_STOP_HELP)
     seed: int | None = None
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -202,7 +195,6 @@ class CompletionRequest(_Sampling, BaseModel):
     # Extensions, as vLLM names them.
     top_k: int = 0
     ignore_eos: bool = False
-    raw: bool = Field(False, description=_RAW_HELP)  # promptswap's own
 
     @model_validator(mode="before")
     @classmethod
@@ -210,6 +202,28 @@ class CompletionRequest(_Sampling, BaseModel):
         if isinstance(data, dict):
             return {k: v for k, v in data.items() if v is not None}
         return data
+
+    def unsupported(self) -> list[tuple[str, bool, str, object]]:
+        """(field, holds, what it must be, what was sent) for what neither endpoint honours."""
+        return [
+            ("presence_penalty", not self.presence_penalty, "0 (penalties are not supported)", self.presence_penalty),
+            ("frequency_penalty", not self.frequency_penalty, "0 (penalties are not supported)",
+             self.frequency_penalty),
+            ("logit_bias", not self.logit_bias, "absent (logit bias is not supported)", self.logit_bias),
+        ]
+
+
+class CompletionRequest(_OpenAIBody):
+    """OpenAI's /v1/completions body."""
+
+    # Text only: token-id prompts (OpenAI's list[int] forms) are not accepted.
+    prompt: _Text | list[_Text] = Field(min_length=1, description=f"A text, or a list of texts ({_LIST_HELP}).")
+    max_tokens: int = 16
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    raw: bool = Field(False, description=_RAW_HELP)  # promptswap's own
 
 
 class ErrorDetail(BaseModel):
@@ -266,44 +280,19 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ChatRequest(_Sampling, BaseModel):
-    """OpenAI's /v1/chat/completions body, with OpenAI's defaults. Unknown fields are ignored (clients send
-    extras); an explicit null means the default; values must have their JSON type."""
+class ChatRequest(_OpenAIBody):
+    """OpenAI's /v1/chat/completions body."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    model: str
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES,
                                         description=f"The conversation, 1..{MAX_MESSAGES} messages.")
     max_tokens: int | None = None
     max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens")
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description=_STOP_HELP)
-    seed: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, description=f"0..{MAX_LOGPROBS} alternatives per token, with logprobs")
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None  # OpenAI's older name for tools
     response_format: dict[str, Any] | None = None
-    user: str | None = None
-    # Extensions, as vLLM names them.
-    top_k: int = 0
-    ignore_eos: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_default(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
-        return data
 
     def sampling_kwargs(self) -> dict[str, Any]:
         kwargs = super().sampling_kwargs()

@@ -302,13 +302,7 @@ class Engine:
             done = [seq for seq, n, rows in scored if score_choices(seq, n, rows)]
             self.scheduler.postprocess(batch, tokens, release=lambda seq: self._left(), logprobs=reported)
             for seq in done:
-                try:
-                    self.scheduler.finish(seq)
-                finally:  # as postprocess does: pages back and place freed before the caller hears
-                    try:
-                        self._left()
-                    finally:
-                        seq.finish_scoring()
+                self.scheduler.end(seq, lambda seq: self._left(), seq.finish_scoring)
         if not self.scheduler.running:  # idle: give back the storage no page uses
             self.runner.fit_storage(self.scheduler.pool.used_extent(), idle=True)
 

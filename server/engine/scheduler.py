@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from functools import partial
 
 from server.engine.errors import InvalidConfig, check_int
 from server.engine.pages import PagePool, SharedPrefix, pages_for
@@ -174,37 +175,38 @@ class Scheduler:
         return need + reserve <= self.pool.available()
 
     def _grow(self, seq: Sequence, n: int, step: ScheduledStep) -> bool:
-        """Give `seq` the pages for `n` more tokens, preempting the newest running requests if the pool
-        is short. False if `seq` itself was the newest and had to give way."""
-        short = pages_for(seq.num_cached + n) - len(seq.pages)
-        while short > 0:
-            pages = self.pool.allocate(short)
-            if pages is not None:
-                seq.pages.extend(pages)
-                return True
-            victim = self.running[-1]
-            self.preempt(victim, step)
-            if victim is seq:
-                return False
+        """Give `seq` the pages for `n` more tokens. False if it had to give way (see `_allocate`)."""
+        pages = self._allocate(seq, pages_for(seq.num_cached + n) - len(seq.pages), step)
+        if pages is None:
+            return False
+        seq.pages.extend(pages)
         return True
 
     def _grow_choices(self, seq: Sequence, step: ScheduledStep) -> bool:
-        """Give a scoring request the pages of its choices' tokens (each choice its own, after the text's),
-        preempting the newest running requests if the pool is short. False if `seq` had to give way."""
+        """Give a scoring request the pages of its choices' tokens (each choice its own, after the text's).
+        False if it had to give way (see `_allocate`)."""
         assert seq.choices is not None
         sizes = [pages_for(len(ids) - 1) for _, ids in seq.choices]
+        pages = self._allocate(seq, sum(sizes), step)
+        if pages is None:
+            return False
+        seq.choice_pages = []
+        for size in sizes:
+            seq.choice_pages.append(pages[:size])
+            pages = pages[size:]
+        return True
+
+    def _allocate(self, seq: Sequence, n: int, step: ScheduledStep) -> list[int] | None:
+        """`n` pages for `seq`, preempting the newest running requests while the pool is short; None if `seq`
+        itself was the newest and had to give way."""
         while True:
-            pages = self.pool.allocate(sum(sizes))
+            pages = self.pool.allocate(max(n, 0))
             if pages is not None:
-                seq.choice_pages = []
-                for size in sizes:
-                    seq.choice_pages.append(pages[:size])
-                    pages = pages[size:]
-                return True
+                return pages
             victim = self.running[-1]
             self.preempt(victim, step)
             if victim is seq:
-                return False
+                return None
 
     def preempt(self, seq: Sequence, step: ScheduledStep) -> None:
         """Take `seq`'s pages back and queue it first in line, to be recomputed when memory allows."""
@@ -250,15 +252,20 @@ class Scheduler:
         for i, (seq, token) in enumerate(zip(sampling, tokens, strict=True)):
             reason = seq.append(token, self.eos_ids, logprobs[i] if logprobs is not None else None)
             if reason is not None:
-                try:
-                    self.finish(seq)
-                finally:  # whatever fails, its place is freed and its caller hears the end
-                    try:
-                        release(seq)
-                    finally:
-                        seq.finish(reason)
+                self.end(seq, release, partial(seq.finish, reason))
                 finished.append(seq)
         return finished
+
+    def end(self, seq: Sequence, release: Callable[[Sequence], None], announce: Callable[[], None]) -> None:
+        """End `seq` in this order, whatever fails: its pages back, `release` (its place), then `announce`
+        (its caller hears the result), so a caller that sees it done never sees its memory still held."""
+        try:
+            self.finish(seq)
+        finally:
+            try:
+                release(seq)
+            finally:
+                announce()
 
     def finish(self, seq: Sequence) -> None:
         """Take `seq` out of whichever queue holds it (if any) and give its pages back."""

@@ -21,15 +21,13 @@ from server.api import streaming
 from server.api.deps import EngineDep, MetricsDep, SettingsDep
 from server.api.errors import ErrorContext, describe
 from server.api.openapi import SSE_CONTENT, errors
+from server.api.routes.openai import FINISH, refuse
 from server.api.schemas import ChatRequest
 from server.api.streaming import SSE_HEADERS, Event, sse, unless_disconnected
 from server.engine.errors import InvalidParameter
 from server.engine.sequence import MAX_LOGPROBS, Completion, TokenDelta
 
 router = APIRouter(prefix="/v1", tags=["openai"])  # needs the API token (server/api/auth.py)
-
-_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
-
 
 @router.post("/chat/completions", responses={**errors(404, 415, 422, 503), 200: {
     "description": "OpenAI's chat.completion object; with `stream: true`, chat.completion.chunk server-sent "
@@ -80,15 +78,12 @@ def _templated(tokenizer: Any, body: ChatRequest) -> str:
 
 def _refuse_unsupported(body: ChatRequest) -> None:
     format_type = (body.response_format or {}).get("type", "text")
-    checks = (
+    refuse([
         ("n", body.n == 1, "1 (one choice)", body.n),
         ("tools", not body.tools, "absent (tool calls are not supported)", body.tools),
         ("response_format", format_type == "text", '{"type": "text"} (structured output is not supported)',
          body.response_format),
-        ("presence_penalty", not body.presence_penalty, "0 (penalties are not supported)", body.presence_penalty),
-        ("frequency_penalty", not body.frequency_penalty, "0 (penalties are not supported)",
-         body.frequency_penalty),
-        ("logit_bias", not body.logit_bias, "absent (logit bias is not supported)", body.logit_bias),
+        *body.unsupported(),
         ("top_logprobs", body.top_logprobs is None or body.logprobs, "absent unless logprobs is true",
          body.top_logprobs),
         ("top_logprobs", body.top_logprobs is None or (isinstance(body.top_logprobs, int)
@@ -97,10 +92,7 @@ def _refuse_unsupported(body: ChatRequest) -> None:
         ("tool_choice", body.tool_choice in (None, "none"), 'absent or "none" (tool calls are not supported)',
          body.tool_choice),
         ("functions", not body.functions, "absent (function calls are not supported)", body.functions),
-    )
-    for name, ok, expected, actual in checks:
-        if not ok:
-            raise InvalidParameter(name, expected, actual)
+    ])
 
 
 class _ChatReply:
@@ -123,7 +115,7 @@ class _ChatReply:
     def full(self, c: Completion) -> dict:
         logprobs = logprob_format.chat(c.logprobs, self.tokenizer) if self.logprobs and c.logprobs else None
         choice = {"index": 0, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs,
-                  "finish_reason": _FINISH[c.finish_reason]}
+                  "finish_reason": FINISH[c.finish_reason]}
         return {**self._envelope("chat.completion", [choice]), "usage": self._usage(c)}
 
     async def stream(self, first: Event, events: AsyncGenerator[Event, None]) -> AsyncIterator[bytes]:
@@ -135,7 +127,7 @@ class _ChatReply:
             while True:
                 if isinstance(item, Completion):
                     yield sse(self._envelope(chunk, [{"index": 0, "delta": {}, "logprobs": None,
-                                                      "finish_reason": _FINISH[item.finish_reason]}]))
+                                                      "finish_reason": FINISH[item.finish_reason]}]))
                     if self.include_usage:
                         yield sse({**self._envelope(chunk, []), "usage": self._usage(item)})
                     break

@@ -32,7 +32,7 @@ from server.engine.sequence import Completion, TokenDelta, TokenLogprob
 
 router = APIRouter(prefix="/v1", tags=["openai"])  # needs the API token (server/api/auth.py)
 
-_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # the engine's finish reason -> OpenAI's
 
 
 def _model_card(model_id: str, created: float, parent: str | None, task: Any = None) -> dict:
@@ -141,7 +141,7 @@ class _Reply:
                     entries = [None, *(c.prompt_logprobs or ()), *entries]
                 logprobs = logprob_format.completion(ids, entries, self.tokenizer)
             choices.append({"index": i, "text": prompt + c.text, "logprobs": logprobs,
-                            "finish_reason": _FINISH[c.finish_reason]})
+                            "finish_reason": FINISH[c.finish_reason]})
         return {**self._envelope(choices), "usage": self._usage(completions)}
 
     async def stream(self, first: tuple[int, Event], events: AsyncGenerator[tuple[int, Event], None],
@@ -154,7 +154,7 @@ class _Reply:
                 if isinstance(piece, Completion):
                     done.append(piece)
                     choice = {"index": index, "text": "", "logprobs": None,
-                              "finish_reason": _FINISH[piece.finish_reason]}
+                              "finish_reason": FINISH[piece.finish_reason]}
                 elif isinstance(piece, TokenDelta):
                     choice = {"index": index, "text": piece.text, "logprobs": self._piece_logprobs(index, piece),
                               "finish_reason": None}
@@ -214,8 +214,16 @@ async def _merged(handles: list[RequestHandle], metrics: Metrics) -> AsyncGenera
             task.cancel()
 
 
+def refuse(checks: list[tuple[str, bool, str, object]]) -> None:
+    """A 422 naming the first field whose check does not hold: what promptswap cannot honour is refused, not
+    silently ignored."""
+    for name, ok, expected, actual in checks:
+        if not ok:
+            raise InvalidParameter(name, expected, actual)
+
+
 def _refuse_unsupported(body: CompletionRequest) -> None:
-    checks = (
+    refuse([
         ("n", body.n == 1, "1 (one choice per prompt)", body.n),
         ("best_of", body.best_of in (None, 1), "1 or absent", body.best_of),
         ("echo", not (body.echo and body.stream), "false with stream (echo is returned whole, not streamed)",
@@ -223,11 +231,5 @@ def _refuse_unsupported(body: CompletionRequest) -> None:
         ("logprobs", body.logprobs is None or (isinstance(body.logprobs, int) and 0 <= body.logprobs <= 5),
          "an integer in [0, 5] (OpenAI's range; /generate takes up to 20)", body.logprobs),
         ("suffix", not body.suffix, "absent (insertion is not supported)", body.suffix),
-        ("presence_penalty", not body.presence_penalty, "0 (penalties are not supported)", body.presence_penalty),
-        ("frequency_penalty", not body.frequency_penalty, "0 (penalties are not supported)",
-         body.frequency_penalty),
-        ("logit_bias", not body.logit_bias, "absent (logit bias is not supported)", body.logit_bias),
-    )
-    for name, ok, expected, actual in checks:
-        if not ok:
-            raise InvalidParameter(name, expected, actual)
+        *body.unsupported(),
+    ])
