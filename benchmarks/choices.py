@@ -28,6 +28,7 @@ def measure(model_path: str, rounds: int, threads: int | None = None) -> dict:
 
     from prompt_store import PromptRegistry
     from prompt_store.format import write_prompt
+    from server.engine.admission import EngineRequest
     from server.engine.config import EngineConfig
     from server.engine.loop import Engine
     from server.engine.model_loader import load_base_model
@@ -43,16 +44,16 @@ def measure(model_path: str, rounds: int, threads: int | None = None) -> dict:
     eight = SamplingParams(max_new_tokens=8, ignore_eos=True)
     try:
         for text in TEXTS[:2]:  # warm up: the prefix is computed and cached, allocations made
-            engine.submit(text, task="reviews", choices=CHOICES).result(timeout=600)
-            engine.submit(text, task="reviews", params=eight).result(timeout=600)
+            engine.submit(EngineRequest(text, task="reviews", choices=CHOICES)).result(timeout=600)
+            engine.submit(EngineRequest(text, task="reviews", params=eight)).result(timeout=600)
         score_s, generate_s = [], []
         for i in range(rounds):
             text = TEXTS[i % len(TEXTS)]
             start = time.perf_counter()
-            engine.submit(text, task="reviews", choices=CHOICES).result(timeout=600)
+            engine.submit(EngineRequest(text, task="reviews", choices=CHOICES)).result(timeout=600)
             score_s.append(time.perf_counter() - start)
             start = time.perf_counter()
-            engine.submit(text, task="reviews", params=eight).result(timeout=600)
+            engine.submit(EngineRequest(text, task="reviews", params=eight)).result(timeout=600)
             generate_s.append(time.perf_counter() - start)
     finally:
         engine.shutdown(timeout_s=10)

@@ -51,6 +51,7 @@ def run_engine(engine, workload: Workload) -> list[RequestResult]:
 
 
 async def _replay(engine, workload: Workload) -> list[RequestResult]:
+    from server.engine.admission import EngineRequest
     from server.engine.sequence import Completion, SamplingParams
 
     t0 = time.perf_counter()
@@ -58,7 +59,7 @@ async def _replay(engine, workload: Workload) -> list[RequestResult]:
     async def one(r) -> RequestResult:
         await asyncio.sleep(max(0.0, r.arrival_s - (time.perf_counter() - t0)))
         params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=0.0, ignore_eos=True)
-        handle = engine.submit(r.text, task=r.task, params=params)
+        handle = engine.submit(EngineRequest(r.text, task=r.task, params=params))
         first = None
         completion = None
         async for item in handle.stream():

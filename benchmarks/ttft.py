@@ -43,10 +43,11 @@ def engine_ttft(engine, task: Task, text: str, repeats: int) -> tuple[float, flo
 
 
 def _one(engine, task: str, text: str) -> float:
+    from server.engine.admission import EngineRequest
     from server.engine.sequence import SamplingParams
 
     start = time.perf_counter()
-    handle = engine.submit(text, task=task, params=SamplingParams(max_new_tokens=1, ignore_eos=True))
+    handle = engine.submit(EngineRequest(text, task=task, params=SamplingParams(max_new_tokens=1, ignore_eos=True)))
     for item in handle:  # blocking iteration; the first item carries the first token
         if item.token_ids:
             return time.perf_counter() - start

@@ -11,8 +11,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncGenerator, Awaitable
-from dataclasses import replace
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -23,7 +22,7 @@ from server.api.errors import ErrorContext, ErrorInContext, status_of
 from server.api.metrics import UNKNOWN_LABEL, Metrics, Outcome, task_label
 from server.engine.errors import InvalidParameter, RequestCancelled
 from server.engine.handle import RequestHandle
-from server.engine.loop import Engine
+from server.engine.loop import Engine, EngineRequest
 from server.engine.sequence import DEFAULT_MAX_NEW_TOKENS, ChoiceScores, Completion, SamplingParams, TokenDelta
 
 T = TypeVar("T")
@@ -46,32 +45,7 @@ def sampling_params(cap: int, *, max_new_tokens: int | None, param_name: str = "
         raise ErrorInContext(exc, ErrorContext(rename={"max_new_tokens": param_name})) from exc
 
 
-class Submission(NamedTuple):
-    """One request as a route hands it to the engine."""
-
-    text: str
-    task: str | None
-    params: SamplingParams  # what the request sent, over the endpoint's own defaults
-    sent: frozenset[str]  # the SamplingParams fields the request sent: the task's defaults fill the others
-    cap: int  # the server's max_new_tokens cap (a task's default above it is lowered to it)
-    raw: bool = False  # skip the task's text template
-    choices: list[str] | bool | None = None  # score these (True: the task's stored ones) instead of generating
-    add_special_tokens: bool = True  # False for a conversation the chat template already framed
-
-
-def with_task_defaults(params: SamplingParams, defaults: dict | None, sent: frozenset[str],
-                       cap: int) -> SamplingParams:
-    """The task's generation defaults for every field the request did not send (an endpoint's own defaults,
-    such as OpenAI's, do not count as sent). A default max_new_tokens above the server's cap is lowered to it."""
-    if not defaults:
-        return params
-    fill = {k: v for k, v in defaults.items() if k not in sent}
-    if isinstance(fill.get("max_new_tokens"), int):
-        fill["max_new_tokens"] = min(fill["max_new_tokens"], cap)
-    return replace(params, **fill) if fill else params
-
-
-async def submit_all(engine: Engine, metrics: Metrics, requests: list[Submission],
+async def submit_all(engine: Engine, metrics: Metrics, requests: list[EngineRequest],
                      context_of: Any) -> list[RequestHandle]:
     """Submit each request from a worker thread: tokenizing is CPU work, and the event loop
     must go on serving meanwhile. A refusal is counted, cancels the ones already submitted and is raised
@@ -86,17 +60,13 @@ async def submit_all(engine: Engine, metrics: Metrics, requests: list[Submission
         raise
 
 
-def _submit_all(engine: Engine, metrics: Metrics, requests: list[Submission],
+def _submit_all(engine: Engine, metrics: Metrics, requests: list[EngineRequest],
                 context_of: Any) -> list[RequestHandle]:
     handles: list[RequestHandle] = []
     try:
         for i, r in enumerate(requests):
             try:
-                snapshot = engine.tasks.get(r.task) if r.task is not None else None  # UnknownTask
-                params = with_task_defaults(r.params, snapshot.defaults if snapshot is not None else None, r.sent,
-                                            r.cap)
-                handles.append(engine.submit(r.text, task=r.task, params=params, raw=r.raw, choices=r.choices,
-                                             add_special_tokens=r.add_special_tokens, prompt=snapshot))
+                handles.append(engine.submit(r))
             except Exception as exc:
                 unknown = isinstance(exc, UnknownTask | InvalidTaskName)
                 outcome = outcome_of(exc)

@@ -1,7 +1,8 @@
 """The engine: one background loop owns the model; callers submit requests and read their tokens.
 
-Each step reads as a sentence: schedule, run, sample, post-process. Requests of every task and
-kind share the step; a request that fails gets its own error while the others and the loop go on.
+Each step reads as a sentence: schedule, prefixes, run, process the logits, post-process. Requests
+of every task and kind share the step; a request that fails gets its own error while the others and
+the loop go on.
 """
 
 from __future__ import annotations
@@ -9,43 +10,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence as TypingSequence
-from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
-import torch
-
-from prompt_store.registry import PromptSnapshot
-from prompt_store.template import MAX_CHOICE_CHARS, apply_template
-from server.engine import threads
+from server.engine import logits, threads
+from server.engine.admission import Admission, EngineRequest, TaskSource
 from server.engine.config import EngineConfig
-from server.engine.detokenizer import IncrementalText
-from server.engine.errors import (
-    EngineStopped,
-    InvalidConfig,
-    InvalidParameter,
-    QueueFull,
-    RequestCancelled,
-    RequestFailed,
-    RequestTooLong,
-)
+from server.engine.errors import EngineStopped, InvalidConfig, QueueFull, RequestCancelled, RequestFailed
 from server.engine.handle import RequestHandle
 from server.engine.kv import PagedKV
 from server.engine.memory import default_kv_budget
 from server.engine.model_loader import BaseModel
 from server.engine.pages import PAGE_SIZE, SharedPrefix
-from server.engine.runner import ModelRunner
-from server.engine.sampler import make_generator, sample
+from server.engine.runner import ModelRunner, StepOutput
 from server.engine.scheduler import Batch, Scheduler, SchedulerConfig
-from server.engine.sequence import MAX_CHOICES, SamplingParams, Sequence, TokenLogprob
+from server.engine.sequence import Sequence
+
+__all__ = ["Engine", "EngineRequest", "EngineStats", "TaskSource"]
 
 log = logging.getLogger(__name__)
-
-
-class TaskSource(Protocol):
-    """What the engine needs from the prompt store: a task's current prompt version, or UnknownTask."""
-
-    def get(self, task: str) -> PromptSnapshot: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +73,7 @@ class Engine:
         scheduler_config = SchedulerConfig(self.config.max_running, self.config.max_tokens_per_step, total_pages,
                                            self.config.prompt_cache_bytes // self.page_bytes)
         self.scheduler = Scheduler(scheduler_config, eos_ids=_eos_ids(base.model))
-        # No token spans more characters than the longest vocabulary entry, so a text of N characters
-        # has at least N / this many tokens: a cheap bound that refuses a huge text before tokenizing it.
-        self.longest_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=1) or 1
+        self.admission = Admission(self.tokenizer, tasks, self.max_context, self.scheduler)
         self._inbox: list[Sequence] = []  # submitted, not yet seen by the loop (guarded by _lock)
         # Submitted and not yet finished, wherever they are (inbox, waiting, running); guarded by _lock.
         # Admission counts this one number: the loop moves requests between its queues without the lock.
@@ -131,50 +112,11 @@ class Engine:
 
     # -- submission (any thread) ---------------------------------------------------------------
 
-    def submit(self, text: str, *, task: str | None = None, params: SamplingParams | None = None,
-               raw: bool = False, choices: TypingSequence[str] | bool | None = None,
-               add_special_tokens: bool = True, prompt: PromptSnapshot | None = None) -> RequestHandle:
-        """Validate and queue one request; errors a client caused are raised here, before the loop. The
-        task's text template (the one it was trained with) frames the text unless `raw`. With `choices`
-        (or True: the task's stored choices) the request scores each choice instead of generating."""
-        params = params or SamplingParams()
+    def submit(self, request: EngineRequest) -> RequestHandle:
+        """Check and queue one request (admission.py); errors a client caused are raised here, before the loop."""
         if not self._accepting:
             raise EngineStopped()
-        # `prompt`: the task's version the caller already read (its defaults applied): the same one runs.
-        snapshot = prompt if prompt is not None else self.tasks.get(task) if task is not None else None
-        num_virtual = snapshot.num_virtual_tokens if snapshot is not None else 0
-        if snapshot is not None and not raw:
-            text = apply_template(snapshot.template, text)  # the same version's template as its weights
-        _check_encodable(text)
-        at_least = -(-len(text) // self.longest_token_chars)
-        if num_virtual + at_least + 1 > self.max_context:
-            raise RequestTooLong(self.max_context - 1, num_virtual + at_least,
-                                 f"{num_virtual} virtual + at least {at_least} text tokens in {len(text)} characters, "
-                                 "+1 to generate")
-        # A chat template writes its own special tokens: the tokenizer must not add a second BOS then.
-        prompt_ids = list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-        if not prompt_ids:
-            raise InvalidParameter("text", "a text that gives at least one token", text)
-        used = num_virtual + len(prompt_ids)
-        if used + 1 > self.max_context:
-            raise RequestTooLong(self.max_context - 1, used,
-                                 f"{num_virtual} virtual + {len(prompt_ids)} text tokens, +1 to generate")
-        scored = self._choices(choices, snapshot, used) if choices is not None and choices is not False else None
-        if scored is not None and params.prompt_logprobs:
-            raise InvalidParameter("choices", "absent with prompt log-probabilities (echo)", "both")
-        if scored is not None:  # a scoring answer has no per-token log-probabilities (a task default may ask)
-            params = replace(params, logprobs=None)
-        # Generation stops at the context's end (finish_reason "length") rather than refusing.
-        params = replace(params, max_new_tokens=min(params.max_new_tokens, self.max_context - used))
-        seq = Sequence(prompt_ids=prompt_ids, params=params, task=task, prompt=snapshot, num_virtual=num_virtual,
-                       detokenizer=IncrementalText(self.tokenizer, prompt_ids, params.stop), choices=scored)
-        if not self.scheduler.fits_alone(seq):
-            what, param = ("the choices' tokens", "choices") if seq.scoring else ("max_new_tokens", "max_new_tokens")
-            raise RequestTooLong(self.scheduler.config.kv_pages * PAGE_SIZE, seq.max_total_len,
-                                 f"virtual + text + {what} need {self.scheduler.pages_needed(seq)} KV pages "
-                                 f"of {PAGE_SIZE} positions; the KV budget holds {self.scheduler.config.kv_pages}",
-                                 param=param)
-        seq.rng = make_generator(seq.params)
+        seq = self.admission.admit(request)
         with self._lock:
             if not self._accepting:
                 raise EngineStopped()
@@ -186,44 +128,6 @@ class Engine:
             self._inbox.append(seq)
             self._lock.notify_all()
         return RequestHandle(seq)
-
-    def _choices(self, choices: TypingSequence[str] | bool, snapshot: PromptSnapshot | None,
-                 used: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
-        """Each choice with its tokens (`tokenizer(choice, add_special_tokens=False)`, appended to the text's)."""
-        if choices is True:
-            if snapshot is None or not snapshot.choices:
-                raise InvalidParameter("choices", "a list of strings, or true for a task that stores its choices "
-                                       "(trained with promptswap train)",
-                                       f"true, but {'no task was named' if snapshot is None else 'the task has none'}")
-            texts = list(snapshot.choices)
-        else:
-            texts = list(choices)  # type: ignore[arg-type]  # not a bool here
-        if not 1 <= len(texts) <= MAX_CHOICES:
-            raise InvalidParameter("choices", f"1..{MAX_CHOICES} strings", len(texts))
-        longest = max((len(t) for t in texts if isinstance(t, str)), default=0)
-        if longest > MAX_CHOICE_CHARS:
-            raise InvalidParameter("choices", f"strings of at most {MAX_CHOICE_CHARS} characters", longest)
-        if len(set(texts)) != len(texts):
-            raise InvalidParameter("choices", "distinct strings", texts)
-        scored = []
-        for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text:
-                raise InvalidParameter(f"choices[{i}]", "a non-empty string", text)
-            _check_encodable(text, f"choices[{i}]")
-            ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            if not ids:
-                raise InvalidParameter(f"choices[{i}]", "a choice that gives at least one token", text)
-            if used + len(ids) > self.max_context:
-                raise RequestTooLong(self.max_context, used + len(ids),
-                                     f"the text and choice {i} ({len(ids)} tokens) need {used + len(ids)} positions",
-                                     param=f"choices[{i}]")
-            scored.append((text, ids))
-        # The choices' tokens but each one's last go through one step together: they must fit one.
-        together = sum(len(ids) - 1 for _, ids in scored)
-        if together > self.scheduler.config.max_tokens_per_step:
-            raise InvalidParameter("choices", f"choices whose tokens (but each one's last) fit one step: at most "
-                                   f"{self.scheduler.config.max_tokens_per_step} (--max-tokens-per-step)", together)
-        return tuple(scored)
 
     def stats(self) -> EngineStats:
         pool = self.scheduler.pool.stats()
@@ -266,7 +170,7 @@ class Engine:
             self._fail(seq, EngineStopped("the server shut down before this request finished"))
 
     def step(self) -> None:
-        """One step of the loop: schedule, run, sample, post-process."""
+        """One step of the loop: schedule, prefixes, run, process the logits, post-process."""
         for seq in self._unfinished():
             if seq.cancelled:
                 self._fail(seq, RequestCancelled())
@@ -278,31 +182,8 @@ class Engine:
         computed = self._prepare_prefixes(step.new_prefixes)
         batch = [(seq, n) for seq, n in step.batch if not seq.finished]
         if batch or computed:
-            logits, batch = self._run(batch, computed)
-            picking, pick_rows, scored = [], [], []
-            offset = 0
-            for seq, n in batch:  # each request's logits rows, in batch order (Sequence.rows_kept)
-                kept = seq.rows_kept(n)
-                rows = logits[offset:offset + kept]
-                offset += kept
-                if seq.scoring:
-                    scored.append((seq, n, rows))
-                    continue
-                if seq.params.prompt_logprobs and kept == n:  # row r predicts the step's token r + 1
-                    seq.record_prompt_logprobs(n, token_logprobs(rows, seq.all_ids[seq.num_cached + 1:],
-                                                                 seq.params.logprobs or 0))
-                if seq.samples_after(n):
-                    picking.append(seq)
-                    pick_rows.append(rows[-1:])
-            picks = torch.cat(pick_rows) if pick_rows else logits[:0]
-            tokens = sample(picks, picking)
-            reported = [token_logprobs(picks[i:i + 1], [token], seq.params.logprobs)[0]
-                        if seq.params.logprobs is not None else None
-                        for i, (seq, token) in enumerate(zip(picking, tokens, strict=True))]
-            done = [seq for seq, n, rows in scored if score_choices(seq, n, rows)]
-            self.scheduler.postprocess(batch, tokens, release=lambda seq: self._left(), logprobs=reported)
-            for seq in done:
-                self.scheduler.end(seq, lambda seq: self._left(), seq.finish_scoring)
+            output = self._run(batch, computed)
+            self.scheduler.postprocess(logits.process(output), release=lambda seq: self._left())
         if not self.scheduler.running:  # idle: give back the storage no page uses
             self.runner.fit_storage(self.scheduler.pool.used_extent(), idle=True)
 
@@ -345,81 +226,33 @@ class Engine:
         for seq in [s for s in self.scheduler.running if s.prefix is entry]:
             self._fail(seq, RequestFailed(f"could not prepare the task prefix: {exc}"))
 
-    def _run(self, batch: Batch, prefixes: list[SharedPrefix]) -> tuple[torch.Tensor, Batch]:
+    def _run(self, batch: Batch, prefixes: list[SharedPrefix]) -> StepOutput:
         """Run the batch (computing `prefixes` in the same pass); if it fails, compute each prefix and
         run each request alone, so only the failing ones get the error."""
         try:
-            logits = self.runner.run(batch, prefixes)
+            output = self.runner.run(batch, prefixes)
         except Exception:
             log.exception("batched step failed; retrying its %d requests one by one", len(batch))
         else:
             for entry in prefixes:
                 self._prefix_ready(entry)
-            return logits, batch
+            return output
         for entry in prefixes:
             self._prepare_alone(entry)
-        kept: Batch = []
-        rows = []
+        alone = []
         for seq, n in batch:
             if seq.finished:  # its prefix failed above
                 continue
             try:
-                logits = self.runner.run([(seq, n)])
+                alone.append(self.runner.run([(seq, n)]))
             except Exception as exc:
                 self._fail(seq, RequestFailed(f"the model failed on this request: {exc}"))
-                continue
-            kept.append((seq, n))
-            rows.append(logits)
-        vocab = self.base.model.config.get_text_config().vocab_size
-        return (torch.cat(rows) if rows else torch.empty(0, vocab)), kept
+        return StepOutput.join(alone, self.base.model.config.get_text_config().vocab_size)
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:
         self.scheduler.finish(seq)
         seq.fail(error)
         self._left()
-
-
-def token_logprobs(rows: torch.Tensor, targets: TypingSequence[int], top: int) -> list[TokenLogprob]:
-    """For each row (up to len(targets)): the target token's log-probability in the row's raw distribution,
-    and the `top` most likely tokens there."""
-    rows = rows[:len(targets)]
-    if not len(rows):
-        return []
-    logprobs = torch.log_softmax(rows.float(), dim=-1)  # [k, vocab]
-    chosen = logprobs[torch.arange(len(rows)), torch.tensor(list(targets[:len(rows)]), dtype=torch.long)].tolist()
-    best_values, best_ids = (torch.topk(logprobs, top, dim=-1) if top else (logprobs[:, :0], logprobs[:, :0].long()))
-    return [TokenLogprob(int(t), lp, tuple(zip(ids, values, strict=True)))
-            for t, lp, ids, values in zip(targets, chosen, best_ids.tolist(), best_values.tolist(), strict=False)]
-
-
-def score_choices(seq: Sequence, n: int, rows: torch.Tensor) -> bool:
-    """Take a scoring request's logits rows of this step; True when every choice is scored.
-
-    The text's last row gives each choice's first token; the choices' step gives, for each choice, its
-    other tokens, one row per token before them. Log-probabilities come from the raw distribution."""
-    assert seq.choices is not None
-    if not len(rows):
-        return False  # a chunk of the text, not its last
-    logprobs = torch.log_softmax(rows.float(), dim=-1)  # [k, vocab]
-    if not seq.computes_choices(n):
-        firsts = torch.tensor([ids[0] for _, ids in seq.choices], device=logprobs.device)
-        seq.choice_logprobs = [[lp] for lp in logprobs[0, firsts].tolist()]
-        return seq.choice_tokens == 0
-    row = 0
-    for (_, ids), scored in zip(seq.choices, seq.choice_logprobs, strict=True):
-        following = torch.tensor(ids[1:], dtype=torch.long, device=logprobs.device)  # empty for a 1-token choice
-        scored.extend(logprobs[row + torch.arange(len(following), device=logprobs.device), following].tolist())
-        row += len(following)
-    return True
-
-
-def _check_encodable(text: str, param: str = "text") -> None:
-    """A lone UTF-16 surrogate (e.g. JSON's "\\ud800") is a valid Python str but no text a tokenizer takes."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidParameter(param, "text that can be encoded as UTF-8 (no lone surrogate code points)",
-                               f"{exc.object[exc.start:exc.end]!r} at character {exc.start}") from None
 
 
 def _eos_ids(model: Any) -> frozenset[int]:

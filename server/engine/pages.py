@@ -29,6 +29,11 @@ def pages_for(positions: int) -> int:
     return -(-positions // PAGE_SIZE)
 
 
+def row_list(pages: list[int], first: int, n: int) -> list[int]:
+    """KV rows (page * PAGE_SIZE + offset) of positions first..first+n-1 counted from the start of `pages`."""
+    return [pages[i // PAGE_SIZE] * PAGE_SIZE + i % PAGE_SIZE for i in range(first, first + n)]
+
+
 @dataclass(eq=False, slots=True)
 class SharedPrefix:
     """One task prefix in the pool: `positions` virtual tokens in `pages`, read by `users` requests."""

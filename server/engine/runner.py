@@ -1,32 +1,53 @@
 """The model runner: owns the model and the KV pool's storage; computes task prefixes; runs one step.
 
 Batching and page decisions live in the scheduler (and `pages.py`), request state in `Sequence`;
-the runner turns a list of `(sequence, n_tokens)` into one forward pass and returns the logits of
-the requests that pick a token this step.
+the runner turns a list of `(sequence, n_tokens)` into one forward pass and returns a `StepOutput`:
+the logits rows each request keeps (what happens to them is `logits.py`'s).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from server.engine.attention import (
-    LAYOUT_KWARG,
-    DecodeGroup,
-    PageList,
-    PrefillChunk,
-    Segment,
-    StepLayout,
-    page_views,
-)
+from server.engine.attention import LAYOUT_KWARG, DecodeGroup, PageList, PrefillChunk, StepLayout, page_views
 from server.engine.kv import PagedKV
 from server.engine.model_loader import BaseModel
-from server.engine.pages import PAGE_SIZE, SharedPrefix
+from server.engine.pages import SharedPrefix, row_list
 from server.engine.scheduler import Batch
 from server.engine.sequence import Sequence
 
 # Decode requests are read in groups of similar length, so a short request never pays for the
 # longest one's history: a group ends where a request holds more than this many times the first's pages.
 GROUP_SPREAD = 2
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRows:
+    """One request of a step: the tokens computed for it and which logits rows are its own."""
+
+    seq: Sequence
+    n: int  # tokens computed for it in this step
+    rows: slice  # its rows of StepOutput.logits (Sequence.rows_kept(n) of them)
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutput:
+    logits: torch.Tensor  # [k, vocab] float32: every request's kept rows, in batch order
+    requests: list[RequestRows]
+
+    @classmethod
+    def join(cls, outputs: list[StepOutput], vocab: int) -> StepOutput:
+        """Outputs of requests run apart, as if they had run in one pass."""
+        requests, offset = [], 0
+        for out in outputs:
+            for r in out.requests:
+                size = r.rows.stop - r.rows.start
+                requests.append(RequestRows(r.seq, r.n, slice(offset, offset + size)))
+                offset += size
+        logits = torch.cat([o.logits for o in outputs]) if outputs else torch.empty(0, vocab)
+        return cls(logits, requests)
 
 
 class ModelRunner:
@@ -51,7 +72,7 @@ class ModelRunner:
         g = self.base.geometry
         emb = entry.source.embeddings.to(device=self.device, dtype=self.base.dtype)
         keys, values = g.split_prefix(emb)  # [layers, kv_heads, n, head_dim]
-        rows = _rows(entry.pages, 0, emb.shape[0], self.device)
+        rows = torch.tensor(row_list(entry.pages, 0, emb.shape[0]), device=self.device)
         for layer in range(g.num_layers):
             self.kv.write(layer, keys[layer], values[layer], rows)
 
@@ -80,9 +101,9 @@ class ModelRunner:
     # -- one step ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run(self, batch: Batch, prefixes: list[SharedPrefix] | tuple[()] = ()) -> torch.Tensor:
-        """Compute `n` new tokens of each sequence in one pass; return float32 logits `[k, vocab]`
-        for the k sequences whose last token was computed (they sample next), in batch order.
+    def run(self, batch: Batch, prefixes: list[SharedPrefix] | tuple[()] = ()) -> StepOutput:
+        """Compute `n` new tokens of each sequence in one pass; return the logits rows each keeps
+        (`Sequence.rows_kept`), in batch order.
 
         `prefixes` are soft-prompt task prefixes first used in this step: their virtual tokens go through
         the same pass (positions 0..n-1, into their shared pages), packed first. In every layer all new
@@ -100,27 +121,31 @@ class ModelRunner:
             pages, held = page_views([PageList.of(entry.pages)], dev)
             prefills.append(PrefillChunk(len(positions), n, 0, pages[0], held[0]))
             positions.extend(range(n))
-            rows.extend(_row_list(entry.pages, 0, n))
+            rows.extend(row_list(entry.pages, 0, n))
             embeddings.append(emb)
         offset = len(positions)  # packed offset of the first text token
         decoding: list[tuple[int, Sequence, int]] = []  # (packed offset, request, position of its token)
         sample_at: list[int] = []  # packed offsets whose logits are returned, in batch order
+        requests: list[RequestRows] = []
         for seq, n in batch:
+            kept_before = len(sample_at)
             if seq.computes_choices(n):
-                sample_at.extend(self._add_choices(seq, offset + len(ids), ids, positions, rows, prefills))
-                continue
-            start = offset + len(ids)
-            first = seq.num_virtual + seq.num_cached  # position of the first new token
-            ids.extend(seq.all_ids[seq.num_cached:seq.num_cached + n])
-            positions.extend(range(first, first + n))
-            rows.extend(_row_list(seq.pages, seq.num_cached, n))
-            if n == 1:
-                decoding.append((start, seq, first))
+                assert seq.scoring is not None
+                sample_at.extend(seq.scoring.pack(seq, offset + len(ids), ids, positions, rows, prefills, dev))
             else:
-                pages, held = page_views([_page_list(seq)], dev)
-                prefills.append(PrefillChunk(start, n, first, pages[0], held[0]))
-            kept = seq.rows_kept(n)  # the last `kept` tokens' logits (Sequence.rows_kept)
-            sample_at.extend(range(start + n - kept, start + n))
+                start = offset + len(ids)
+                first = seq.num_virtual + seq.num_cached  # position of the first new token
+                ids.extend(seq.all_ids[seq.num_cached:seq.num_cached + n])
+                positions.extend(range(first, first + n))
+                rows.extend(row_list(seq.pages, seq.num_cached, n))
+                if n == 1:
+                    decoding.append((start, seq, first))
+                else:
+                    pages, held = page_views([_page_list(seq)], dev)
+                    prefills.append(PrefillChunk(start, n, first, pages[0], held[0]))
+                kept = seq.rows_kept(n)  # the last `kept` tokens' logits (Sequence.rows_kept)
+                sample_at.extend(range(start + n - kept, start + n))
+            requests.append(RequestRows(seq, n, slice(kept_before, len(sample_at))))
         layout = StepLayout(self.kv, torch.tensor(rows, device=dev), self._decode_groups(decoding), prefills)
         # The rows to keep index the last layer's output: on a model spread over devices that is not where the
         # inputs are, and an index on the CPU serves every device.
@@ -133,31 +158,7 @@ class ModelRunner:
         out = self.model(**inputs, position_ids=torch.tensor([positions], device=dev), logits_to_keep=keep,
                          use_cache=False, **{LAYOUT_KWARG: layout})
         logits = out.logits[0].float()  # [k, vocab]
-        return logits if sample_at else logits[:0]
-
-    def _add_choices(self, seq: Sequence, start: int, ids: list[int], positions: list[int], rows: list[int],
-                     prefills: list[PrefillChunk]) -> list[int]:
-        """Pack a scoring request's choices: each choice's tokens but its last, at the positions after the
-        text, written to the choice's own pages, each reading the task prefix, the text's pages (computed
-        once, shared by every choice) and its own. Returns the packed offsets of all those tokens: their
-        logits score each choice's next token."""
-        assert seq.choices is not None
-        text = len(seq.prompt_ids)
-        first = seq.num_virtual + text
-        head = [Segment(seq.prefix.pages, 0, seq.prefix.positions)] if seq.prefix is not None else []
-        kept: list[int] = []
-        for (_, choice), pages in zip(seq.choices, seq.choice_pages, strict=True):
-            m = len(choice) - 1
-            if m == 0:
-                continue  # a one-token choice was scored by the text's last logits alone
-            plist = PageList((*head, Segment(seq.pages, seq.num_virtual, text), Segment(pages, first)))
-            view_pages, held = page_views([plist], self.device)
-            prefills.append(PrefillChunk(start + len(kept), m, first, view_pages[0], held[0]))
-            ids.extend(choice[:-1])
-            positions.extend(range(first, first + m))
-            rows.extend(_row_list(pages, 0, m))
-            kept.extend(range(start + len(kept), start + len(kept) + m))
-        return kept
+        return StepOutput(logits if sample_at else logits[:0], requests)
 
     def _decode_groups(self, decoding: list[tuple[int, Sequence, int]]) -> list[DecodeGroup]:
         """Decoding requests, shortest first, in groups whose lengths are within GROUP_SPREAD of each other."""
@@ -183,12 +184,3 @@ def _page_list(seq: Sequence) -> PageList:
     prefix = seq.prefix
     return PageList.of(seq.pages, prefix.pages if prefix is not None else None,
                        prefix.positions if prefix is not None else 0)
-
-
-def _row_list(pages: list[int], first: int, n: int) -> list[int]:
-    """KV rows of own positions first..first+n-1 (counted after the prefix) in `pages`."""
-    return [pages[i // PAGE_SIZE] * PAGE_SIZE + i % PAGE_SIZE for i in range(first, first + n)]
-
-
-def _rows(pages: list[int], first: int, n: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor(_row_list(pages, first, n), device=device)

@@ -14,9 +14,9 @@ the newest running request is preempted: its pages go back and it waits at the f
 be recomputed (pages.py, Sequence). The oldest request always fits alone (`fits_alone` is checked at
 submission), so the pool can never deadlock.
 
-`postprocess()`, after the step ran: each request's cache advances by the tokens computed, the
-sampled tokens are appended, and requests that hit a stop, the end of sequence or their length
-finish.
+`postprocess()`, after the step ran, takes one `StepResult` per request: each request's cache
+advances by the tokens computed, the sampled tokens are appended, and requests that hit a stop, the
+end of sequence or their length (or scored every choice) finish.
 """
 
 from __future__ import annotations
@@ -31,6 +31,17 @@ from server.engine.pages import PagePool, SharedPrefix, pages_for
 from server.engine.sequence import Sequence, Status, TokenLogprob
 
 Batch = list[tuple[Sequence, int]]  # (request, tokens computed for it in this step)
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What one step did for one request (logits.py fills it from the step's logits rows)."""
+
+    seq: Sequence
+    n: int  # tokens computed for it
+    token: int | None = None  # the token it picked, if it reached its next one
+    logprob: TokenLogprob | None = None  # that token's, when asked
+    scored: bool = False  # a scoring request scored its last choice
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,17 +94,9 @@ class Scheduler:
         self.preemptions = 0
         self.peak_running = 0
 
-    @staticmethod
-    def pages_needed(seq: Sequence) -> int:
-        """Pages `seq` holds by its last token, alone: its prefix's and its own (and its choices')."""
-        if seq.choices is not None:
-            return (pages_for(seq.num_virtual) + pages_for(len(seq.prompt_ids))
-                    + sum(pages_for(len(ids) - 1) for _, ids in seq.choices))
-        return pages_for(seq.num_virtual) + pages_for(seq.max_total_len - seq.num_virtual)
-
     def fits_alone(self, seq: Sequence) -> bool:
         """Whether `seq` could ever finish: with no one else running, all its pages fit the pool."""
-        return self.pages_needed(seq) <= self.config.kv_pages
+        return seq.pages_needed() <= self.config.kv_pages
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -109,10 +112,10 @@ class Scheduler:
         budget = self.config.max_tokens_per_step
         for decoding in (True, False):  # decodes first: they are cheap and latency-bound
             for seq in list(self.running):
-                if seq.status is Status.RUNNING and seq.scores_choices_next:
+                if seq.status is Status.RUNNING and seq.scoring is not None and seq.scoring.due:
                     if decoding:
                         continue  # with the prefills
-                    n = seq.choice_tokens
+                    n = seq.scoring.tokens
                     if self._waits_for_room(n, budget, step) or not self._grow_choices(seq, step):
                         continue
                     step.batch.append((seq, n))
@@ -169,8 +172,8 @@ class Scheduler:
 
     def _can_admit(self, seq: Sequence, key: Hashable | None) -> bool:
         need = pages_for(seq.num_tokens) + (self.pool.prefix_cost(key, seq.num_virtual) if key is not None else 0)
-        if seq.choices is not None:  # its choices' pages too: else it would preempt itself at its choices' step
-            need += sum(pages_for(len(ids) - 1) for _, ids in seq.choices)
+        if seq.scoring is not None:  # its choices' pages too: else it would preempt itself at its choices' step
+            need += seq.scoring.pages_needed()
         reserve = self.reserve if self.running else 0  # alone it needs no room to spare: it fits alone
         return need + reserve <= self.pool.available()
 
@@ -185,15 +188,11 @@ class Scheduler:
     def _grow_choices(self, seq: Sequence, step: ScheduledStep) -> bool:
         """Give a scoring request the pages of its choices' tokens (each choice its own, after the text's).
         False if it had to give way (see `_allocate`)."""
-        assert seq.choices is not None
-        sizes = [pages_for(len(ids) - 1) for _, ids in seq.choices]
-        pages = self._allocate(seq, sum(sizes), step)
+        assert seq.scoring is not None
+        pages = self._allocate(seq, seq.scoring.pages_needed(), step)
         if pages is None:
             return False
-        seq.choice_pages = []
-        for size in sizes:
-            seq.choice_pages.append(pages[:size])
-            pages = pages[size:]
+        seq.scoring.take_pages(pages)
         return True
 
     def _allocate(self, seq: Sequence, n: int, step: ScheduledStep) -> list[int] | None:
@@ -213,7 +212,8 @@ class Scheduler:
         self.running.remove(seq)
         self._release_pages(seq)
         seq.num_cached = 0
-        seq.choice_logprobs = []  # a scoring request computes its text again, then its choices
+        if seq.scoring is not None:
+            seq.scoring.restart()  # it computes its text again, then its choices
         seq.preemptions += 1
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
@@ -225,9 +225,8 @@ class Scheduler:
 
     def _release_pages(self, seq: Sequence) -> None:
         self.pool.release(seq.pages)
-        for pages in seq.choice_pages:
-            self.pool.release(pages)
-        seq.choice_pages = []
+        if seq.scoring is not None:
+            seq.scoring.release(self.pool)
         if seq.prefix is not None:
             self.pool.release_prefix(seq.prefix)
             seq.prefix = None
@@ -236,24 +235,25 @@ class Scheduler:
         """A prefix could not be computed: hand it to no one else (its users fail on their own)."""
         self.pool.forget(entry)
 
-    def postprocess(self, batch: Batch, tokens: list[int],
-                    release: Callable[[Sequence], None] = lambda seq: None,
-                    logprobs: list[TokenLogprob | None] | None = None) -> list[Sequence]:
-        """The step ran: advance caches, append `tokens` (one per request that sampled, in batch
-        order), finish the requests that are done and return them. A finished request's pages are
-        given back, and `release` called, before its caller hears the result, so a caller that sees it
-        done never sees its memory still held."""
-        sampling = [seq for seq, n in batch if seq.samples_after(n) and not seq.scoring]
-        assert len(sampling) == len(tokens), "one sampled token per request that samples"
-        for seq, n in batch:
-            if not seq.computes_choices(n):  # the choices' tokens are not the request's own
-                seq.num_cached += n
+    def postprocess(self, results: list[StepResult],
+                    release: Callable[[Sequence], None] = lambda seq: None) -> list[Sequence]:
+        """The step ran: advance caches, append each picked token, finish the requests that are done and
+        return them. A finished request's pages are given back, and `release` called, before its caller
+        hears the result, so a caller that sees it done never sees its memory still held."""
+        for r in results:
+            if not r.seq.computes_choices(r.n):  # the choices' tokens are not the request's own
+                r.seq.num_cached += r.n
         finished = []
-        for i, (seq, token) in enumerate(zip(sampling, tokens, strict=True)):
-            reason = seq.append(token, self.eos_ids, logprobs[i] if logprobs is not None else None)
-            if reason is not None:
-                self.end(seq, release, partial(seq.finish, reason))
+        for r in results:
+            seq = r.seq
+            if r.scored:
+                self.end(seq, release, seq.finish_scoring)
                 finished.append(seq)
+            elif r.token is not None:
+                reason = seq.append(r.token, self.eos_ids, r.logprob)
+                if reason is not None:
+                    self.end(seq, release, partial(seq.finish, reason))
+                    finished.append(seq)
         return finished
 
     def end(self, seq: Sequence, release: Callable[[Sequence], None], announce: Callable[[], None]) -> None:

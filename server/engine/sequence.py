@@ -16,13 +16,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from server.engine.channel import OutputChannel
 from server.engine.errors import InvalidParameter
-from server.engine.handle import OutputChannel
+from server.engine.pages import pages_for
 
 if TYPE_CHECKING:
     from prompt_store.registry import PromptSnapshot
     from server.engine.detokenizer import IncrementalText
     from server.engine.pages import SharedPrefix
+    from server.engine.scoring import ChoiceScoring
 
 FinishReason = Literal["length", "stop", "eos"]
 
@@ -203,12 +205,7 @@ class Sequence:
     output: OutputChannel = field(default_factory=OutputChannel)
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
-    # Scoring choices instead of generating: each choice's text and tokens (None: an ordinary request).
-    # First the text is computed as a prompt (its last logits give each choice's first token), then one
-    # step computes every choice's other tokens at once, each reading the text's pages (`choice_pages`).
-    choices: tuple[tuple[str, tuple[int, ...]], ...] | None = None
-    choice_logprobs: list[list[float]] = field(default_factory=list)  # per choice, its tokens' so far
-    choice_pages: list[list[int]] = field(default_factory=list)  # per choice, pages of its tokens but the last
+    scoring: ChoiceScoring | None = None  # scoring choices instead of generating (scoring.py)
     token_logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when asked
     prompt_token_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.., when asked
 
@@ -244,24 +241,27 @@ class Sequence:
         return self.num_uncached > 1
 
     @property
-    def scoring(self) -> bool:
-        return self.choices is not None
-
-    @property
     def scores_choices_next(self) -> bool:
         """The text is computed and some choice has more than one token: the choices' step is due."""
-        return self.choices is not None and bool(self.choice_logprobs) and self.choice_tokens > 0
+        return self.scoring is not None and self.scoring.due
 
     def computes_choices(self, n: int) -> bool:
         """Whether a step of `n` tokens is the choices' step (the text is all computed already)."""
-        return self.choices is not None and n > 0 and self.num_cached == self.num_tokens
+        return self.scoring is not None and n > 0 and self.num_cached == self.num_tokens
+
+    def pages_needed(self) -> int:
+        """KV pages this request holds by its last token, alone: its prefix's and its own (and its choices')."""
+        if self.scoring is not None:
+            return pages_for(self.num_virtual) + pages_for(len(self.prompt_ids)) + self.scoring.pages_needed()
+        return pages_for(self.num_virtual) + pages_for(self.max_total_len - self.num_virtual)
 
     def rows_kept(self, n: int) -> int:
         """How many logits rows a step of `n` tokens keeps for this request: every choice token's in the
         choices' step; every token's while prompt tokens are being scored; the last token's when it picks
         (or scores) what follows; else none."""
         if self.computes_choices(n):
-            return self.choice_tokens
+            assert self.scoring is not None
+            return self.scoring.tokens
         if self.params.prompt_logprobs and len(self.prompt_token_logprobs) < len(self.prompt_ids) - 1:
             return n
         return 1 if self.samples_after(n) else 0
@@ -274,11 +274,6 @@ class Sequence:
             target = first + r + 1
             if target < len(self.prompt_ids) and target == len(self.prompt_token_logprobs) + 1:
                 self.prompt_token_logprobs.append(entry)
-
-    @property
-    def choice_tokens(self) -> int:
-        """Tokens the choices' step computes: every choice's tokens but its last (which no logits follow)."""
-        return sum(len(ids) - 1 for _, ids in self.choices or ())
 
     def samples_after(self, n: int) -> bool:
         """Whether computing `n` more tokens reaches the end, so the step picks this request's next token."""
@@ -328,14 +323,10 @@ class Sequence:
 
     def finish_scoring(self) -> None:
         """End a scoring request: every choice with its log-probability, most likely first."""
-        assert self.choices is not None and len(self.choice_logprobs) == len(self.choices)
-        scores = [ChoiceScore(text, sum(lps), sum(lps) / len(lps), len(lps))
-                  for (text, _), lps in zip(self.choices, self.choice_logprobs, strict=True)]
-        scores.sort(key=lambda score: score.logprob, reverse=True)  # stable: ties keep the request's order
+        assert self.scoring is not None
         self.status = Status.FINISHED
         self.finish_reason = "length"
-        self.output.complete(ChoiceScores(self.task, tuple(scores), Usage(len(self.prompt_ids), self.num_virtual,
-                                                                          self.choice_tokens + len(self.choices))))
+        self.output.complete(self.scoring.result(self.task, len(self.prompt_ids), self.num_virtual))
 
     def fail(self, error: BaseException) -> None:
         """End with an error (cancelled, failed, shut down): the caller gets it instead of a result."""

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter, RequestTooLong
 
 SURROGATE_BODY = '{"text": "abc \\ud800 def", "max_new_tokens": 2}'  # JSON for a lone surrogate
@@ -61,10 +62,10 @@ class RecordingTokenizer:
 @pytest.fixture
 def recording(llama_server):
     engine = llama_server.engine
-    real = engine.tokenizer
-    engine.tokenizer = RecordingTokenizer(real)
-    yield engine.tokenizer
-    engine.tokenizer = real
+    real = engine.admission.tokenizer  # what tokenizes every request's text, once, at admission
+    engine.admission.tokenizer = RecordingTokenizer(real)
+    yield engine.admission.tokenizer
+    engine.admission.tokenizer = real
 
 
 def test_tokenization_never_runs_on_the_event_loop(llama_server, recording):
@@ -82,13 +83,13 @@ def test_tokenization_never_runs_on_the_event_loop(llama_server, recording):
 
 def test_a_text_far_too_long_is_refused_before_it_is_tokenized(make_engine_for_llama):
     engine, tokenizer = make_engine_for_llama
-    text = "x" * (engine.max_context * engine.longest_token_chars + 1)  # more tokens than the context, surely
+    text = "x" * (engine.max_context * engine.admission.longest_token_chars + 1)  # more tokens than the context, surely
     with pytest.raises(RequestTooLong) as err:
-        engine.submit(text)
+        engine.submit(EngineRequest(text))
     assert err.value.param == "text" and "characters" in err.value.message
     assert tokenizer.calls == []  # refused by the cheap bound alone
     with pytest.raises(InvalidParameter, match="UTF-8"):
-        engine.submit("fine \ud800")
+        engine.submit(EngineRequest("fine \ud800"))
     assert tokenizer.calls == []
 
 
@@ -101,8 +102,8 @@ def make_engine_for_llama(llama_dir, tmp_path):
 
     base = load_base_model(llama_dir)
     engine = Engine(base, PromptRegistry(base.geometry, tmp_path / "prompts"), EngineConfig(max_context=64))
-    engine.tokenizer = RecordingTokenizer(engine.tokenizer)
-    yield engine, engine.tokenizer
+    engine.admission.tokenizer = RecordingTokenizer(engine.admission.tokenizer)
+    yield engine, engine.admission.tokenizer
 
 
 @pytest.mark.parametrize("path", ["/prompts", "/prompts/whatever"])

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from prompt_store import ModelGeometry, PromptRegistry
 from server.demo.tiny_models import build_tokenizer
+from server.engine.admission import EngineRequest
 from server.engine.config import EngineConfig
 from server.engine.loop import Engine
 from server.engine.model_loader import load_base_model
@@ -77,8 +78,9 @@ def test_architecture_matches_peft(name, tokenizer_dir, tmp_path):
     engine.start()
     try:
         # every task's requests go in together, so each batch mixes kinds
-        handles = {(task, text): engine.submit(text, task=task, params=SamplingParams(max_new_tokens=NEW_TOKENS,
-                                                                                       ignore_eos=True))
+        handles = {(task, text): engine.submit(EngineRequest(text, task=task,
+                                                             params=SamplingParams(max_new_tokens=NEW_TOKENS,
+                                                                                       ignore_eos=True)))
                    for task in [None, *ADAPTERS] for text in TEXTS}
         for task in [None, *ADAPTERS]:
             reference = load_reference(tmp_path, None if task is None else tmp_path / task)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter
 from server.engine.sequence import ChoiceScores, SamplingParams
 from tests.engine.test_paged_memory import tight_engine
@@ -36,7 +37,7 @@ def reference_scores(reference, adapter_dirs, task, text, choices):
 
 @pytest.mark.parametrize("task", [None, "pt8", "ptune5", "prefix16", "prefix64proj", "pt64"])
 def test_choice_logprobs_equal_peft_for_every_kind(make_engine, reference, adapter_dirs, task):
-    result = make_engine().submit(TEXT, task=task, choices=CHOICES).result(timeout=60)
+    result = make_engine().submit(EngineRequest(TEXT, task=task, choices=CHOICES)).result(timeout=60)
     assert isinstance(result, ChoiceScores)
     expected = reference_scores(reference, adapter_dirs, task, TEXT, CHOICES)
     assert sorted(c.text for c in result.choices) == sorted(CHOICES)
@@ -53,8 +54,9 @@ def test_choice_logprobs_equal_peft_for_every_kind(make_engine, reference, adapt
 def test_scoring_shares_a_batch_with_generation_and_other_scoring(make_engine, reference, adapter_dirs):
     engine = make_engine(max_running=8)
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    generating = [engine.submit(t, task=k, params=params) for t, k in (("the lazy dog", "pt8"), ("fox", None))]
-    scoring = [engine.submit(TEXT, task=k, choices=CHOICES) for k in ("prefix16", "ptune5", None)]
+    generating = [engine.submit(EngineRequest(t, task=k, params=params)) for t, k in (("the lazy dog", "pt8"), ("fox",
+                                                                                                                None))]
+    scoring = [engine.submit(EngineRequest(TEXT, task=k, choices=CHOICES)) for k in ("prefix16", "ptune5", None)]
     for handle, task in zip(generating, ("pt8", None), strict=True):
         text = "the lazy dog" if task == "pt8" else "fox"
         assert list(handle.result(timeout=60).token_ids) == reference.greedy(task, text, 12)
@@ -67,8 +69,8 @@ def test_scoring_shares_a_batch_with_generation_and_other_scoring(make_engine, r
 def test_a_preempted_scoring_request_scores_the_same(make_engine, reference, adapter_dirs):
     engine = tight_engine(make_engine, pages=12, max_running=8)
     long = SamplingParams(max_new_tokens=40, ignore_eos=True)
-    crowd = [engine.submit(f"lazy dog number {i}", task="pt8", params=long) for i in range(4)]
-    scored = engine.submit(TEXT * 2, task="prefix16", choices=CHOICES)
+    crowd = [engine.submit(EngineRequest(f"lazy dog number {i}", task="pt8", params=long)) for i in range(4)]
+    scored = engine.submit(EngineRequest(TEXT * 2, task="prefix16", choices=CHOICES))
     expected = reference_scores(reference, adapter_dirs, "prefix16", TEXT * 2, CHOICES)
     for choice in scored.result(timeout=60).choices:
         assert choice.logprob == pytest.approx(expected[choice.text][0], abs=2e-4)
@@ -83,7 +85,7 @@ def test_bad_choices_are_refused_naming_the_field(make_engine, registry):
     for choices, param in (([], "choices"), (["a", "a"], "choices"), (["ok", ""], "choices[1]"),
                            ([str(i) for i in range(65)], "choices"), (True, "choices")):
         with pytest.raises(InvalidParameter) as caught:
-            engine.submit(TEXT, task="pt8", choices=choices)
+            engine.submit(EngineRequest(TEXT, task="pt8", choices=choices))
         assert caught.value.param == param, choices
 
 
@@ -96,7 +98,7 @@ def test_one_token_choices_need_no_second_step_and_stored_choices_are_used(make_
                                                                           ["input_ids"]) == 1]
     assert len(singles) >= 2
     engine = make_engine()
-    result = engine.submit(TEXT, task="pt8", choices=singles).result(timeout=60)
+    result = engine.submit(EngineRequest(TEXT, task="pt8", choices=singles)).result(timeout=60)
     expected = reference_scores(reference, adapter_dirs, "pt8", TEXT, singles)
     for choice in result.choices:
         assert choice.num_tokens == 1 and choice.logprob == pytest.approx(expected[choice.text][0], abs=2e-4)
@@ -104,18 +106,19 @@ def test_one_token_choices_need_no_second_step_and_stored_choices_are_used(make_
 
     table = registry.get("prefix16").embeddings
     registry.put("with-choices", write_prompt(table, {"kind": "prefix", "choices": '["yes", "no way"]'}))
-    stored = engine.submit(TEXT, task="with-choices", choices=True).result(timeout=60)
+    stored = engine.submit(EngineRequest(TEXT, task="with-choices", choices=True)).result(timeout=60)
     assert sorted(c.text for c in stored.choices) == ["no way", "yes"]
 
 
 def test_choices_too_long_for_one_step_or_with_prompt_logprobs_are_refused(make_engine):
     engine = make_engine(max_running=4, max_tokens_per_step=16)
     with pytest.raises(InvalidParameter) as caught:
-        engine.submit(TEXT, task="pt8", choices=["the quick brown fox jumps over the lazy dog " * 2, "yes"])
+        engine.submit(EngineRequest(TEXT, task="pt8", choices=["the quick brown fox jumps over the lazy dog " * 2,
+                                                               "yes"]))
     assert caught.value.param == "choices" and "max-tokens-per-step" in str(caught.value)
     with pytest.raises(InvalidParameter) as caught:
-        engine.submit(TEXT, choices=["x" * 257])
+        engine.submit(EngineRequest(TEXT, choices=["x" * 257]))
     assert caught.value.param == "choices"
     with pytest.raises(InvalidParameter) as caught:
-        engine.submit(TEXT, choices=["yes"], params=SamplingParams(logprobs=1, prompt_logprobs=True))
+        engine.submit(EngineRequest(TEXT, choices=["yes"], params=SamplingParams(logprobs=1, prompt_logprobs=True)))
     assert caught.value.param == "choices"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from server.engine.admission import EngineRequest
 from server.engine.config import EngineConfig
 from server.engine.loop import Engine
 from server.engine.model_loader import load_base_model
@@ -53,7 +54,8 @@ def test_a_spread_model_gives_the_peft_tokens(spread_model, registry, reference)
         params = SamplingParams(max_new_tokens=10, ignore_eos=True)
         cases = [("pt8", "the quick brown fox"), ("prefix16", "select price from model"), (None, "hello world"),
                  ("ptune5", "café über 東京")]
-        handles = [engine.submit(text, task=task, params=params) for task, text in cases]  # one mixed batch
+        handles = [engine.submit(EngineRequest(text, task=task, params=params)) for task,
+                   text in cases]  # one mixed batch
         for (task, text), handle in zip(cases, handles, strict=True):
             assert list(handle.result(timeout=60).token_ids) == reference.greedy(task, text, 10), task
     finally:

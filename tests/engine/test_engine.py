@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from server.engine.admission import EngineRequest
 from server.engine.config import EngineConfig
 from server.engine.errors import QueueFull, RequestCancelled, RequestFailed, RequestTooLong
 from server.engine.loop import Engine
@@ -26,7 +27,7 @@ def wait_until(predicate, timeout=30.0):
 def test_burst_leaves_memory_within_budgets(make_engine):
     engine = make_engine(max_running=6, prompt_cache_bytes=40_000)
     tasks = ["pt8", "pt64", "prefix16", "prefix64proj", "ptune5", None] * 4
-    handles = [engine.submit("a burst of requests", task=t, params=GREEDY8) for t in tasks]
+    handles = [engine.submit(EngineRequest("a burst of requests", task=t, params=GREEDY8)) for t in tasks]
     for h in handles:
         h.result(timeout=60)
     stats = engine.stats()
@@ -41,7 +42,7 @@ def test_kv_memory_stays_within_its_budget_while_running(make_engine, base_model
     budget = per_position * 200  # room for a few slots of ~60 positions
     engine = make_engine(kv_cache_bytes=budget, max_running=32)
     peak = 0
-    handles = [engine.submit("the quick brown fox " * 3, task="pt8", params=GREEDY8) for _ in range(12)]
+    handles = [engine.submit(EngineRequest("the quick brown fox " * 3, task="pt8", params=GREEDY8)) for _ in range(12)]
     while not all(h.done for h in handles):
         peak = max(peak, engine.stats().kv_bytes)
         time.sleep(0.001)
@@ -52,22 +53,22 @@ def test_kv_memory_stays_within_its_budget_while_running(make_engine, base_model
 def test_a_task_prefix_is_computed_once_per_version(make_engine, registry, adapter_dirs):
     engine = make_engine()
     for _ in range(3):
-        engine.submit("hello", task="pt8", params=GREEDY8).result(timeout=30)
+        engine.submit(EngineRequest("hello", task="pt8", params=GREEDY8)).result(timeout=30)
     assert engine.stats().prompt_cache_misses == 1 and engine.stats().prompt_cache_hits == 2
     registry.put_path("pt8", adapter_dirs["pt64"])  # a new version: its prefix is computed anew
-    engine.submit("hello", task="pt8", params=GREEDY8).result(timeout=30)
+    engine.submit(EngineRequest("hello", task="pt8", params=GREEDY8)).result(timeout=30)
     assert engine.stats().prompt_cache_misses == 2
 
 
 def test_cancelled_request_frees_its_slot(make_engine):
     engine = make_engine(max_running=1)
-    long = engine.submit("cancel me", params=SamplingParams(max_new_tokens=2000, ignore_eos=True))
+    long = engine.submit(EngineRequest("cancel me", params=SamplingParams(max_new_tokens=2000, ignore_eos=True)))
     stream = iter(long)
     assert isinstance(next(stream), TokenDelta)  # it runs and holds the only slot
     long.cancel()
     with pytest.raises(RequestCancelled):
         long.result(timeout=30)
-    short = engine.submit("next", params=GREEDY8)  # gets the freed slot
+    short = engine.submit(EngineRequest("next", params=GREEDY8))  # gets the freed slot
     assert short.result(timeout=30).usage.completion_tokens == 8
     # The loop gives the storage back right after the last request leaves the running batch.
     wait_until(lambda: engine.stats().running == 0 and engine.stats().kv_bytes == 0)
@@ -77,37 +78,41 @@ def test_replacing_or_deleting_a_task_does_not_touch_running_requests(make_engin
     engine = make_engine()
     text = "the quick brown fox"
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
-    replaced = engine.submit(text, task="prefix16", params=params)
-    deleted = engine.submit(text, task="pt8", params=params)
+    replaced = engine.submit(EngineRequest(text, task="prefix16", params=params))
+    deleted = engine.submit(EngineRequest(text, task="pt8", params=params))
     next(iter(replaced)), next(iter(deleted))  # both are decoding with their snapshots
     registry.put_path("prefix16", adapter_dirs["prefix1"])
     registry.delete("pt8")
     assert list(replaced.result(timeout=60).token_ids) == reference.greedy("prefix16", text, 40)
     assert list(deleted.result(timeout=60).token_ids) == reference.greedy("pt8", text, 40)
-    after = engine.submit(text, task="prefix16", params=SamplingParams(max_new_tokens=8, ignore_eos=True))
+    after = engine.submit(EngineRequest(text, task="prefix16", params=SamplingParams(max_new_tokens=8,
+                                                                                     ignore_eos=True)))
     assert list(after.result(timeout=60).token_ids) == reference.greedy("prefix1", text, 8)  # the new version
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(make_engine):
     engine = make_engine()
     params = SamplingParams(max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
-    alone = engine.submit("sample me", task="pt8", params=params).result(timeout=30).token_ids
-    others = [engine.submit(f"noise {i}", task=t, params=GREEDY8) for i, t in enumerate(["prefix16", None, "pt64"])]
-    crowded = engine.submit("sample me", task="pt8", params=params).result(timeout=30).token_ids
+    alone = engine.submit(EngineRequest("sample me", task="pt8", params=params)).result(timeout=30).token_ids
+    others = [engine.submit(EngineRequest(f"noise {i}", task=t, params=GREEDY8)) for i, t in enumerate(["prefix16",
+                                                                                                        None, "pt64"])]
+    crowded = engine.submit(EngineRequest("sample me", task="pt8", params=params)).result(timeout=30).token_ids
     for h in others:
         h.result(timeout=30)
     assert alone == crowded
-    unseeded = {engine.submit("sample me", task="pt8", params=SamplingParams(
-        max_new_tokens=12, temperature=1.5, ignore_eos=True)).result(timeout=30).token_ids for _ in range(4)}
+    unseeded = {engine.submit(EngineRequest("sample me", task="pt8", params=SamplingParams(
+        max_new_tokens=12, temperature=1.5, ignore_eos=True))).result(timeout=30).token_ids for _ in range(4)}
     assert len(unseeded) > 1  # sampling really samples
 
 
 def test_stop_strings_end_the_text_before_the_stop(make_engine):
     engine = make_engine()
-    free = engine.submit("stop test", params=SamplingParams(max_new_tokens=30, ignore_eos=True)).result(timeout=30)
+    free = engine.submit(EngineRequest("stop test", params=SamplingParams(max_new_tokens=30,
+                                                                          ignore_eos=True))).result(timeout=30)
     stop = free.text[5:8]
     assert len(stop) == 3
-    stopped = engine.submit("stop test", params=SamplingParams(max_new_tokens=30, ignore_eos=True, stop=(stop,)))
+    stopped = engine.submit(EngineRequest("stop test", params=SamplingParams(max_new_tokens=30, ignore_eos=True,
+                                                                             stop=(stop,))))
     result = stopped.result(timeout=30)
     assert result.finish_reason == "stop"
     assert result.text == free.text[:free.text.find(stop)]
@@ -118,12 +123,14 @@ def test_eos_ends_a_request_unless_ignored(base_model, registry):
     engine = Engine(base_model, registry, EngineConfig())
     engine.start()
     try:
-        first = engine.submit("eos test", params=SamplingParams(max_new_tokens=6, ignore_eos=True)).result(30)
+        first = engine.submit(EngineRequest("eos test", params=SamplingParams(max_new_tokens=6,
+                                                                              ignore_eos=True))).result(30)
         # Declare the 3rd generated token the end of sequence: the request must stop there.
         engine.scheduler.eos_ids = frozenset({first.token_ids[2]})
-        ended = engine.submit("eos test", params=SamplingParams(max_new_tokens=6)).result(30)
+        ended = engine.submit(EngineRequest("eos test", params=SamplingParams(max_new_tokens=6))).result(30)
         assert ended.finish_reason == "eos" and ended.token_ids == first.token_ids[:3]
-        ignored = engine.submit("eos test", params=SamplingParams(max_new_tokens=6, ignore_eos=True)).result(30)
+        ignored = engine.submit(EngineRequest("eos test", params=SamplingParams(max_new_tokens=6,
+                                                                                ignore_eos=True))).result(30)
         assert ignored.finish_reason == "length" and ignored.token_ids == first.token_ids
     finally:
         engine.shutdown(5)
@@ -131,7 +138,7 @@ def test_eos_ends_a_request_unless_ignored(base_model, registry):
 
 def test_a_failing_request_gets_its_own_error_and_the_rest_go_on(make_engine, reference):
     engine = make_engine()
-    poisoned = engine.submit("poison", params=SamplingParams(max_new_tokens=50, ignore_eos=True))
+    poisoned = engine.submit(EngineRequest("poison", params=SamplingParams(max_new_tokens=50, ignore_eos=True)))
     real_run = engine.runner.run
 
     def run(batch, prefixes=()):  # fault injection: the model fails whenever the poisoned request is in the batch
@@ -140,26 +147,27 @@ def test_a_failing_request_gets_its_own_error_and_the_rest_go_on(make_engine, re
         return real_run(batch, prefixes)
 
     engine.runner.run = run
-    healthy = [engine.submit("healthy request", task=t, params=GREEDY8) for t in ("pt8", "prefix16", None)]
+    healthy = [engine.submit(EngineRequest("healthy request", task=t, params=GREEDY8)) for t in ("pt8", "prefix16",
+                                                                                                 None)]
     with pytest.raises(RequestFailed, match="injected failure"):
         poisoned.result(timeout=30)
     for h, task in zip(healthy, ("pt8", "prefix16", None), strict=True):
         assert list(h.result(timeout=30).token_ids) == reference.greedy(task, "healthy request", 8)
-    assert engine.submit("after", params=GREEDY8).result(timeout=30).usage.completion_tokens == 8
+    assert engine.submit(EngineRequest("after", params=GREEDY8)).result(timeout=30).usage.completion_tokens == 8
 
 
 def test_context_limits(make_engine):
     engine = make_engine(max_context=64)
     with pytest.raises(RequestTooLong) as err:
-        engine.submit("word " * 100, params=GREEDY8)
+        engine.submit(EngineRequest("word " * 100, params=GREEDY8))
     assert err.value.limit == 63 and err.value.actual >= 100
     with pytest.raises(RequestTooLong):
-        engine.submit("word " * 10, task="pt64", params=GREEDY8)  # 64 virtual tokens fill the context
+        engine.submit(EngineRequest("word " * 10, task="pt64", params=GREEDY8))  # 64 virtual tokens fill the context
     # generation is clamped at the context's end rather than refused
     text = "the quick brown fox " * 4
     n_text = len(engine.tokenizer(text)["input_ids"])
     assert n_text < 60
-    result = engine.submit(text, params=SamplingParams(max_new_tokens=100, ignore_eos=True)).result(30)
+    result = engine.submit(EngineRequest(text, params=SamplingParams(max_new_tokens=100, ignore_eos=True))).result(30)
     assert result.finish_reason == "length"
     assert result.usage.prompt_tokens + result.usage.completion_tokens == 64
 
@@ -169,7 +177,8 @@ def test_queue_limit(make_engine):
     handles = []
     with pytest.raises(QueueFull):
         for _ in range(50):
-            handles.append(engine.submit("queued", params=SamplingParams(max_new_tokens=200, ignore_eos=True)))
+            handles.append(engine.submit(EngineRequest("queued", params=SamplingParams(max_new_tokens=200,
+                                                                                       ignore_eos=True))))
     for h in handles:
         h.cancel()
 
@@ -180,13 +189,13 @@ def test_a_burst_of_max_running_plus_max_queue_is_all_accepted(base_model, regis
     engine = Engine(base_model, registry, EngineConfig(max_running=2, max_tokens_per_step=8, max_queue=3))
     params = SamplingParams(max_new_tokens=3, ignore_eos=True)
     try:
-        handles = [engine.submit(f"burst {i}", params=params) for i in range(5)]
+        handles = [engine.submit(EngineRequest(f"burst {i}", params=params)) for i in range(5)]
         with pytest.raises(QueueFull):
-            engine.submit("one too many", params=params)
+            engine.submit(EngineRequest("one too many", params=params))
         engine.start()
         assert [h.result(30).finish_reason for h in handles] == ["length"] * 5
         # Finished requests leave: the same burst fits again.
-        again = [engine.submit(f"again {i}", params=params) for i in range(5)]
+        again = [engine.submit(EngineRequest(f"again {i}", params=params)) for i in range(5)]
         assert all(h.result(30).usage.completion_tokens == 3 for h in again)
     finally:
         engine.shutdown(timeout_s=5)
@@ -237,9 +246,10 @@ def test_a_failure_while_finishing_neither_hangs_the_request_nor_leaks_its_place
     engine.start()
     try:
         params = SamplingParams(max_new_tokens=2, ignore_eos=True)
-        assert engine.submit("first", params=params).result(30).finish_reason == "length"  # heard its end
+        assert engine.submit(EngineRequest("first",
+                                           params=params)).result(30).finish_reason == "length"  # heard its end
         # Its place in the queue is free again: max_running + max_queue fit, as before.
-        handles = [engine.submit(f"then {i}", params=params) for i in range(2)]
+        handles = [engine.submit(EngineRequest(f"then {i}", params=params)) for i in range(2)]
         assert all(h.result(30).usage.completion_tokens == 2 for h in handles)
     finally:
         engine.shutdown(timeout_s=5)

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from server.engine.admission import EngineRequest
 from server.engine.sequence import SamplingParams
 from tests.engine.conftest import ADAPTERS, random_text
 
@@ -15,10 +16,10 @@ TASKS = [*ADAPTERS, None]
 def run_mixed(engine, requests, max_new_tokens, stagger_at: int):
     """Submit requests[:stagger_at], wait until each has a token, then submit the rest while they decode."""
     params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
-    handles = [engine.submit(text, task=task, params=params) for task, text in requests[:stagger_at]]
+    handles = [engine.submit(EngineRequest(text, task=task, params=params)) for task, text in requests[:stagger_at]]
     for handle in handles:
         next(iter(handle))  # its first token exists: it is decoding now
-    handles += [engine.submit(text, task=task, params=params) for task, text in requests[stagger_at:]]
+    handles += [engine.submit(EngineRequest(text, task=task, params=params)) for task, text in requests[stagger_at:]]
     return [list(h.result(timeout=120).token_ids) for h in handles]
 
 
@@ -42,7 +43,8 @@ def test_every_adapter_alone_matches_peft(make_engine, reference):
     engine = make_engine()
     text = "Translate English to French: cheese =>"
     for task in TASKS:
-        handle = engine.submit(text, task=task, params=SamplingParams(max_new_tokens=12, ignore_eos=True))
+        handle = engine.submit(EngineRequest(text, task=task, params=SamplingParams(max_new_tokens=12,
+                                                                                    ignore_eos=True)))
         assert list(handle.result(timeout=60).token_ids) == reference.greedy(task, text, 12), task
 
 
@@ -50,7 +52,8 @@ def test_prompts_change_the_output(make_engine):
     """Guard against a vacuous fidelity test: the adapters really steer the tiny model."""
     engine = make_engine()
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    outs = {task: engine.submit("the quick brown fox", task=task, params=params).result(60).token_ids for task in TASKS}
+    outs = {task: engine.submit(EngineRequest("the quick brown fox", task=task, params=params)).result(60).token_ids
+            for task in TASKS}
     assert len(set(outs.values())) >= len(TASKS) - 1
 
 

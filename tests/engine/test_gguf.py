@@ -11,6 +11,7 @@ from peft import PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_mode
 from transformers import AutoModelForCausalLM
 
 from prompt_store import PromptRegistry
+from server.engine.admission import EngineRequest
 from server.engine.build_once import COMPLETE_MARKER
 from server.engine.config import EngineConfig
 from server.engine.gguf import converted_dir
@@ -70,7 +71,8 @@ def test_a_converted_gguf_serves_soft_prompts_and_prefixes_like_peft(tiny_gguf, 
     try:
         texts = ["the quick brown fox", "SELECT name FROM products WHERE price > 10"]
         params = SamplingParams(max_new_tokens=6, ignore_eos=True)
-        handles = {(t, x): engine.submit(x, task=t, params=params) for t in [None, *adapters] for x in texts}
+        handles = {(t, x): engine.submit(EngineRequest(x, task=t, params=params)) for t in [None, *adapters]
+                   for x in texts}
         got = {key: list(h.result(timeout=60).token_ids) for key, h in handles.items()}
     finally:
         engine.shutdown(timeout_s=5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter
 from server.engine.sequence import SamplingParams, TokenDelta
 from tests.engine.test_paged_memory import tight_engine
@@ -35,7 +36,7 @@ def check(entry, expected_row: torch.Tensor, token: int, k: int) -> None:
 def test_generated_token_logprobs_are_peft_raw_distribution(make_engine, reference, adapter_dirs, task, temperature):
     params = SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=5, temperature=temperature, top_k=20,
                             seed=3)
-    handle = make_engine().submit(TEXT, task=task, params=params)
+    handle = make_engine().submit(EngineRequest(TEXT, task=task, params=params))
     streamed = [lp for item in handle for lp in (item.logprobs if isinstance(item, TokenDelta) else ())]
     done = handle.result(timeout=60)
     assert done.logprobs is not None and len(done.logprobs) == 6 and list(done.logprobs) == streamed
@@ -48,16 +49,18 @@ def test_generated_token_logprobs_are_peft_raw_distribution(make_engine, referen
 @pytest.mark.parametrize("task", [None, "pt64", "prefix16"])
 def test_prompt_token_logprobs_equal_peft_and_survive_preemption(make_engine, reference, adapter_dirs, task):
     params = SamplingParams(max_new_tokens=20, ignore_eos=True, logprobs=2, prompt_logprobs=True)
-    alone = make_engine(max_running=4, max_tokens_per_step=16).submit(TEXT, task=task, params=params).result(timeout=60)
+    alone = make_engine(max_running=4, max_tokens_per_step=16).submit(EngineRequest(TEXT, task=task,
+                                                                                    params=params)).result(timeout=60)
     prompt = list(reference.peft.tokenizer(TEXT)["input_ids"])
     expected = peft_logprobs(reference, adapter_dirs, task, prompt)
     assert alone.prompt_logprobs is not None and len(alone.prompt_logprobs) == len(prompt) - 1
     for i, entry in enumerate(alone.prompt_logprobs):  # chunked prefill (16 tokens a step) included
         check(entry, expected[i], prompt[i + 1], 2)
     engine = tight_engine(make_engine, pages=10, max_running=8)
-    crowd = [engine.submit(f"lazy dog {i}", task="pt8", params=SamplingParams(max_new_tokens=40, ignore_eos=True))
+    crowd = [engine.submit(EngineRequest(f"lazy dog {i}", task="pt8", params=SamplingParams(max_new_tokens=40,
+                                                                                            ignore_eos=True)))
              for i in range(4)]
-    squeezed = engine.submit(TEXT, task=task, params=params).result(timeout=60)
+    squeezed = engine.submit(EngineRequest(TEXT, task=task, params=params)).result(timeout=60)
     for h in crowd:
         h.result(timeout=60)
     assert engine.stats().preemptions > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from server.engine.admission import EngineRequest
 from server.engine.config import EngineConfig
 from server.engine.errors import InvalidConfig
 from server.engine.loop import Engine
@@ -31,7 +32,8 @@ def test_an_engine_without_a_budget_sizes_it_from_the_device_and_reserves_nothin
         assert engine.stats().kv_budget_bytes == pytest.approx(_available_ram() * CPU_SHARE, rel=0.2)
         assert engine.stats().kv_bytes == 0  # nothing up front
         engine.start()
-        result = engine.submit("hello", params=SamplingParams(max_new_tokens=3, ignore_eos=True)).result(30)
+        result = engine.submit(EngineRequest("hello", params=SamplingParams(max_new_tokens=3,
+                                                                            ignore_eos=True))).result(30)
         assert result.usage.completion_tokens == 3
     finally:
         engine.shutdown(timeout_s=5)

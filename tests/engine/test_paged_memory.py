@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidConfig
 from server.engine.pages import PAGE_SIZE, pages_for
 from server.engine.sequence import SamplingParams, TokenDelta
@@ -28,7 +29,8 @@ def test_preempted_greedy_requests_give_the_peft_tokens_and_stream_nothing_twice
     engine = tight_engine(make_engine, pages=14, max_running=8)
     params = SamplingParams(max_new_tokens=3 * PAGE_SIZE, ignore_eos=True)
     tasks = ["pt8", "prefix16", None, "pt64", "ptune5", "prefix1"]
-    handles = [engine.submit(text, task=task, params=params) for text, task in zip(TEXTS, tasks, strict=True)]
+    handles = [engine.submit(EngineRequest(text, task=task, params=params)) for text, task in zip(TEXTS, tasks,
+                                                                                                  strict=True)]
     streams = [streamed_ids(h) for h in handles]
     stats = engine.stats()
     assert stats.preemptions > 0, "the pool was meant to run short"
@@ -40,11 +42,12 @@ def test_preempted_greedy_requests_give_the_peft_tokens_and_stream_nothing_twice
 
 def test_a_preempted_seeded_sampling_request_keeps_its_random_stream(make_engine):
     params = SamplingParams(max_new_tokens=3 * PAGE_SIZE, temperature=0.9, top_k=40, seed=77, ignore_eos=True)
-    alone = make_engine().submit(TEXTS[0], task="pt8", params=params).result(timeout=60).token_ids
+    alone = make_engine().submit(EngineRequest(TEXTS[0], task="pt8", params=params)).result(timeout=60).token_ids
     engine = tight_engine(make_engine, pages=14, max_running=8)
-    crowd = [engine.submit(t, task="prefix16", params=SamplingParams(max_new_tokens=3 * PAGE_SIZE, ignore_eos=True))
+    crowd = [engine.submit(EngineRequest(t, task="prefix16", params=SamplingParams(max_new_tokens=3 * PAGE_SIZE,
+                                                                                   ignore_eos=True)))
              for t in TEXTS[1:5]]
-    squeezed = engine.submit(TEXTS[0], task="pt8", params=params)  # the newest: preempted first
+    squeezed = engine.submit(EngineRequest(TEXTS[0], task="pt8", params=params))  # the newest: preempted first
     assert squeezed.result(timeout=60).token_ids == alone
     for h in crowd:
         h.result(timeout=60)
@@ -55,7 +58,7 @@ def test_requests_of_one_task_hold_its_prefix_once(make_engine, registry):
     engine = make_engine(max_running=16)
     virtual = registry.get("pt64").num_virtual_tokens
     params = SamplingParams(max_new_tokens=2000, ignore_eos=True)
-    handles = [engine.submit("hello there", task="pt64", params=params) for _ in range(12)]
+    handles = [engine.submit(EngineRequest("hello there", task="pt64", params=params)) for _ in range(12)]
     for h in handles:  # all of them decoding
         next(iter(h))
     stats = engine.stats()
@@ -74,11 +77,11 @@ def test_requests_of_one_task_hold_its_prefix_once(make_engine, registry):
 def test_a_new_upload_of_the_same_weights_recomputes_nothing(make_engine, registry, adapter_dirs):
     engine = make_engine()
     params = SamplingParams(max_new_tokens=4, ignore_eos=True)
-    engine.submit("hello", task="pt8", params=params).result(timeout=30)
+    engine.submit(EngineRequest("hello", task="pt8", params=params)).result(timeout=30)
     registry.put_path("pt8", adapter_dirs["pt8"])  # a new version, the same prompt weights
     registry.put_path("pt8_copy", adapter_dirs["pt8"])  # another task name, the same weights
-    engine.submit("hello", task="pt8", params=params).result(timeout=30)
-    engine.submit("hello", task="pt8_copy", params=params).result(timeout=30)
+    engine.submit(EngineRequest("hello", task="pt8", params=params)).result(timeout=30)
+    engine.submit(EngineRequest("hello", task="pt8_copy", params=params)).result(timeout=30)
     assert engine.stats().prompt_cache_misses == 1 and engine.stats().prompt_cache_hits == 2
 
 
@@ -88,7 +91,8 @@ def test_a_long_request_no_longer_throttles_short_ones(make_engine):
     long = SamplingParams(max_new_tokens=40 * PAGE_SIZE, ignore_eos=True)
     short = SamplingParams(max_new_tokens=8, ignore_eos=True)
     engine = make_engine(kv_cache_bytes=3 * 42 * probe.page_bytes, max_running=16)
-    handles = [engine.submit("a long one", params=long)] + [engine.submit(f"short {i}", params=short)
+    handles = [engine.submit(EngineRequest("a long one", params=long))] + [engine.submit(EngineRequest(f"short {i}",
+                                                                                                       params=short))
                                                                for i in range(7)]
     for h in handles:
         h.result(timeout=120)
@@ -106,7 +110,7 @@ def test_a_budget_below_one_page_is_refused_naming_the_setting(make_engine):
 def test_what_a_page_held_before_never_reaches_its_next_owner(make_engine, reference):
     engine = make_engine()
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    engine.submit("warm up the pool", task="pt8", params=params).result(timeout=30)
+    engine.submit(EngineRequest("warm up the pool", task="pt8", params=params)).result(timeout=30)
     # What an overflowing request could leave behind: every page but the null page full of NaN.
     kv = engine.runner.kv
     for keys, values in kv.storage():
@@ -114,5 +118,5 @@ def test_what_a_page_held_before_never_reaches_its_next_owner(make_engine, refer
         values[:, 1:] = float("inf")
     for task in (None, "prefix16", "pt64"):  # new pages, reused pages, a cached prefix evicted or not
         text = "the lazy dog"
-        assert list(engine.submit(text, task=task, params=params).result(timeout=30).token_ids) == \
+        assert list(engine.submit(EngineRequest(text, task=task, params=params)).result(timeout=30).token_ids) == \
             reference.greedy(task, text, 8), task

@@ -7,7 +7,9 @@ import pytest
 
 from server.engine.pages import PAGE_SIZE, PagePool, pages_for
 from server.engine.scheduler import Scheduler, SchedulerConfig, prefix_key
+from server.engine.scoring import ChoiceScoring
 from server.engine.sequence import SamplingParams, Sequence, Status, TokenDelta
+from tests.engine.steps import sampled
 
 
 def task_prompt(sha: str, n: int, kind: str = "prompt"):
@@ -27,7 +29,7 @@ def step(sched: Scheduler, token: int = 7):
     for entry in scheduled.new_prefixes:  # the engine computes a new prefix before the step runs
         entry.ready = True
     sampling = [s for s, n in scheduled.batch if s.samples_after(n)]
-    sched.postprocess(scheduled.batch, [token] * len(sampling))
+    sched.postprocess(sampled(scheduled.batch, [token] * len(sampling)))
     return scheduled
 
 
@@ -128,7 +130,7 @@ def test_a_full_pool_preempts_the_newest_and_it_resumes_by_recomputing():
                 assert n == s.num_tokens and s.num_cached == 0
         check_pool(sched)
         sampling = [s for s, n in scheduled.batch if s.samples_after(n)]
-        sched.postprocess(scheduled.batch, [next(tokens) for _ in sampling])
+        sched.postprocess(sampled(scheduled.batch, [next(tokens) for _ in sampling]))
     assert preempted and set(preempted) == {new}  # never the oldest
     assert sched.preemptions == len(preempted) == new.preemptions
     for s in (old, new):
@@ -195,13 +197,13 @@ def test_a_scoring_request_is_admitted_only_when_its_choices_pages_fit_too():
     for _ in range(3):
         step(sched)
     scoring = request(10)
-    scoring.choices = (("a long choice", tuple(range(2, 2 + 8 * PAGE_SIZE))),)  # 8 pages of choice tokens
+    scoring.scoring = ChoiceScoring((("a long choice", tuple(range(2, 2 + 8 * PAGE_SIZE))),))  # 8 pages of choices
     sched.add(scoring)
     for _ in range(5):
         scheduled = sched.schedule()
         assert scoring not in [s for s, _ in scheduled.batch] and scoring.status is Status.WAITING
         sampling = [s for s, n in scheduled.batch if s.samples_after(n)]
-        sched.postprocess(scheduled.batch, [7] * len(sampling))
+        sched.postprocess(sampled(scheduled.batch, [7] * len(sampling)))
     assert sched.preemptions == 0
     sched.finish(older)
     assert scoring in [s for s, _ in sched.schedule().batch]  # room now: text and choices fit

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from prompt_store import PromptRegistry
 from server.demo.smollm2 import chat_turn
+from server.engine.admission import EngineRequest
 from server.engine.config import EngineConfig
 from server.engine.loop import Engine
 from server.engine.model_loader import load_base_model
@@ -68,7 +69,8 @@ def test_mixed_batch_of_every_kind_matches_peft_on_real_weights(smollm2_dir, ada
         params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
         tasks = [None, *adapters]
         requests = [(task, chat_turn(QUESTIONS[i % len(QUESTIONS)])) for i, task in enumerate(tasks * 2)]
-        handles = [engine.submit(text, task=task, params=params) for task, text in requests]  # one mixed batch
+        handles = [engine.submit(EngineRequest(text, task=task, params=params)) for task,
+                   text in requests]  # one mixed batch
         got = [list(h.result(timeout=300).token_ids) for h in handles]
     finally:
         engine.shutdown(timeout_s=5)

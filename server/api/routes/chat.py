@@ -24,6 +24,7 @@ from server.api.openapi import SSE_CONTENT, errors
 from server.api.routes.openai import FINISH, refuse
 from server.api.schemas import ChatRequest
 from server.api.streaming import SSE_HEADERS, Event, sse, unless_disconnected
+from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter
 from server.engine.sequence import MAX_LOGPROBS, Completion, TokenDelta
 
@@ -47,8 +48,8 @@ async def chat_completions(body: ChatRequest, request: Request, engine: EngineDe
                                        else "max_tokens", **body.sampling_kwargs())
     context = ErrorContext(rename={"task": "model", "text": "messages"},
                            hints={"model": f"`model` is a task name or {base!r} for the base model"})
-    submission = streaming.Submission(text, task, params, body.sent(), settings.max_new_tokens_cap, raw=True,
-                                      add_special_tokens=False)
+    submission = EngineRequest(text, task, params, body.sent(), settings.max_new_tokens_cap, raw=True,
+                               add_special_tokens=False)
     [handle] = await streaming.submit_all(engine, metrics, [submission], lambda i: context)
     reply = _ChatReply(body.model, engine.tokenizer, logprobs=body.logprobs,
                        usage=bool(body.stream_options and body.stream_options.include_usage))

@@ -24,6 +24,7 @@ from server.api.schemas import (
     response_of,
 )
 from server.api.streaming import SSE_HEADERS, Event, sse, unless_disconnected
+from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter
 from server.engine.sequence import Completion, TokenDelta
 
@@ -41,8 +42,8 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, m
     _check_choices_alone(body)
     params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=body.max_new_tokens,
                                        **body.sampling_kwargs())
-    submission = streaming.Submission(body.text, body.task, params, body.sent(), settings.max_new_tokens_cap, body.raw,
-                                      body.choices)
+    submission = EngineRequest(body.text, body.task, params, body.sent(), settings.max_new_tokens_cap, body.raw,
+                               body.choices)
     [handle] = await streaming.submit_all(engine, metrics, [submission], lambda i: None)
     if not body.stream:
         return response_of(await unless_disconnected(request, streaming.result(handle, metrics)), engine.tokenizer)
@@ -111,8 +112,8 @@ async def generate_batch(body: BatchRequest, request: Request, engine: EngineDep
                                                **e.sampling_kwargs())
         except Exception as exc:
             raise ErrorInContext(exc, entry(i)) from exc
-        submissions.append(streaming.Submission(e.text, e.task, params, e.sent(), settings.max_new_tokens_cap, e.raw,
-                                                e.choices))
+        submissions.append(EngineRequest(e.text, e.task, params, e.sent(), settings.max_new_tokens_cap, e.raw,
+                                         e.choices))
     handles = await streaming.submit_all(engine, metrics, submissions, entry)
     # They all joined the engine's continuous batch; wait for all, in order.
     completions = await unless_disconnected(request, streaming.all_results(handles, metrics, "requests"))

@@ -26,6 +26,7 @@ from server.api.metrics import Metrics
 from server.api.openapi import SSE_CONTENT, errors
 from server.api.schemas import CompletionRequest
 from server.api.streaming import SSE_HEADERS, Event, sse, unless_disconnected
+from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter
 from server.engine.handle import RequestHandle
 from server.engine.sequence import Completion, TokenDelta, TokenLogprob
@@ -85,7 +86,7 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
         return ErrorContext(rename={"task": "model", "text": f"prompt[{i}]" if len(prompts) > 1 else "prompt"},
                             hints={"model": f"`model` is a task name or {base!r} for the base model"})
 
-    submissions = [streaming.Submission(str(text), task, params, body.sent(), settings.max_new_tokens_cap, body.raw)
+    submissions = [EngineRequest(str(text), task, params, body.sent(), settings.max_new_tokens_cap, body.raw)
                    for text in prompts]
     handles = await streaming.submit_all(engine, metrics, submissions, context)
     reply = _Reply(body.model, usage=bool(body.stream_options and body.stream_options.include_usage),

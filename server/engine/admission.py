@@ -1,0 +1,163 @@
+"""Admission: one request as a caller hands it to the engine, checked once and turned into a Sequence.
+
+Every rule a request meets before it queues lives here, in this order: the task's prompt version
+(read once: its weights, template and defaults all come from that one version), the task's
+generation defaults for what the request did not set, the text template, the length checks, the
+choices to score, and whether the KV budget could ever hold the request. The routes only translate
+their own field names; the engine's loop never sees a request that breaks a rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as TypingSequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+from prompt_store.template import MAX_CHOICE_CHARS, apply_template
+from server.engine.detokenizer import IncrementalText
+from server.engine.errors import InvalidParameter, RequestTooLong
+from server.engine.pages import PAGE_SIZE
+from server.engine.sampler import make_generator
+from server.engine.scoring import ChoiceScoring
+from server.engine.sequence import MAX_CHOICES, SamplingParams, Sequence
+
+if TYPE_CHECKING:
+    from prompt_store.registry import PromptSnapshot
+    from server.engine.scheduler import Scheduler
+
+
+class TaskSource(Protocol):
+    """What the engine needs from the prompt store: a task's current prompt version, or UnknownTask."""
+
+    def get(self, task: str) -> PromptSnapshot: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """One request as a caller hands it to the engine (`Engine.submit`)."""
+
+    text: str
+    task: str | None = None  # None: the base model alone
+    params: SamplingParams = field(default_factory=SamplingParams)
+    # The SamplingParams fields the caller set: the task's generation defaults fill the others. None: every
+    # field was set (the task's defaults are not used).
+    sent: frozenset[str] | None = None
+    max_new_tokens_cap: int | None = None  # a task's default max_new_tokens above this is lowered to it
+    raw: bool = False  # skip the task's text template
+    choices: TypingSequence[str] | bool | None = None  # score these (True: the task's stored ones) instead
+    add_special_tokens: bool = True  # False for a conversation a chat template already framed (no second BOS)
+
+
+def with_task_defaults(params: SamplingParams, defaults: dict | None, sent: frozenset[str] | None,
+                       cap: int | None) -> SamplingParams:
+    """The task's generation defaults for every field the request did not send (an endpoint's own defaults,
+    such as OpenAI's, do not count as sent). A default max_new_tokens above the server's cap is lowered to it."""
+    if not defaults or sent is None:
+        return params
+    fill = {k: v for k, v in defaults.items() if k not in sent}
+    if cap is not None and isinstance(fill.get("max_new_tokens"), int):
+        fill["max_new_tokens"] = min(fill["max_new_tokens"], cap)
+    return replace(params, **fill) if fill else params
+
+
+class Admission:
+    """Checks a request against the model, its task and the KV budget; builds its Sequence."""
+
+    def __init__(self, tokenizer: Any, tasks: TaskSource, max_context: int, scheduler: Scheduler) -> None:
+        self.tokenizer = tokenizer
+        self.tasks = tasks
+        self.max_context = max_context
+        self.scheduler = scheduler
+        # No token spans more characters than the longest vocabulary entry, so a text of N characters
+        # has at least N / this many tokens: a cheap bound that refuses a huge text before tokenizing it.
+        self.longest_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
+
+    def admit(self, request: EngineRequest) -> Sequence:
+        """The request's Sequence, ready to queue; errors a client caused are raised here."""
+        snapshot = self.tasks.get(request.task) if request.task is not None else None  # UnknownTask
+        params = with_task_defaults(request.params, snapshot.defaults if snapshot is not None else None,
+                                    request.sent, request.max_new_tokens_cap)
+        num_virtual = snapshot.num_virtual_tokens if snapshot is not None else 0
+        text = request.text
+        if snapshot is not None and not request.raw:
+            text = apply_template(snapshot.template, text)  # the same version's template as its weights
+        check_encodable(text)
+        at_least = -(-len(text) // self.longest_token_chars)
+        if num_virtual + at_least + 1 > self.max_context:
+            raise RequestTooLong(self.max_context - 1, num_virtual + at_least,
+                                 f"{num_virtual} virtual + at least {at_least} text tokens in {len(text)} characters, "
+                                 "+1 to generate")
+        prompt_ids = list(self.tokenizer(text, add_special_tokens=request.add_special_tokens)["input_ids"])
+        if not prompt_ids:
+            raise InvalidParameter("text", "a text that gives at least one token", text)
+        used = num_virtual + len(prompt_ids)
+        if used + 1 > self.max_context:
+            raise RequestTooLong(self.max_context - 1, used,
+                                 f"{num_virtual} virtual + {len(prompt_ids)} text tokens, +1 to generate")
+        scoring = None
+        if request.choices is not None and request.choices is not False:
+            scoring = ChoiceScoring(self._choices(request.choices, snapshot, used))
+            if params.prompt_logprobs:
+                raise InvalidParameter("choices", "absent with prompt log-probabilities (echo)", "both")
+            params = replace(params, logprobs=None)  # a scoring answer has no per-token ones (a default may ask)
+        # Generation stops at the context's end (finish_reason "length") rather than refusing.
+        params = replace(params, max_new_tokens=min(params.max_new_tokens, self.max_context - used))
+        seq = Sequence(prompt_ids=prompt_ids, params=params, task=request.task, prompt=snapshot,
+                       num_virtual=num_virtual, detokenizer=IncrementalText(self.tokenizer, prompt_ids, params.stop),
+                       scoring=scoring)
+        if not self.scheduler.fits_alone(seq):
+            what, param = ("the choices' tokens", "choices") if scoring else ("max_new_tokens", "max_new_tokens")
+            kv_pages = self.scheduler.config.kv_pages
+            raise RequestTooLong(kv_pages * PAGE_SIZE, seq.max_total_len,
+                                 f"virtual + text + {what} need {seq.pages_needed()} KV pages of {PAGE_SIZE} "
+                                 f"positions; the KV budget holds {kv_pages}", param=param)
+        seq.rng = make_generator(seq.params)
+        return seq
+
+    def _choices(self, choices: TypingSequence[str] | bool, snapshot: PromptSnapshot | None,
+                 used: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """Each choice with its tokens (`tokenizer(choice, add_special_tokens=False)`, appended to the text's)."""
+        if choices is True:
+            if snapshot is None or not snapshot.choices:
+                raise InvalidParameter("choices", "a list of strings, or true for a task that stores its choices "
+                                       "(trained with promptswap train)",
+                                       f"true, but {'no task was named' if snapshot is None else 'the task has none'}")
+            texts = list(snapshot.choices)
+        else:
+            texts = list(choices)  # type: ignore[arg-type]  # not a bool here
+        if not 1 <= len(texts) <= MAX_CHOICES:
+            raise InvalidParameter("choices", f"1..{MAX_CHOICES} strings", len(texts))
+        longest = max((len(t) for t in texts if isinstance(t, str)), default=0)
+        if longest > MAX_CHOICE_CHARS:
+            raise InvalidParameter("choices", f"strings of at most {MAX_CHOICE_CHARS} characters", longest)
+        if len(set(texts)) != len(texts):
+            raise InvalidParameter("choices", "distinct strings", texts)
+        scored = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text:
+                raise InvalidParameter(f"choices[{i}]", "a non-empty string", text)
+            check_encodable(text, f"choices[{i}]")
+            ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if not ids:
+                raise InvalidParameter(f"choices[{i}]", "a choice that gives at least one token", text)
+            if used + len(ids) > self.max_context:
+                raise RequestTooLong(self.max_context, used + len(ids),
+                                     f"the text and choice {i} ({len(ids)} tokens) need {used + len(ids)} positions",
+                                     param=f"choices[{i}]")
+            scored.append((text, ids))
+        # The choices' tokens but each one's last go through one step together: they must fit one.
+        together = sum(len(ids) - 1 for _, ids in scored)
+        step_tokens = self.scheduler.config.max_tokens_per_step
+        if together > step_tokens:
+            raise InvalidParameter("choices", f"choices whose tokens (but each one's last) fit one step: at most "
+                                   f"{step_tokens} (--max-tokens-per-step)", together)
+        return tuple(scored)
+
+
+def check_encodable(text: str, param: str = "text") -> None:
+    """A lone UTF-16 surrogate (e.g. JSON's "\\ud800") is a valid Python str but no text a tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParameter(param, "text that can be encoded as UTF-8 (no lone surrogate code points)",
+                               f"{exc.object[exc.start:exc.end]!r} at character {exc.start}") from None
