@@ -1,15 +1,14 @@
 """One request's trip through the engine as the HTTP routes see it: submit, stream or wait, cancel.
 
-Both APIs (/generate and /v1/completions) go through here, so metrics, cancellation on client
-disconnect and server-sent events are written once. The request's state is its engine handle;
-this module keeps none of its own.
+Every API (/generate, /v1/completions, /v1/chat/completions) goes through here, so metrics and
+cancellation on client disconnect are written once (responses.py writes their answers). The request's
+state is its engine handle; this module keeps none of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, TypeVar
 
@@ -105,6 +104,33 @@ async def events(handle: RequestHandle, metrics: Metrics) -> AsyncGenerator[Even
         request_log.finished(handle, outcome, error)
 
 
+async def merged(handles: list[RequestHandle], metrics: Metrics) -> AsyncGenerator[tuple[int, Event], None]:
+    """Items of several requests as they come, tagged with the request's index."""
+    queue: asyncio.Queue[tuple[int, Event | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, handle: RequestHandle) -> None:
+        try:
+            async for item in events(handle, metrics):
+                await queue.put((index, item, None))
+        except Exception as exc:
+            await queue.put((index, None, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    remaining = len(handles)
+    try:
+        while remaining:
+            index, item, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            assert item is not None
+            yield index, item
+            if isinstance(item, Completion):
+                remaining -= 1
+    finally:
+        for task in tasks:  # leaving early (error, client gone) cancels the requests still running
+            task.cancel()
+
+
 def outcome_of(error: BaseException) -> Outcome:
     """How a failed request is counted: by the status its error is answered with."""
     return "server_error" if status_of(error) >= 500 else "client_error"
@@ -163,13 +189,3 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 async def _wait_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def sse(data: dict[str, Any] | str, event: str | None = None) -> bytes:
-    """One server-sent event carrying JSON (or a bare string such as OpenAI's [DONE])."""
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {payload}\n\n".encode()
-
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream

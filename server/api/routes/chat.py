@@ -8,22 +8,19 @@ cannot chat: 422 naming `messages`.
 
 from __future__ import annotations
 
-import time
-import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from server.api import logprobs as logprob_format
 from server.api import streaming
 from server.api.deps import EngineDep, MetricsDep, SettingsDep
-from server.api.errors import ErrorContext, describe
+from server.api.errors import ErrorContext
 from server.api.openapi import SSE_CONTENT, errors
-from server.api.routes.openai import FINISH, refuse
+from server.api.responses import answer
+from server.api.routes.openai import FINISH, OpenAIReply, refuse
 from server.api.schemas import ChatRequest
-from server.api.streaming import SSE_HEADERS, Event, sse, unless_disconnected
+from server.api.streaming import Result
 from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter
 from server.engine.sequence import MAX_LOGPROBS, Completion, TokenDelta
@@ -50,19 +47,10 @@ async def chat_completions(body: ChatRequest, request: Request, engine: EngineDe
                            hints={"model": f"`model` is a task name or {base!r} for the base model"})
     submission = EngineRequest(text, task, params, body.sent(), settings.max_new_tokens_cap, raw=True,
                                add_special_tokens=False)
-    [handle] = await streaming.submit_all(engine, metrics, [submission], lambda i: context)
+    handles = await streaming.submit_all(engine, metrics, [submission], lambda i: context)
     reply = _ChatReply(body.model, engine.tokenizer, logprobs=body.logprobs,
                        usage=bool(body.stream_options and body.stream_options.include_usage))
-    if not body.stream:
-        result = await unless_disconnected(request, streaming.result(handle, metrics))
-        return reply.full(streaming.completions([result])[0])
-    events = streaming.events(handle, metrics)
-    try:
-        first = await unless_disconnected(request, anext(events))  # errors before any token get a status
-    except BaseException:
-        await events.aclose()
-        raise
-    return StreamingResponse(reply.stream(first, events), media_type="text/event-stream", headers=SSE_HEADERS)
+    return await answer(request, handles, metrics, reply, stream=body.stream)
 
 
 def _templated(tokenizer: Any, body: ChatRequest) -> str:
@@ -96,50 +84,29 @@ def _refuse_unsupported(body: ChatRequest) -> None:
     ])
 
 
-class _ChatReply:
-    def __init__(self, model: str, tokenizer: Any, logprobs: bool, usage: bool) -> None:
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model = model
-        self.tokenizer = tokenizer
-        self.logprobs = logprobs
-        self.include_usage = usage
+class _ChatReply(OpenAIReply):
+    """A chat.completion object; streamed, chat.completion.chunk objects: the assistant's role first, then the
+    content's pieces."""
 
-    def _envelope(self, kind: str, choices: list[dict]) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+    id_prefix = "chatcmpl"
+    chunk = "chat.completion.chunk"
 
-    @staticmethod
-    def _usage(c: Completion) -> dict:
-        return {"prompt_tokens": c.usage.prompt_tokens, "completion_tokens": c.usage.completion_tokens,
-                "total_tokens": c.usage.prompt_tokens + c.usage.completion_tokens}
-
-    def full(self, c: Completion) -> dict:
+    def full(self, results: list[Result]) -> dict:
+        [c] = streaming.completions(results)
         logprobs = logprob_format.chat(c.logprobs, self.tokenizer) if self.logprobs and c.logprobs else None
         choice = {"index": 0, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs,
                   "finish_reason": FINISH[c.finish_reason]}
-        return {**self._envelope("chat.completion", [choice]), "usage": self._usage(c)}
+        return {**self._envelope("chat.completion", [choice]), "usage": self._usage([c])}
 
-    async def stream(self, first: Event, events: AsyncGenerator[Event, None]) -> AsyncIterator[bytes]:
-        chunk = "chat.completion.chunk"
-        yield sse(self._envelope(chunk, [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                          "logprobs": None, "finish_reason": None}]))
-        item = first
-        try:
-            while True:
-                if isinstance(item, Completion):
-                    yield sse(self._envelope(chunk, [{"index": 0, "delta": {}, "logprobs": None,
-                                                      "finish_reason": FINISH[item.finish_reason]}]))
-                    if self.include_usage:
-                        yield sse({**self._envelope(chunk, []), "usage": self._usage(item)})
-                    break
-                if isinstance(item, TokenDelta):
-                    logprobs = logprob_format.chat(item.logprobs, self.tokenizer) \
-                        if self.logprobs and item.logprobs else None
-                    yield sse(self._envelope(chunk, [{"index": 0, "delta": {"content": item.text},
-                                                      "logprobs": logprobs, "finish_reason": None}]))
-                item = await anext(events)
-        except Exception as exc:  # headers are sent: report in-stream, as OpenAI does
-            yield sse(describe(exc)[1])
-        finally:
-            await events.aclose()
-        yield sse("[DONE]")
+    def opening(self) -> list[dict]:
+        return [self._envelope(self.chunk, [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}])]
+
+    def piece(self, index: int, delta: TokenDelta) -> dict:
+        logprobs = logprob_format.chat(delta.logprobs, self.tokenizer) if self.logprobs and delta.logprobs else None
+        return self._envelope(self.chunk, [{"index": index, "delta": {"content": delta.text}, "logprobs": logprobs,
+                                            "finish_reason": None}])
+
+    def final(self, index: int, completion: Completion) -> dict:
+        return self._envelope(self.chunk, [{"index": index, "delta": {}, "logprobs": None,
+                                            "finish_reason": FINISH[completion.finish_reason]}])

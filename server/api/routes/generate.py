@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from server.api import logprobs as logprob_format
 from server.api import streaming
 from server.api.deps import EngineDep, MetricsDep, SettingsDep
-from server.api.errors import ErrorContext, ErrorInContext, describe
+from server.api.errors import ErrorContext, ErrorInContext
 from server.api.limits import check_count
 from server.api.openapi import SSE_CONTENT, errors
+from server.api.responses import Reply, answer
 from server.api.schemas import (
     BatchRequest,
     BatchResponse,
@@ -23,7 +22,7 @@ from server.api.schemas import (
     GenerateResponse,
     response_of,
 )
-from server.api.streaming import SSE_HEADERS, Event, sse, unless_disconnected
+from server.api.streaming import Result, unless_disconnected
 from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter
 from server.engine.sequence import Completion, TokenDelta
@@ -44,19 +43,8 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, m
                                        **body.sampling_kwargs())
     submission = EngineRequest(body.text, body.task, params, body.sent(), settings.max_new_tokens_cap, body.raw,
                                body.choices)
-    [handle] = await streaming.submit_all(engine, metrics, [submission], lambda i: None)
-    if not body.stream:
-        return response_of(await unless_disconnected(request, streaming.result(handle, metrics)), engine.tokenizer)
-    events = streaming.events(handle, metrics)
-    try:
-        # Wait for the first item before answering, so an error that comes before any token
-        # still gets its own status code instead of a 200 with an error event.
-        first = await unless_disconnected(request, anext(events))
-    except BaseException:
-        await events.aclose()
-        raise
-    return StreamingResponse(_sse_stream(first, events, engine.tokenizer), media_type="text/event-stream",
-                             headers=SSE_HEADERS)
+    handles = await streaming.submit_all(engine, metrics, [submission], lambda i: None)
+    return await answer(request, handles, metrics, _Reply(engine.tokenizer), stream=body.stream)
 
 
 def _check_choices_alone(body: GenerateParams) -> None:
@@ -70,29 +58,31 @@ def _check_choices_alone(body: GenerateParams) -> None:
                                body.logprobs)
 
 
-async def _sse_stream(first: Event, events: AsyncGenerator[Event, None], tokenizer: Any) -> AsyncIterator[bytes]:
-    """One event per new piece of text; the last carries finish_reason and usage."""
-    item = first
-    try:
-        while True:
-            if isinstance(item, Completion):
-                final = GenerateResponse.of(item, tokenizer).model_dump()
-                final.update(text="", token_ids=[])  # the pieces were sent already
-                if item.logprobs is not None:
-                    final["logprobs"] = []
-                yield sse(final)
-                return
-            if isinstance(item, TokenDelta):  # (a streaming request never scores choices)
-                piece: dict[str, Any] = {"text": item.text, "token_ids": list(item.token_ids)}
-                if item.logprobs:
-                    piece["logprobs"] = logprob_format.native(item.logprobs, tokenizer)
-                yield sse(piece)
-            item = await anext(events)
-    except Exception as exc:  # the status line is sent already: report the error in the stream
-        _, body, _ = describe(exc)
-        yield sse(body, event="error")
-    finally:
-        await events.aclose()
+class _Reply(Reply):
+    """A GenerateResponse (or ChoicesResponse); streamed, one event per new piece of text, the last with
+    finish_reason and usage, and an error as an `error` event."""
+
+    error_event = "error"
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def full(self, results: list[Result]) -> GenerateResponse | ChoicesResponse:
+        [result] = results
+        return response_of(result, self.tokenizer)
+
+    def piece(self, index: int, delta: TokenDelta) -> dict:
+        piece: dict[str, Any] = {"text": delta.text, "token_ids": list(delta.token_ids)}
+        if delta.logprobs:
+            piece["logprobs"] = logprob_format.native(delta.logprobs, self.tokenizer)
+        return piece
+
+    def final(self, index: int, completion: Completion) -> dict:
+        final = GenerateResponse.of(completion, self.tokenizer).model_dump()
+        final.update(text="", token_ids=[])  # the pieces were sent already
+        if completion.logprobs is not None:
+            final["logprobs"] = []
+        return final
 
 
 @router.post("/generate/batch", response_model=BatchResponse, responses=errors(404, 415, 422, 503))

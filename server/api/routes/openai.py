@@ -7,28 +7,24 @@ than silently ignored.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from prompt_store.errors import PromptError
 from server.api import logprobs as logprob_format
 from server.api import streaming
 from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
-from server.api.errors import ErrorContext, ErrorInContext, describe
+from server.api.errors import ErrorContext, ErrorInContext
 from server.api.limits import check_count
-from server.api.metrics import Metrics
 from server.api.openapi import SSE_CONTENT, errors
+from server.api.responses import Reply, answer
 from server.api.schemas import CompletionRequest
-from server.api.streaming import SSE_HEADERS, Event, sse, unless_disconnected
+from server.api.streaming import Result
 from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter
-from server.engine.handle import RequestHandle
 from server.engine.sequence import Completion, TokenDelta, TokenLogprob
 
 router = APIRouter(prefix="/v1", tags=["openai"])  # needs the API token (server/api/auth.py)
@@ -89,38 +85,30 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     submissions = [EngineRequest(str(text), task, params, body.sent(), settings.max_new_tokens_cap, body.raw)
                    for text in prompts]
     handles = await streaming.submit_all(engine, metrics, submissions, context)
-    reply = _Reply(body.model, usage=bool(body.stream_options and body.stream_options.include_usage),
-                   tokenizer=engine.tokenizer, logprobs=body.logprobs is not None)
-    if not body.stream:
-        results = await unless_disconnected(request, streaming.all_results(handles, metrics, "prompt"))
-        echoed = [_echoed(str(text), c, engine.tokenizer) for text, c in
-                  zip(prompts, streaming.completions(results), strict=True)] if body.echo else None
-        return reply.full(streaming.completions(results), echoed)
-    events = _merged(handles, metrics)
-    try:
-        first = await unless_disconnected(request, anext(events))  # errors before any token get a status
-    except BaseException:
-        await events.aclose()
-        raise
-    return StreamingResponse(reply.stream(first, events, len(handles)), media_type="text/event-stream",
-                             headers=SSE_HEADERS)
+    reply = _Reply(body.model, engine.tokenizer, logprobs=body.logprobs is not None,
+                   usage=bool(body.stream_options and body.stream_options.include_usage),
+                   echo=[str(text) for text in prompts] if body.echo else None)
+    return await answer(request, handles, metrics, reply, stream=body.stream, name="prompt")
 
 
-class _Reply:
-    """Builds OpenAI's response objects for one request."""
+class OpenAIReply(Reply):
+    """What OpenAI's completions and chat answers share: the envelope, usage (with stream_options.include_usage,
+    a last chunk with no choices), an error as a plain event, and `data: [DONE]` at the end of a stream."""
 
-    def __init__(self, model: str, usage: bool, tokenizer: Any = None, logprobs: bool = False) -> None:
-        self.id = f"cmpl-{uuid.uuid4().hex}"
+    done = "[DONE]"
+    id_prefix: str
+    chunk: str  # the object a streamed chunk is
+
+    def __init__(self, model: str, tokenizer: Any, logprobs: bool, usage: bool) -> None:
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
-        self.include_usage = usage
         self.tokenizer = tokenizer
         self.logprobs = logprobs  # the request asked for them
-        self.offsets: dict[int, int] = {}  # streaming: where each choice's next token starts in its text
+        self.include_usage = usage
 
-    def _envelope(self, choices: list[dict]) -> dict:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": choices}
+    def _envelope(self, kind: str, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
     @staticmethod
     def _usage(completions: list[Completion]) -> dict:
@@ -128,8 +116,25 @@ class _Reply:
         completion = sum(c.usage.completion_tokens for c in completions)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def full(self, completions: list[Completion], echoed: list[str] | None = None) -> dict:
-        """`echoed`: with `echo`, each prompt as the choice's text starts with it."""
+    def closing(self, completions: list[Completion]) -> list[dict]:
+        return [{**self._envelope(self.chunk, []), "usage": self._usage(completions)}] if self.include_usage else []
+
+
+class _Reply(OpenAIReply):
+    """text_completion objects, one choice per prompt; streamed, the prompts' pieces interleave as they come."""
+
+    id_prefix = "cmpl"
+    chunk = "text_completion"
+
+    def __init__(self, model: str, tokenizer: Any, logprobs: bool, usage: bool, echo: list[str] | None) -> None:
+        super().__init__(model, tokenizer, logprobs, usage)
+        self.echo = echo  # with `echo`: the prompts, as each choice's text starts with its own
+        self.offsets: dict[int, int] = {}  # streaming: where each choice's next token starts in its text
+
+    def full(self, results: list[Result]) -> dict:
+        completions = streaming.completions(results)
+        echoed = [_echoed(text, c, self.tokenizer) for text, c in
+                  zip(self.echo, completions, strict=True)] if self.echo is not None else None
         choices = []
         for i, c in enumerate(completions):
             prompt = echoed[i] if echoed is not None else ""
@@ -143,34 +148,15 @@ class _Reply:
                 logprobs = logprob_format.completion(ids, entries, self.tokenizer)
             choices.append({"index": i, "text": prompt + c.text, "logprobs": logprobs,
                             "finish_reason": FINISH[c.finish_reason]})
-        return {**self._envelope(choices), "usage": self._usage(completions)}
+        return {**self._envelope(self.chunk, choices), "usage": self._usage(completions)}
 
-    async def stream(self, first: tuple[int, Event], events: AsyncGenerator[tuple[int, Event], None],
-                     n: int) -> AsyncIterator[bytes]:
-        done: list[Completion] = []
-        item = first
-        try:
-            while True:
-                index, piece = item
-                if isinstance(piece, Completion):
-                    done.append(piece)
-                    choice = {"index": index, "text": "", "logprobs": None,
-                              "finish_reason": FINISH[piece.finish_reason]}
-                elif isinstance(piece, TokenDelta):
-                    choice = {"index": index, "text": piece.text, "logprobs": self._piece_logprobs(index, piece),
-                              "finish_reason": None}
-                yield sse(self._envelope([choice]))
-                if len(done) == n:
-                    break
-                item = await anext(events)
-            if self.include_usage:
-                yield sse({**self._envelope([]), "usage": self._usage(done)})
-        except Exception as exc:  # headers are sent: report in-stream, as OpenAI does
-            yield sse(describe(exc)[1])
-        finally:
-            await events.aclose()
-        yield sse("[DONE]")
+    def piece(self, index: int, delta: TokenDelta) -> dict:
+        return self._envelope(self.chunk, [{"index": index, "text": delta.text,
+                                            "logprobs": self._piece_logprobs(index, delta), "finish_reason": None}])
 
+    def final(self, index: int, completion: Completion) -> dict:
+        return self._envelope(self.chunk, [{"index": index, "text": "", "logprobs": None,
+                                            "finish_reason": FINISH[completion.finish_reason]}])
 
     def _piece_logprobs(self, index: int, piece: TokenDelta) -> dict | None:
         if not self.logprobs or not piece.logprobs:
@@ -186,33 +172,6 @@ def _echoed(prompt: str, completion: Completion, tokenizer: Any) -> str:
     if list(tokenizer(prompt)["input_ids"]) == list(completion.prompt_ids):
         return prompt
     return tokenizer.decode(list(completion.prompt_ids), skip_special_tokens=True)
-
-
-async def _merged(handles: list[RequestHandle], metrics: Metrics) -> AsyncGenerator[tuple[int, Event], None]:
-    """Items of several requests as they come, tagged with the request's index."""
-    queue: asyncio.Queue[tuple[int, Event | None, BaseException | None]] = asyncio.Queue()
-
-    async def pump(index: int, handle: RequestHandle) -> None:
-        try:
-            async for item in streaming.events(handle, metrics):
-                await queue.put((index, item, None))
-        except Exception as exc:
-            await queue.put((index, None, exc))
-
-    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
-    remaining = len(handles)
-    try:
-        while remaining:
-            index, item, exc = await queue.get()
-            if exc is not None:
-                raise exc
-            assert item is not None
-            yield index, item
-            if isinstance(item, Completion):
-                remaining -= 1
-    finally:
-        for task in tasks:  # leaving early (error, client gone) cancels the requests still running
-            task.cancel()
 
 
 def refuse(checks: list[tuple[str, bool, str, object]]) -> None:
