@@ -3,7 +3,8 @@
 pydantic-settings lives only here, at the edge; the engine gets a plain `EngineConfig`, which is
 built (and so checked, by its own rules) when the settings are, so a bad value is refused at
 startup naming its flag and variable. Every field's description is also its `promptswap serve
---help` text.
+--help` text. The engine's settings are not declared here: one is made of each EngineConfig field,
+with the field's help, so a field added there is a flag and a variable with no edit here.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import typing
+from dataclasses import fields
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prompt_store.dtypes import DtypeName
-from server.demo import smollm2
+from server.demo import RANDOM_DEMO, Demo, choose_demo
 from server.engine.config import EngineConfig
 from server.engine.errors import InvalidConfig
 from server.engine.gguf import is_gguf
@@ -27,21 +30,9 @@ from server.logs import LogFormat
 MiB = 1024 * 1024
 
 # Settings handed to EngineConfig as they are; None means "the engine's own default".
-ENGINE_FIELDS = (
-    "max_running",
-    "max_tokens_per_step",
-    "max_context",
-    "max_queue",
-    "kv_cache_bytes",
-    "kv_cache_memory_fraction",
-    "prompt_cache_bytes",
-    "threads",
-)
+ENGINE_FIELDS = tuple(f.name for f in fields(EngineConfig))
 
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's
-DEMO_MODEL_NAME = "promptswap-demo"  # the random-weight demo's served name
-RANDOM_DEMO = "random-demo"  # --model value that asks for the random-weight demo explicitly
-DemoKind = Literal["smollm2", "random"]
 
 
 def _default_cache_dir() -> Path:
@@ -49,8 +40,9 @@ def _default_cache_dir() -> Path:
     return Path(base) / "promptswap"
 
 
-class Settings(BaseSettings):
-    """promptswap's settings. Environment: PROMPTSWAP_<FIELD>; `serve` flags override it."""
+class _ServiceSettings(BaseSettings):
+    """The settings listed before the engine's. Settings is made in three steps (these, the engine's, the rest)
+    only to keep the order `serve --help` lists them in."""
 
     # An empty variable (PROMPTSWAP_MAX_CONTEXT=) means unset, as it does for most programs.
     model_config = SettingsConfigDict(
@@ -125,30 +117,26 @@ class Settings(BaseSettings):
         4 * MiB, ge=1, description="Largest request body of the generation endpoints, in bytes."
     )
     max_batch_requests: int = Field(256, ge=1, description="Most requests in one POST /generate/batch.")
-    # Engine settings: unset means EngineConfig's default; their ranges are EngineConfig's (checked below).
-    max_running: int | None = Field(None, description="Most requests decoding at once (engine).")
-    max_tokens_per_step: int | None = Field(
-        None, description="Most tokens in one forward pass, >= max-running; long prompts prefill in chunks (engine)."
-    )
-    max_context: int | None = Field(
-        None, description="Most positions per request, virtual tokens included (engine)."
-    )
-    max_queue: int | None = Field(
-        None, description="Most requests waiting beyond the max-running running ones; more get 503 (engine)."
-    )
-    kv_cache_bytes: int | None = Field(
-        None, description="Byte budget of the KV page pool: requests' keys and values and task prefixes (engine)."
-    )
-    kv_cache_memory_fraction: float | None = Field(
-        None, description="Without --kv-cache-bytes on CUDA: the share of the GPU memory free after loading the "
-        "model that the KV cache may use (engine)."
-    )
-    prompt_cache_bytes: int | None = Field(
-        None, description="How much of the KV pool task prefixes no request uses may keep (least recently used out)."
-    )
-    threads: int | None = Field(
-        None, description="CPU threads of the engine's model work (torch intra-op); other threads use one."
-    )
+
+
+def _engine_settings() -> dict[str, Any]:
+    """One setting per EngineConfig field, with its help: unset (None) means the engine's default, and the
+    ranges are EngineConfig's (checked when the settings are made)."""
+    hints = typing.get_type_hints(EngineConfig)
+    return {f.name: (hints[f.name] | None, Field(None, description=f.metadata["help"])) for f in fields(EngineConfig)}
+
+
+if TYPE_CHECKING:
+    class _EngineSettings(_ServiceSettings):
+        # mypy cannot see fields made at run time: each engine setting reads as a number, or None when unset.
+        def __getattr__(self, name: str) -> int | float | None: ...
+else:
+    _EngineSettings = create_model("_EngineSettings", __base__=_ServiceSettings, **_engine_settings())
+
+
+class Settings(_EngineSettings):
+    """promptswap's settings. Environment: PROMPTSWAP_<FIELD>; `serve` flags override it."""
+
     shutdown_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
@@ -189,7 +177,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _gguf_file_needs_a_directory(self) -> Settings:
-        if self.gguf_file is not None and (self.model is None or self.model == RANDOM_DEMO or is_gguf(self.model)):
+        if self.gguf_file is not None and (self.model is None or self.demo or is_gguf(self.model)):
             raise ValueError(f"{setting_source('gguf_file')} names a file inside the --model directory; "
                              f"give --model that directory (or give --model the .gguf file alone), got --model "
                              f"{self.model!r}")
@@ -239,17 +227,13 @@ class Settings(BaseSettings):
         """Where a device map's "disk" layers are kept (one folder per served model)."""
         return self.cache_dir / "offload" / _slug(self.model_name())
 
-    def demo_kind(self) -> DemoKind | None:
-        """Which offline demo serves (None: the configured model). Unset picks the real one when installed."""
-        if self.model == RANDOM_DEMO:
-            return "random"
-        if self.model is None:
-            return "smollm2" if smollm2.available() else "random"
-        return None
+    def offline_demo(self) -> Demo | None:
+        """The offline demo served (None: the configured model); what differs between the demos is asked of it."""
+        return choose_demo(self.model)
 
     @property
     def demo(self) -> bool:
-        return self.demo_kind() is not None
+        return self.offline_demo() is not None
 
     def gguf_path(self) -> Path | None:
         """The GGUF file to convert, when the model is given as one."""
@@ -263,9 +247,9 @@ class Settings(BaseSettings):
         """The base model's served name: what /v1/models lists and `model` uses for no prompt."""
         if self.served_model_name:
             return self.served_model_name
-        demo = self.demo_kind()
+        demo = self.offline_demo()
         if demo is not None:
-            return smollm2.SERVED_NAME if demo == "smollm2" else DEMO_MODEL_NAME
+            return demo.served_name
         gguf = self.gguf_path()
         if gguf is not None:
             return gguf.stem

@@ -69,7 +69,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def check_model(settings: Settings) -> None:
     """The configured model can be found and is served (the demos need no check)."""
-    if settings.demo_kind() is not None:
+    if settings.demo:
         return
     gguf = settings.gguf_path()
     if gguf is not None:

@@ -27,7 +27,6 @@ from server.api.openapi import install_openapi
 from server.api.request_id import RequestIdMiddleware
 from server.api.routes import chat, generate, openai, ops, prompts
 from server.config import MiB, Settings
-from server.demo import random_demo, smollm2
 from server.engine.errors import InvalidParameter, ModelNotSupported
 from server.engine.loop import Engine
 from server.engine.model_loader import BaseModel, load_base_model
@@ -115,11 +114,11 @@ def _build_engine(settings: Settings) -> tuple[BaseModel, PromptRegistry, Engine
     registry = PromptRegistry(base.geometry, backend=backend, dtype=base.dtype, limits=limits,
                               base_model_names=served_model_names(settings, base),
                               strict_base_model=settings.strict_base_model, check_defaults=check_task_defaults)
-    demo = settings.demo_kind()
+    demo = settings.offline_demo()
     if settings.prompt_store is None:
         registry.load_all()
         if demo is not None and not settings.read_only_prompts:
-            (smollm2 if demo == "smollm2" else random_demo).register_demo_tasks(registry, base)
+            demo.register_tasks(registry, base)
     elif demo is not None:  # replicas would race to write them into the shared store
         log.info("the demo's built-in tasks are not added to the shared prompt store %s", registry.location)
     engine = Engine(base, registry, settings.engine_config())
@@ -134,15 +133,16 @@ _QUANT_SUFFIX = re.compile(r"[-._](?:I?Q\d\w*|[BF]F?16|F32)$", re.IGNORECASE)
 def served_model_names(settings: Settings, base: BaseModel) -> list[str]:
     """Every name the served model goes by, for the adapters' recorded base model to be checked against:
     the served name, the model as configured (path, hub id or GGUF file), the loaded directory, its
-    config's own name, and for the SmolLM2 demo its hub id."""
+    config's own name, and for a demo made from a hub model (SmolLM2) its hub id."""
+    demo = settings.offline_demo()
     names = [settings.model_name(), base.name, getattr(base.model.config, "_name_or_path", "") or ""]
-    if settings.model is not None and settings.demo_kind() is None:
+    if settings.model is not None and demo is None:
         names.append(settings.model)
     gguf = settings.gguf_path()
     if gguf is not None:  # Llama-3.2-1B-Instruct-Q4_K_M.gguf names itself and Llama-3.2-1B-Instruct
         names += [gguf.stem, _QUANT_SUFFIX.sub("", gguf.stem)]
-    if settings.demo_kind() == "smollm2":
-        names.append(smollm2.HUB_ID)
+    if demo is not None and demo.hub_id is not None:
+        names.append(demo.hub_id)
     return [name for name in names if name]
 
 

