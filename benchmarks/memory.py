@@ -32,6 +32,12 @@ many-tasks  256 requests over 1,000 tasks, 64 new tokens each, prompt_cache_byte
     prefix is computed: the prompt cache's worst case. Against the same requests (same texts and
     lengths) over 16 tasks, with the same engine settings. Target: >= 0.8x its tokens/s; the
     prompt-cache hits and misses of both.
+shared-system-prompt  64 requests over 16 tasks (`--no-task-fraction 0`), every text an instruction of
+    800 tokens (`--instruction-tokens`, the same for all) followed by the request's own 32-128 tokens,
+    64 new tokens each. promptswap with automatic prefix caching against the same engine with
+    `prefix_caching=False`. The instruction's pages are computed once per task (its keys and values
+    depend on the task's prefix) and read by the task's other requests. Targets: p50 TTFT >= 4x
+    better, tokens/s >= 2x; the cache's queried and hit tokens.
 """
 
 from __future__ import annotations
@@ -51,7 +57,15 @@ from benchmarks.hf_generate import HFGenerator
 from benchmarks.metrics import RequestResult, agreement, ratios, to_dict
 from benchmarks.threads import in_worker
 from benchmarks.throughput import timed, warm_hf, warmup_workload
-from benchmarks.workload import Request, Workload, WorkloadSpec, embedding_std, make_workload
+from benchmarks.workload import (
+    Request,
+    Workload,
+    WorkloadSpec,
+    embedding_std,
+    make_workload,
+    plain_vocab,
+    random_text,
+)
 from server.engine.pages import PAGE_SIZE, pages_for
 
 _COMMON = {"no_task_fraction": 0.0, "arrival": "burst", "concurrency": [64], "virtual_tokens": (8, 64),
@@ -62,6 +76,8 @@ DEFAULTS = {
                                 "old_rule_running": 16},
     "shared-prefix": _COMMON | {"requests": 64, "tasks": 1, "virtual_tokens": (64, 64), "max_new_tokens": (64, 64)},
     "many-tasks": _COMMON | {"requests": 256, "tasks": 1000, "max_new_tokens": (64, 64), "cached_tasks": 100},
+    "shared-system-prompt": _COMMON | {"requests": 64, "tasks": 16, "max_new_tokens": (64, 64),
+                                       "instruction_tokens": 800},
 }
 WORKLOADS = tuple(DEFAULTS)
 FEW_TASKS = 16  # many-tasks' comparison
@@ -289,7 +305,44 @@ def many_tasks(s: Systems, spec: WorkloadSpec, make: Callable[[WorkloadSpec], Wo
     )  # fmt: skip
 
 
-RUNS = {"mixed-lengths": mixed_lengths, "shared-prefix": shared_prefix, "many-tasks": many_tasks}
+def shared_system_prompt(s: Systems, spec: WorkloadSpec, make: Callable[[WorkloadSpec], Workload]) -> Outcome:
+    own = make(spec)
+    tokenizer = s.base.tokenizer
+    instruction, instruction_tokens = random_text(tokenizer, plain_vocab(tokenizer), s.args.instruction_tokens,
+                                                  random.Random(spec.seed + 3))
+    requests = []
+    for r in own.requests:
+        text = f"{instruction}\n{r.text}"
+        requests.append(replace(r, text=text, num_text_tokens=len(tokenizer(text)["input_ids"])))
+    workload = Workload(own.tasks, tuple(requests))
+    ours, theirs = "promptswap", "promptswap, no prefix caching"
+    cached = s.promptswap(ours, workload)
+    s.promptswap(theirs, workload, prefix_caching=False)
+    ttft = s.summaries[theirs]["p50_ttft_s"] / s.summaries[ours]["p50_ttft_s"]
+    speed = s.summaries[ours]["tokens_per_s"] / s.summaries[theirs]["tokens_per_s"]
+    end = cached["end"]
+    figures = {
+        "instruction_tokens": instruction_tokens, "tasks": len({r.task for r in workload.requests}),
+        "prefix_cache_queries": end["prefix_cache_queries"], "prefix_cache_hits": end["prefix_cache_hits"],
+        "hit_rate": end["prefix_cache_hits"] / max(1, end["prefix_cache_queries"]),
+        "p50_ttft_better": ttft, "tokens_per_s_better": speed, "preemptions": end["preemptions"],
+        "agreement_cached_vs_not": agreement(s.results[ours], s.results[theirs]),
+    }  # fmt: skip
+    return Outcome(
+        title=f"{len(requests)} requests over {figures['tasks']} tasks sharing a {instruction_tokens}-token "
+              "instruction, each with its own text",
+        ours=ours, spec=spec, workload=workload, figures=figures,
+        targets={
+            "ttft": target(">= 4x better p50 TTFT with prefix caching", ttft, 4.0, ttft >= 4.0),
+            "tokens_per_s": target(">= 2x tokens/s with prefix caching", speed, 2.0, speed >= 2.0),
+        },
+        panel=("p50 TTFT s", {name: s.summaries[name]["p50_ttft_s"] for name in (ours, theirs)}),
+        extra={"instruction_tokens": instruction_tokens},
+    )  # fmt: skip
+
+
+RUNS = {"mixed-lengths": mixed_lengths, "shared-prefix": shared_prefix, "many-tasks": many_tasks,
+        "shared-system-prompt": shared_system_prompt}
 
 
 def run(args, model_path: str, log: Callable[[str], None]) -> dict:

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="mixed-lengths: requests the old admission rule fits in the engine's kv_cache_bytes")
     memory.add_argument("--cached-tasks", type=int, default=None,
                         help="many-tasks: prompt_cache_bytes holds the idle prefixes of about this many tasks")
+    memory.add_argument("--instruction-tokens", type=int, default=None,
+                        help="shared-system-prompt: tokens of the instruction every request's text starts with")
     p.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="auto")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

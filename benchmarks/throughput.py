@@ -85,8 +85,10 @@ def _run_engine(bench: Bench, workload: Workload, concurrency: int) -> list[Requ
 
 
 def warmup_workload(workload: Workload, n: int = 2) -> Workload:
-    """A couple of the workload's texts with no task and two new tokens: warms kernels, not caches."""
-    reqs = tuple(replace(r, task=None, max_new_tokens=2, arrival_s=0.0) for r in workload.requests[:n])
+    """A couple of the workload's texts with no task and two new tokens: warms kernels, not caches (the texts
+    begin differently, so no page of theirs is one a measured request could read from the prefix cache)."""
+    reqs = tuple(replace(r, task=None, text=f"warm-up {r.text}", max_new_tokens=2, arrival_s=0.0)
+                 for r in workload.requests[:n])
     return Workload({}, reqs)
 
 

@@ -45,7 +45,7 @@ def add_serve_command(subparsers) -> None:
         suffix = "" if described and name not in ENGINE_FIELDS else f"; default: {shown}"
         help_text = f"{field.description} [env PROMPTSWAP_{name.upper()}{suffix}]"
         # SUPPRESS: a flag not given leaves the attribute absent, so the environment decides.
-        if field.annotation is bool:  # --strict-base-model / --no-strict-base-model
+        if field.annotation in (bool, bool | None):  # --strict-base-model / --no-strict-base-model
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text.replace("%", "%%"))
             continue

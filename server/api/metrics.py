@@ -96,10 +96,12 @@ class _EngineCollector:
             ("promptswap_kv_cache_bytes", "Bytes allocated for the KV page pool now.", stats.kv_bytes),
             ("promptswap_kv_cache_budget_bytes", "Byte budget of the KV page pool.", stats.kv_budget_bytes),
             ("promptswap_kv_pages_total", "Pages in the KV pool (the budget, in pages).", stats.kv_pages_total),
-            ("promptswap_kv_pages_used", "KV pages held by running requests and task prefixes.",
+            ("promptswap_kv_pages_used", "KV pages held by running requests, task prefixes and the prefix cache.",
              stats.kv_pages_used),
             ("promptswap_kv_pages_shared", "KV pages held by task prefixes, shared by their requests.",
              stats.kv_pages_shared),
+            ("promptswap_kv_pages_cached", "Full KV pages kept by automatic prefix caching (read by running "
+             "requests, or idle until the pool needs them).", stats.kv_pages_cached),
             ("promptswap_prompt_cache_bytes", "Bytes of task prefixes in the KV pool (in use or cached).",
              stats.prompt_cache_bytes),
             ("promptswap_prompt_cache_budget_bytes", "Bytes that idle task prefixes may keep in the KV pool.",
@@ -119,6 +121,15 @@ class _EngineCollector:
         yield CounterMetricFamily(
             "promptswap_prompt_cache_misses", "Requests whose task prefix had to be computed.",
             value=stats.prompt_cache_misses,
+        )
+        yield CounterMetricFamily(
+            "promptswap_prefix_cache_queries", "Text tokens looked up in the automatic prefix cache when a request "
+            "was admitted (a resumed request counts again).", value=stats.prefix_cache_queries,
+        )
+        yield CounterMetricFamily(
+            "promptswap_prefix_cache_hits", "Of the text tokens looked up, those whose keys and values were "
+            "computed already (for the same task prefix and tokens before them) and reused.",
+            value=stats.prefix_cache_hits,
         )
 
 

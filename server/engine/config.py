@@ -32,6 +32,10 @@ class EngineConfig:
                 "the KV cache may use (engine)."})
     prompt_cache_bytes: int = field(default=512 * 2**20, metadata={
         "help": "How much of the KV pool task prefixes no request uses may keep (least recently used out)."})
+    prefix_caching: bool = field(default=True, metadata={
+        "help": "Automatic prefix caching: a request reads the full KV pages earlier requests computed for the same "
+                "task prefix and leading tokens instead of computing them (for every task kind); idle cached pages "
+                "stay until the pool needs them (engine)."})
     # Once the engine starts, every other thread of the process runs torch on one thread; see
     # server/engine/threads.py.
     threads: int | None = field(default=None, metadata={
@@ -39,7 +43,8 @@ class EngineConfig:
         "unset": "torch's default, one per core"})
 
     def __post_init__(self) -> None:
-        SchedulerConfig(self.max_running, self.max_tokens_per_step)  # its checks, written once there
+        # Its checks, written once there.
+        SchedulerConfig(self.max_running, self.max_tokens_per_step, prefix_caching=self.prefix_caching)
         for name in ("max_queue", "prompt_cache_bytes"):
             check_int(name, getattr(self, name), low=1)
         check_int("kv_cache_bytes", self.kv_cache_bytes, low=1, optional=True)

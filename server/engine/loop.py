@@ -38,7 +38,7 @@ class EngineStats:
     kv_bytes: int  # storage allocated for the KV pool now
     kv_budget_bytes: int
     kv_pages_total: int
-    kv_pages_used: int  # held by requests and task prefixes
+    kv_pages_used: int  # held by requests, task prefixes and the prefix cache
     kv_pages_shared: int  # held by task prefixes
     preemptions: int
     peak_running: int
@@ -47,6 +47,9 @@ class EngineStats:
     prompt_cache_hits: int
     prompt_cache_misses: int
     prompt_cache_entries: int
+    prefix_cache_queries: int  # text tokens looked up in the prefix cache at admission
+    prefix_cache_hits: int  # of those, the tokens whose keys and values were reused
+    kv_pages_cached: int  # full pages the prefix cache holds (some read by running requests)
 
 
 class Engine:
@@ -71,7 +74,8 @@ class Engine:
                                 "and values)", self.kv_budget_bytes)
         self.runner = ModelRunner(base, total_pages=total_pages + 1)
         scheduler_config = SchedulerConfig(self.config.max_running, self.config.max_tokens_per_step, total_pages,
-                                           self.config.prompt_cache_bytes // self.page_bytes)
+                                           self.config.prompt_cache_bytes // self.page_bytes,
+                                           self.config.prefix_caching)
         self.scheduler = Scheduler(scheduler_config, eos_ids=_eos_ids(base.model))
         self.admission = Admission(self.tokenizer, tasks, self.max_context, self.scheduler)
         self._inbox: list[Sequence] = []  # submitted, not yet seen by the loop (guarded by _lock)
@@ -137,7 +141,8 @@ class Engine:
         return EngineStats(waiting, running, self.runner.kv.nbytes, self.kv_budget_bytes, pool.pages_total,
                            pool.pages_used, pool.pages_shared, self.scheduler.preemptions,
                            self.scheduler.peak_running, pool.pages_shared * self.page_bytes,
-                           self.config.prompt_cache_bytes, pool.prefix_hits, pool.prefix_misses, pool.prefix_entries)
+                           self.config.prompt_cache_bytes, pool.prefix_hits, pool.prefix_misses, pool.prefix_entries,
+                           self.scheduler.cache_queries, self.scheduler.cache_hits, pool.pages_cached)
 
     # -- the loop (engine thread only) ---------------------------------------------------------
 

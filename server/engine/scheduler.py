@@ -14,6 +14,11 @@ the newest running request is preempted: its pages go back and it waits at the f
 be recomputed (pages.py, Sequence). The oldest request always fits alone (`fits_alone` is checked at
 submission), so the pool can never deadlock.
 
+Prefix caching (pages.py): a request is admitted with every leading full page already computed for its
+task prefix and tokens (its own first pages then are shared ones), and computes only the rest; after
+each step, the pages it filled are registered for the requests after it. A preempted request finds its
+own pages again this way, when nobody needed them meanwhile.
+
 `postprocess()`, after the step ran, takes one `StepResult` per request: each request's cache
 advances by the tokens computed, the sampled tokens are appended, and requests that hit a stop, the
 end of sequence or their length (or scored every choice) finish.
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from server.engine.errors import InvalidConfig, check_int
-from server.engine.pages import PagePool, SharedPrefix, pages_for
+from server.engine.pages import PAGE_SIZE, PagePool, SharedPrefix, chain_digests, pages_for
 from server.engine.sequence import Sequence, Status, TokenLogprob
 
 Batch = list[tuple[Sequence, int]]  # (request, tokens computed for it in this step)
@@ -50,11 +55,14 @@ class SchedulerConfig:
     max_tokens_per_step: int = 512
     kv_pages: int = 1 << 16  # pages in the KV pool (PAGE_SIZE positions each, all layers counted)
     prefix_cache_pages: int = 1 << 12  # pages idle task prefixes may keep
+    prefix_caching: bool = True  # reuse the full pages other requests computed for the same prefix and tokens
 
     def __post_init__(self) -> None:
         for name in ("max_running", "max_tokens_per_step", "kv_pages"):
             check_int(name, getattr(self, name), low=1)
         check_int("prefix_cache_pages", self.prefix_cache_pages, low=0)
+        if not isinstance(self.prefix_caching, bool):
+            raise InvalidConfig("prefix_caching", "a boolean", self.prefix_caching)
         if self.max_tokens_per_step < self.max_running:
             raise InvalidConfig("max_tokens_per_step", f"an integer >= max_running ({self.max_running}) so that "
                                 "every running request can decode in each step", self.max_tokens_per_step)
@@ -93,6 +101,8 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order: the last is the newest
         self.preemptions = 0
         self.peak_running = 0
+        self.cache_queries = 0  # text tokens looked up in the prefix cache at admission
+        self.cache_hits = 0  # of those, the tokens found computed already
 
     def fits_alone(self, seq: Sequence) -> bool:
         """Whether `seq` could ever finish: with no one else running, all its pages fit the pool."""
@@ -132,12 +142,14 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             seq = self.waiting[0]
             key = prefix_key(seq)
-            if not self._can_admit(seq, key):
+            cached = self._cached_pages(seq, key)
+            if not self._can_admit(seq, key, cached):
                 break  # first come, first served: wait for memory rather than let others overtake
             # A soft prompt first used now has its virtual tokens computed in this step's pass: they count.
             prefix_tokens = seq.num_virtual if self._computes_prefix(seq, key) else 0
             if self._waits_for_room(prefix_tokens, budget - 1, step):
                 break  # a later step has room for the prefix and at least one text token
+            self._start_from_cache(seq, cached)  # before anything is allocated: that could evict them
             n = min(seq.num_uncached, max(1, budget - prefix_tokens))
             budget -= prefix_tokens
             if key is not None:
@@ -170,8 +182,40 @@ class Scheduler:
         return (key is not None and seq.prompt is not None and seq.prompt.kind != "prefix"
                 and key not in self.pool.prefixes)
 
-    def _can_admit(self, seq: Sequence, key: Hashable | None) -> bool:
-        need = pages_for(seq.num_tokens) + (self.pool.prefix_cost(key, seq.num_virtual) if key is not None else 0)
+    def _cached_pages(self, seq: Sequence, key: Hashable | None) -> list[int]:
+        """The leading pages of `seq`'s tokens that are cached (not yet shared with it). At least its last token
+        is left to compute: its logits pick what follows. A request scoring its prompt tokens computes them all."""
+        if not self.config.prefix_caching or seq.params.prompt_logprobs:
+            return []
+        usable = (seq.num_tokens - 1) // PAGE_SIZE
+        if not usable:
+            return []
+        return self.pool.cached_pages(chain_digests(key, seq.all_ids, seq.page_digests, usable)[:usable])
+
+    def _start_from_cache(self, seq: Sequence, cached: list[int]) -> None:
+        """Admit `seq` with its cached leading pages as its own first pages, computed already."""
+        assert not seq.pages and seq.num_cached == 0, "a waiting request holds no pages"
+        if self.config.prefix_caching and not seq.params.prompt_logprobs:
+            self.cache_queries += seq.num_tokens
+            self.cache_hits += len(cached) * PAGE_SIZE
+        self.pool.share(cached)
+        seq.pages.extend(cached)
+        seq.pages_registered = len(cached)
+        seq.num_cached = len(cached) * PAGE_SIZE
+
+    def _register_full_pages(self, seq: Sequence) -> None:
+        """Cache the pages `seq` filled: every one of its positions there is computed, and none is written again."""
+        full = seq.num_cached // PAGE_SIZE
+        if not self.config.prefix_caching or full <= seq.pages_registered:
+            return
+        digests = chain_digests(prefix_key(seq), seq.all_ids, seq.page_digests, full)
+        for j in range(seq.pages_registered, full):
+            self.pool.register(seq.pages[j], digests[j])
+        seq.pages_registered = full
+
+    def _can_admit(self, seq: Sequence, key: Hashable | None, cached: list[int]) -> bool:
+        need = (pages_for(seq.num_tokens) - len(cached) + self.pool.share_cost(cached)
+                + (self.pool.prefix_cost(key, seq.num_virtual) if key is not None else 0))
         if seq.scoring is not None:  # its choices' pages too: else it would preempt itself at its choices' step
             need += seq.scoring.pages_needed()
         reserve = self.reserve if self.running else 0  # alone it needs no room to spare: it fits alone
@@ -211,7 +255,7 @@ class Scheduler:
         """Take `seq`'s pages back and queue it first in line, to be recomputed when memory allows."""
         self.running.remove(seq)
         self._release_pages(seq)
-        seq.num_cached = 0
+        seq.num_cached = seq.pages_registered = 0
         if seq.scoring is not None:
             seq.scoring.restart()  # it computes its text again, then its choices
         seq.preemptions += 1
@@ -243,6 +287,7 @@ class Scheduler:
         for r in results:
             if not r.seq.computes_choices(r.n):  # the choices' tokens are not the request's own
                 r.seq.num_cached += r.n
+                self._register_full_pages(r.seq)
         finished = []
         for r in results:
             seq = r.seq

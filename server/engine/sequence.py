@@ -197,6 +197,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     num_cached: int = 0
     pages: list[int] = field(default_factory=list)  # own KV pages, in position order (pages.py)
+    page_digests: list[bytes] = field(default_factory=list)  # prefix caching: the chain digests of its full pages
+    pages_registered: int = 0  # leading pages of `pages` that are in the prefix cache
     prefix: SharedPrefix | None = None  # the task prefix's shared pages while it runs
     preemptions: int = 0
     cancelled: bool = False  # set by the caller's handle; the loop drops the request at its next step

@@ -111,3 +111,30 @@ def test_chat_refusals_name_the_field(oa, start_server, gpt2_dir):
         plain.chat.completions.create(model=no_template.settings.model_name(), messages=MESSAGES)
     assert err.value.body["param"] == "messages" and "chat template" in err.value.body["message"]
     no_template.stop()
+
+
+def test_a_long_system_message_is_computed_once_and_read_by_later_chats(oa, reference, llama_server):
+    """Automatic prefix caching through chat: the second conversation with the same long system message reads its
+    pages (counted on /metrics) and still answers with PEFT's greedy tokens over its own conversation."""
+    from tests.api.conftest import scrape_metrics
+
+    tokenizer, peft, _ = reference
+    system = {"role": "system", "content": "You are the station's help desk. " * 12}
+    with llama_server.client() as c:
+        before = scrape_metrics(c)
+    answers = []
+    for question in ("Where is the station?", "When does the last train leave?"):
+        messages = [system, {"role": "user", "content": question}]
+        done = oa.chat.completions.create(model="chatty", messages=messages, max_tokens=6, temperature=0,
+                                          logprobs=True, extra_body={"ignore_eos": True})
+        ids = list(tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                             add_special_tokens=False)["input_ids"])
+        assert [e.token for e in done.choices[0].logprobs.content] == [tokenizer.decode([t])
+                                                                       for t in greedy(peft, ids, 6)]
+        answers.append(len(ids))
+    with llama_server.client() as c:
+        after = scrape_metrics(c)
+    hits = after[("promptswap_prefix_cache_hits_total", ())] - before.get(("promptswap_prefix_cache_hits_total", ()), 0)
+    queries = (after[("promptswap_prefix_cache_queries_total", ())]
+               - before.get(("promptswap_prefix_cache_queries_total", ()), 0))
+    assert queries == sum(answers) and hits >= 4 * 16  # the system message's pages, read by the second

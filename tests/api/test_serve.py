@@ -49,7 +49,9 @@ def test_every_engine_setting_is_a_setting_and_a_flag_with_its_help(capsys, monk
         setting = Settings.model_fields[f.name]
         assert setting.default is None and setting.description == f.metadata["help"], f.name
         flag, env = "--" + f.name.replace("_", "-"), f"PROMPTSWAP_{f.name.upper()}"
-        assert f"{flag} {f.name.upper()} {f.metadata['help']} [env {env}; default: {describe_default(f.name)}]" in flat
+        # A switch reads --name, --no-name; any other flag takes a value.
+        usage = f"{flag}, --no-{flag[2:]}" if f.type in (bool, "bool") else f"{flag} {f.name.upper()}"
+        assert f"{usage} {f.metadata['help']} [env {env}; default: {describe_default(f.name)}]" in flat
         monkeypatch.setenv(env, "")  # empty: unset, the engine's default
         assert getattr(Settings(), f.name) is None and Settings().engine_config() == EngineConfig()
         if f.default is not None:
@@ -121,6 +123,10 @@ def test_flags_override_the_environment(monkeypatch):
     assert settings.admin_token.get_secret_value() == "from-env" and settings.max_running == 3  # from env
     assert settings.engine_config() == EngineConfig(max_running=3)
     assert settings.model_name() == "model"
+    monkeypatch.setenv("PROMPTSWAP_PREFIX_CACHING", "true")
+    args = build_parser().parse_args(["serve", "--no-prefix-caching"])  # a switch of the engine's, off by flag
+    settings = Settings(**{k: v for k, v in vars(args).items() if k in Settings.model_fields})
+    assert settings.engine_config() == EngineConfig(max_running=3, prefix_caching=False)
 
 
 def test_invalid_setting_is_a_clear_error(capsys):

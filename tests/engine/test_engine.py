@@ -32,7 +32,8 @@ def test_burst_leaves_memory_within_budgets(make_engine):
         h.result(timeout=60)
     stats = engine.stats()
     assert stats.running == 0 and stats.waiting == 0
-    assert stats.kv_pages_used == stats.kv_pages_shared  # only cached task prefixes keep pages when idle
+    # Only cached task prefixes and the prefix cache's full pages keep pages when idle.
+    assert stats.kv_pages_used == stats.kv_pages_shared + stats.kv_pages_cached
     assert stats.prompt_cache_bytes <= 40_000
     assert stats.prompt_cache_misses >= 5  # every task's prefix was computed, and evictions recomputed some
 

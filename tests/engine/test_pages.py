@@ -1,6 +1,7 @@
 """KV pages without torch: requests hold what they use, task prefixes are shared, a full pool preempts."""
 
 import random
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -34,11 +35,15 @@ def step(sched: Scheduler, token: int = 7):
 
 
 def check_pool(sched: Scheduler) -> None:
-    """Every page is free or held by exactly one owner (a running request or a prefix)."""
-    owners = [p for s in sched.running for p in s.pages]
-    owners += [p for e in sched.pool.prefixes.values() for p in e.pages]
-    assert len(owners) == len(set(owners)), "a page held twice"
-    assert len(owners) + sched.pool.free == sched.pool.total
+    """Every page is free, idle in the prefix cache, or held: by one task prefix, or by running requests (by
+    several only when it is a cached page), its count of holders right."""
+    pool = sched.pool
+    holders = Counter(p for s in sched.running for p in s.pages)
+    prefix_pages = [p for e in pool.prefixes.values() for p in e.pages]
+    assert len(prefix_pages) == len(set(prefix_pages)) and not set(prefix_pages) & set(holders), "a page held twice"
+    for page, count in holders.items():
+        assert pool.holders(page) == count and (count == 1 or pool.is_cached(page))
+    assert len(holders) + len(prefix_pages) + pool.idle_cached + pool.free == pool.total
     for s in sched.waiting:
         assert not s.pages and s.prefix is None and s.num_cached == 0
 
@@ -115,19 +120,23 @@ def test_admission_counts_pages_needed_now_plus_a_reserve():
     assert sched.schedule().admitted == seqs[:2]
 
 
-def test_a_full_pool_preempts_the_newest_and_it_resumes_by_recomputing():
-    sched = Scheduler(SchedulerConfig(kv_pages=6, max_running=4))
+@pytest.mark.parametrize("caching", [False, True])
+def test_a_full_pool_preempts_the_newest_and_it_resumes_by_recomputing(caching):
+    """Without prefix caching a resumed request recomputes all it had; with it, what is still cached is read."""
+    sched = Scheduler(SchedulerConfig(kv_pages=6, max_running=4, prefix_caching=caching))
     old, new = request(PAGE_SIZE, max_new=3 * PAGE_SIZE), request(PAGE_SIZE, max_new=3 * PAGE_SIZE)
     sched.add(old)
     sched.add(new)
     preempted = []
+    read_on_resume = 0
     tokens = iter(range(100, 10_000))
     while sched.has_work():
         scheduled = sched.schedule()
         preempted += scheduled.preempted
         for s, n in scheduled.batch:
-            if s in preempted and n > 1:  # a resumed request recomputes everything it had, then samples
-                assert n == s.num_tokens and s.num_cached == 0
+            if s in preempted and s in scheduled.admitted:  # resumed: it recomputes what it had (or is not cached)
+                assert n == s.num_uncached and (s.num_cached == 0 if not caching else s.num_cached % PAGE_SIZE == 0)
+                read_on_resume = max(read_on_resume, s.num_cached)
         check_pool(sched)
         sampling = [s for s, n in scheduled.batch if s.samples_after(n)]
         sched.postprocess(sampled(scheduled.batch, [next(tokens) for _ in sampling]))
@@ -137,7 +146,8 @@ def test_a_full_pool_preempts_the_newest_and_it_resumes_by_recomputing():
         assert s.finish_reason == "length" and len(s.output_ids) == 3 * PAGE_SIZE
         streamed = [t for item in s.output if isinstance(item, TokenDelta) for t in item.token_ids]
         assert streamed == s.output_ids  # nothing sent twice
-    assert sched.pool.free == sched.pool.total
+    assert sched.pool.free + sched.pool.idle_cached == sched.pool.total and (sched.pool.idle_cached > 0) == caching
+    assert (read_on_resume > PAGE_SIZE) == caching  # with caching, a resumed request read pages of its own answer
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -162,7 +172,9 @@ def test_random_load_on_a_small_pool_never_deadlocks_or_leaks(seed):
     assert not sched.has_work(), "the pool deadlocked"
     assert all(s.status is Status.FINISHED and len(s.output_ids) == s.params.max_new_tokens for s in seqs)
     stats = sched.pool.stats()
-    assert stats.pages_used == stats.pages_shared <= max(sched.config.prefix_cache_pages, 0)
+    # Left held: idle task prefixes within their cap, and full pages the prefix cache keeps (nobody holds them).
+    assert stats.pages_used - stats.pages_cached_idle == stats.pages_shared <= max(sched.config.prefix_cache_pages, 0)
+    assert stats.pages_cached == stats.pages_cached_idle
 
 
 def test_a_new_soft_prompts_virtual_tokens_count_in_the_step_budget():
