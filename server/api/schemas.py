@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from server.api import logprobs as logprob_format
 from server.config import Settings
+from server.engine.errors import InvalidParameter
+from server.engine.grammar import ResponseFormat
 from server.engine.sequence import (
     DEFAULT_MAX_NEW_TOKENS,
     MAX_CHOICES,
@@ -42,8 +44,54 @@ _ENGINE_NAMES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_n
                  "top_logprobs": "logprobs"}
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+
+    name: str | None = Field(None, description="The schema's name (OpenAI requires one; promptswap does not read it)")
+    schema_: dict[str, Any] = Field(alias="schema", description="The JSON schema every answer is valid for")
+    strict: bool | None = Field(None, description="Accepted for OpenAI's clients: answers always follow the schema")
+    description: str | None = None
+
+
+class ResponseFormatBody(BaseModel):
+    """Structured output: the generated text is a JSON object, JSON valid for a schema, or (on /generate only) a
+    match of a regular expression. Tokens are masked with llguidance as they are picked; the answer stops when
+    the format is complete (finish_reason "stop")."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["text", "json_object", "json_schema", "regex"]
+    json_schema: JsonSchemaFormat | None = Field(None, description='With type "json_schema"')
+    pattern: str | None = Field(None, description='With type "regex" (/generate only): the whole output matches it')
+
+    def to_engine(self, regex_allowed: bool) -> ResponseFormat | None:
+        """The engine's ResponseFormat (None for plain text); what does not fit its type is a 422 naming it."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return ResponseFormat("json_object")
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise InvalidParameter("response_format.json_schema", 'an object {"name", "schema"} with type '
+                                       '"json_schema"', None)
+            return ResponseFormat.json_schema(self.json_schema.schema_)
+        if not regex_allowed:
+            raise InvalidParameter("response_format.type", '"text", "json_object" or "json_schema" ("regex" is '
+                                   "/generate's)", self.type)
+        if not self.pattern:
+            raise InvalidParameter("response_format.pattern", 'a regular expression with type "regex"', self.pattern)
+        return ResponseFormat("regex", self.pattern)
+
+
 class _Sampling:
     """The body fields that go to SamplingParams as they are (each route caps max_new_tokens / max_tokens)."""
+
+    REGEX_ALLOWED: ClassVar[bool] = True  # a "regex" response format: promptswap's own API takes it, OpenAI's do not
+
+    def engine_format(self) -> ResponseFormat | None:
+        """The body's response_format as the engine's (None: plain text)."""
+        body: ResponseFormatBody | None = getattr(self, "response_format", None)
+        return body.to_engine(self.REGEX_ALLOWED) if body is not None else None
 
     def sent(self) -> frozenset[str]:
         """The SamplingParams fields this body set itself (a schema default or an explicit null is not sent)."""
@@ -77,6 +125,9 @@ class GenerateParams(_Sampling, _Strict):
         "generating: the answer is then {task, best, choices: [{text, logprob, mean_logprob, num_tokens}], usage}, "
         "most likely first. A choice's tokens are tokenizer(choice, add_special_tokens=False) after the text's. "
         "Not with stream.")
+    response_format: ResponseFormatBody | None = Field(
+        None, description='Structured output: {"type": "json_object"}, {"type": "json_schema", "json_schema": '
+        '{"name", "schema"}} or {"type": "regex", "pattern": ...}. Not with choices.')
 
 
 class GenerateRequest(GenerateParams):
@@ -179,6 +230,7 @@ class _OpenAIBody(_Sampling, BaseModel):
     OpenAI; values must have their JSON type, as OpenAI requires."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
+    REGEX_ALLOWED: ClassVar[bool] = False
 
     model: str
     temperature: float = 1.0
@@ -192,6 +244,9 @@ class _OpenAIBody(_Sampling, BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    response_format: ResponseFormatBody | None = Field(
+        None, description='Structured output: {"type": "text"} (the default), {"type": "json_object"} or '
+        '{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}')
     # Extensions, as vLLM names them.
     top_k: int = 0
     ignore_eos: bool = False
@@ -292,7 +347,6 @@ class ChatRequest(_OpenAIBody):
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None  # OpenAI's older name for tools
-    response_format: dict[str, Any] | None = None
 
     def sampling_kwargs(self) -> dict[str, Any]:
         kwargs = super().sampling_kwargs()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from prompt_store.template import MAX_CHOICE_CHARS, apply_template
 from server.engine.detokenizer import IncrementalText
 from server.engine.errors import InvalidParameter, RequestTooLong
+from server.engine.grammar import Grammars, ResponseFormat
 from server.engine.pages import PAGE_SIZE
 from server.engine.sampler import make_generator
 from server.engine.scoring import ChoiceScoring
@@ -46,6 +47,7 @@ class EngineRequest:
     raw: bool = False  # skip the task's text template
     choices: TypingSequence[str] | bool | None = None  # score these (True: the task's stored ones) instead
     add_special_tokens: bool = True  # False for a conversation a chat template already framed (no second BOS)
+    response_format: ResponseFormat | None = None  # structured output: what the generated text must match
 
 
 def with_task_defaults(params: SamplingParams, defaults: dict | None, sent: frozenset[str] | None,
@@ -63,11 +65,13 @@ def with_task_defaults(params: SamplingParams, defaults: dict | None, sent: froz
 class Admission:
     """Checks a request against the model, its task and the KV budget; builds its Sequence."""
 
-    def __init__(self, tokenizer: Any, tasks: TaskSource, max_context: int, scheduler: Scheduler) -> None:
+    def __init__(self, tokenizer: Any, tasks: TaskSource, max_context: int, scheduler: Scheduler,
+                 vocab_size: int) -> None:
         self.tokenizer = tokenizer
         self.tasks = tasks
         self.max_context = max_context
         self.scheduler = scheduler
+        self.grammars = Grammars(tokenizer, vocab_size, scheduler.eos_ids)
         # No token spans more characters than the longest vocabulary entry, so a text of N characters
         # has at least N / this many tokens: a cheap bound that refuses a huge text before tokenizing it.
         self.longest_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
@@ -100,11 +104,17 @@ class Admission:
             if params.prompt_logprobs:
                 raise InvalidParameter("choices", "absent with prompt log-probabilities (echo)", "both")
             params = replace(params, logprobs=None)  # a scoring answer has no per-token ones (a default may ask)
+        grammar = None
+        if request.response_format is not None:
+            if scoring is not None:
+                raise InvalidParameter("response_format", "absent with choices (the choices are the answers)",
+                                       request.response_format.kind)
+            grammar = self.grammars.for_request(request.response_format)
         # Generation stops at the context's end (finish_reason "length") rather than refusing.
         params = replace(params, max_new_tokens=min(params.max_new_tokens, self.max_context - used))
         seq = Sequence(prompt_ids=prompt_ids, params=params, task=request.task, prompt=snapshot,
                        num_virtual=num_virtual, detokenizer=IncrementalText(self.tokenizer, prompt_ids, params.stop),
-                       scoring=scoring)
+                       scoring=scoring, grammar=grammar)
         if not self.scheduler.fits_alone(seq):
             what, param = ("the choices' tokens", "choices") if scoring else ("max_new_tokens", "max_new_tokens")
             kv_pages = self.scheduler.config.kv_pages

@@ -2,7 +2,8 @@
 
 For each request of the step (`StepOutput`): a scoring request scores its choices; a request whose
 prompt tokens are scored records theirs; a request that reached its next token has it picked
-(sampler.py) and, when asked, reported with its log-probability. The result per request is a
+(sampler.py) among what its grammar allows, if it has one (grammar.py), and, when asked, reported with
+its log-probability. The result per request is a
 `StepResult` for the scheduler's postprocess. Log-probabilities are always from the raw next-token
 distribution (before temperature, top-k and top-p), as OpenAI and vLLM report them.
 """
@@ -40,13 +41,28 @@ def process(output: StepOutput) -> list[StepResult]:
             pick_rows.append(rows[-1:])
     if picking:
         picks = torch.cat(pick_rows)  # [k, vocab]
-        tokens = sample(picks, [r.seq for r in picking])
+        tokens = sample(_masked(picks, picking), [r.seq for r in picking])
         for i, (result, token) in enumerate(zip(picking, tokens, strict=True)):
             result.token = token
+            grammar = result.seq.grammar
+            if grammar is not None:
+                grammar.advance(token)
             top = result.seq.params.logprobs
-            if top is not None:
+            if top is not None:  # from the raw rows: a grammar's mask is not the model's distribution
                 result.logprob = token_logprobs(picks[i:i + 1], [token], top)[0]
     return results
+
+
+def _masked(picks: torch.Tensor, picking: list[StepResult]) -> torch.Tensor:
+    """`picks` with each structured-output request's row masked to what its grammar allows next (a copy, when
+    any is); the other rows as they are."""
+    rows = [i for i, r in enumerate(picking) if r.seq.grammar is not None]
+    if not rows:
+        return picks
+    masked = picks.clone()
+    for i in rows:
+        picking[i].seq.grammar.mask(masked[i])  # type: ignore[union-attr]  # not None: filtered above
+    return masked
 
 
 def token_logprobs(rows: torch.Tensor, targets: TypingSequence[int], top: int) -> list[TokenLogprob]:

@@ -77,7 +77,8 @@ class Engine:
                                            self.config.prompt_cache_bytes // self.page_bytes,
                                            self.config.prefix_caching)
         self.scheduler = Scheduler(scheduler_config, eos_ids=_eos_ids(base.model))
-        self.admission = Admission(self.tokenizer, tasks, self.max_context, self.scheduler)
+        self.admission = Admission(self.tokenizer, tasks, self.max_context, self.scheduler,
+                                   base.model.config.get_text_config().vocab_size)
         self._inbox: list[Sequence] = []  # submitted, not yet seen by the loop (guarded by _lock)
         # Submitted and not yet finished, wherever they are (inbox, waiting, running); guarded by _lock.
         # Admission counts this one number: the loop moves requests between its queues without the lock.

@@ -23,6 +23,7 @@ from server.engine.pages import pages_for
 if TYPE_CHECKING:
     from prompt_store.registry import PromptSnapshot
     from server.engine.detokenizer import IncrementalText
+    from server.engine.grammar import RequestGrammar
     from server.engine.pages import SharedPrefix
     from server.engine.scoring import ChoiceScoring
 
@@ -208,6 +209,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     scoring: ChoiceScoring | None = None  # scoring choices instead of generating (scoring.py)
+    grammar: RequestGrammar | None = None  # structured output: its mask before each token (grammar.py)
     token_logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when asked
     prompt_token_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.., when asked
 
@@ -301,6 +303,8 @@ class Sequence:
             return "stop"
         if token in eos_ids and not self.params.ignore_eos:
             return "eos"
+        if self.grammar is not None and self.grammar.ended:  # the structured output is complete
+            return "stop"
         if len(self.output_ids) >= self.params.max_new_tokens:
             return "length"
         return None

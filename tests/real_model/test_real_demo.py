@@ -66,3 +66,32 @@ def test_adapters_made_for_smollm2_are_recognised_and_others_flagged(start_serve
             assert "Meta-Llama-3-8B" in r.json()["error"]["message"] and SERVED_NAME in r.json()["error"]["message"]
     finally:
         server.stop()
+
+
+def test_the_demo_extracts_a_review_as_json_valid_for_its_schema(start_server, smollm2_cache):
+    """Structured output on real weights: chat with a json_schema response format, greedy and sampled; every
+    answer parses and validates, and the greedy one carries what the review says."""
+    import json
+
+    import jsonschema
+    import openai
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["dish", "sentiment"],
+              "properties": {"dish": {"type": "string", "maxLength": 40},
+                             "sentiment": {"enum": ["positive", "negative"]}}}
+    review = "The risotto was cold and the waiter ignored us for half an hour. Never again."
+    messages = [{"role": "user", "content": f"Extract the dish and the sentiment of this review as JSON.\n{review}"}]
+    server = start_server(model=None, cache_dir=smollm2_cache, prompt_dir=None)
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+        for temperature in (0.0, 1.0):
+            done = client.chat.completions.create(
+                model=SERVED_NAME, messages=messages, max_tokens=60, temperature=temperature, seed=7,
+                response_format={"type": "json_schema", "json_schema": {"name": "review", "schema": schema}})
+            answer = json.loads(done.choices[0].message.content)
+            jsonschema.validate(answer, schema)
+            assert done.choices[0].finish_reason == "stop"
+            if temperature == 0.0:
+                assert "risotto" in answer["dish"].lower() and answer["sentiment"] == "negative", answer
+    finally:
+        server.stop()

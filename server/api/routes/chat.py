@@ -46,7 +46,7 @@ async def chat_completions(body: ChatRequest, request: Request, engine: EngineDe
     context = ErrorContext(rename={"task": "model", "text": "messages"},
                            hints={"model": f"`model` is a task name or {base!r} for the base model"})
     submission = EngineRequest(text, task, params, body.sent(), settings.max_new_tokens_cap, raw=True,
-                               add_special_tokens=False)
+                               add_special_tokens=False, response_format=body.engine_format())
     handles = await streaming.submit_all(engine, metrics, [submission], lambda i: context)
     reply = _ChatReply(body.model, engine.tokenizer, logprobs=body.logprobs,
                        usage=bool(body.stream_options and body.stream_options.include_usage))
@@ -66,12 +66,9 @@ def _templated(tokenizer: Any, body: ChatRequest) -> str:
 
 
 def _refuse_unsupported(body: ChatRequest) -> None:
-    format_type = (body.response_format or {}).get("type", "text")
     refuse([
         ("n", body.n == 1, "1 (one choice)", body.n),
         ("tools", not body.tools, "absent (tool calls are not supported)", body.tools),
-        ("response_format", format_type == "text", '{"type": "text"} (structured output is not supported)',
-         body.response_format),
         *body.unsupported(),
         ("top_logprobs", body.top_logprobs is None or body.logprobs, "absent unless logprobs is true",
          body.top_logprobs),

@@ -42,7 +42,7 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, m
     params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=body.max_new_tokens,
                                        **body.sampling_kwargs())
     submission = EngineRequest(body.text, body.task, params, body.sent(), settings.max_new_tokens_cap, body.raw,
-                               body.choices)
+                               body.choices, response_format=body.engine_format())
     handles = await streaming.submit_all(engine, metrics, [submission], lambda i: None)
     return await answer(request, handles, metrics, _Reply(engine.tokenizer), stream=body.stream)
 
@@ -100,10 +100,11 @@ async def generate_batch(body: BatchRequest, request: Request, engine: EngineDep
             _check_choices_alone(e)
             params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=e.max_new_tokens,
                                                **e.sampling_kwargs())
+            fmt = e.engine_format()
         except Exception as exc:
             raise ErrorInContext(exc, entry(i)) from exc
         submissions.append(EngineRequest(e.text, e.task, params, e.sent(), settings.max_new_tokens_cap, e.raw,
-                                         e.choices))
+                                         e.choices, response_format=fmt))
     handles = await streaming.submit_all(engine, metrics, submissions, entry)
     # They all joined the engine's continuous batch; wait for all, in order.
     completions = await unless_disconnected(request, streaming.all_results(handles, metrics, "requests"))

@@ -82,8 +82,9 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
         return ErrorContext(rename={"task": "model", "text": f"prompt[{i}]" if len(prompts) > 1 else "prompt"},
                             hints={"model": f"`model` is a task name or {base!r} for the base model"})
 
-    submissions = [EngineRequest(str(text), task, params, body.sent(), settings.max_new_tokens_cap, body.raw)
-                   for text in prompts]
+    fmt = body.engine_format()
+    submissions = [EngineRequest(str(text), task, params, body.sent(), settings.max_new_tokens_cap, body.raw,
+                                 response_format=fmt) for text in prompts]
     handles = await streaming.submit_all(engine, metrics, submissions, context)
     reply = _Reply(body.model, engine.tokenizer, logprobs=body.logprobs is not None,
                    usage=bool(body.stream_options and body.stream_options.include_usage),
