@@ -20,7 +20,7 @@ from server.engine.grammar import Grammars, ResponseFormat
 from server.engine.pages import PAGE_SIZE
 from server.engine.sampler import make_generator
 from server.engine.scoring import ChoiceScoring
-from server.engine.sequence import MAX_CHOICES, SamplingParams, Sequence
+from server.engine.sequence import MAX_CHOICES, MAX_SAMPLES, MAX_SEED, SamplingParams, Sequence
 
 if TYPE_CHECKING:
     from prompt_store.registry import PromptSnapshot
@@ -48,6 +48,7 @@ class EngineRequest:
     choices: TypingSequence[str] | bool | None = None  # score these (True: the task's stored ones) instead
     add_special_tokens: bool = True  # False for a conversation a chat template already framed (no second BOS)
     response_format: ResponseFormat | None = None  # structured output: what the generated text must match
+    n: int = 1  # samples of the text (Engine.submit_samples): its pages are computed once and shared
 
 
 def with_task_defaults(params: SamplingParams, defaults: dict | None, sent: frozenset[str] | None,
@@ -76,8 +77,31 @@ class Admission:
         # has at least N / this many tokens: a cheap bound that refuses a huge text before tokenizing it.
         self.longest_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
 
+    def admit_samples(self, request: EngineRequest) -> list[Sequence]:
+        """The request's `n` samples, ready to queue, the first first. The others wait until the first has
+        computed the text (Sequence.after), then read its pages. A seeded request's sample i draws from seed + i,
+        so every sample is repeatable; greedy samples are all the same."""
+        n = request.n
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
+            raise InvalidParameter("n", f"an integer in [1, {MAX_SAMPLES}]", n)
+        if n > 1 and request.choices not in (None, False):
+            raise InvalidParameter("n", "1 with choices (scoring has one answer)", n)
+        first = self.admit(request)
+        samples = [first]
+        for i in range(1, n):
+            params = first.params
+            if params.seed is not None:
+                params = replace(params, seed=(params.seed + i) % (MAX_SEED + 1))
+            grammar = self.grammars.for_request(request.response_format) if request.response_format else None
+            seq = Sequence(prompt_ids=list(first.prompt_ids), params=params, task=first.task, prompt=first.prompt,
+                           num_virtual=first.num_virtual, grammar=grammar, after=first,
+                           detokenizer=IncrementalText(self.tokenizer, first.prompt_ids, params.stop))
+            seq.rng = make_generator(params)
+            samples.append(seq)
+        return samples
+
     def admit(self, request: EngineRequest) -> Sequence:
-        """The request's Sequence, ready to queue; errors a client caused are raised here."""
+        """The request's (first) Sequence, ready to queue; errors a client caused are raised here."""
         snapshot = self.tasks.get(request.task) if request.task is not None else None  # UnknownTask
         params = with_task_defaults(request.params, snapshot.defaults if snapshot is not None else None,
                                     request.sent, request.max_new_tokens_cap)

@@ -16,7 +16,14 @@ from typing import Any
 from server.engine import logits, threads
 from server.engine.admission import Admission, EngineRequest, TaskSource
 from server.engine.config import EngineConfig
-from server.engine.errors import EngineStopped, InvalidConfig, QueueFull, RequestCancelled, RequestFailed
+from server.engine.errors import (
+    EngineStopped,
+    InvalidConfig,
+    InvalidParameter,
+    QueueFull,
+    RequestCancelled,
+    RequestFailed,
+)
 from server.engine.handle import RequestHandle
 from server.engine.kv import PagedKV
 from server.engine.memory import default_kv_budget
@@ -118,26 +125,33 @@ class Engine:
     # -- submission (any thread) ---------------------------------------------------------------
 
     def submit(self, request: EngineRequest) -> RequestHandle:
-        """Check and queue one request (admission.py); errors a client caused are raised here, before the loop."""
+        """Check and queue one request of one sample (admission.py); errors a client caused are raised here."""
+        if request.n != 1:
+            raise InvalidParameter("n", "1 here (Engine.submit_samples takes n samples)", request.n)
+        [handle] = self.submit_samples(request)
+        return handle
+
+    def submit_samples(self, request: EngineRequest) -> list[RequestHandle]:
+        """Check and queue a request's `n` samples, one handle each; all are queued or none is."""
         if not self._accepting:
             raise EngineStopped()
-        seq = self.admission.admit(request)
+        samples = self.admission.admit_samples(request)
         with self._lock:
             if not self._accepting:
                 raise EngineStopped()
             # Up to max_running run and max_queue more wait: a burst of exactly that many is all accepted,
             # even before the loop has moved the first ones into the running batch.
-            if self._in_flight >= self.config.max_running + self.config.max_queue:
+            if self._in_flight + len(samples) > self.config.max_running + self.config.max_queue:
                 raise QueueFull(self.config.max_queue)
-            self._in_flight += 1
-            self._inbox.append(seq)
+            self._in_flight += len(samples)
+            self._inbox.extend(samples)
             self._lock.notify_all()
-        return RequestHandle(seq)
+        return [RequestHandle(seq) for seq in samples]
 
     def stats(self) -> EngineStats:
         pool = self.scheduler.pool.stats()
         with self._lock:
-            waiting = len(self._inbox) + len(self.scheduler.waiting)
+            waiting = len(self._inbox) + len(self.scheduler.waiting) + len(self.scheduler.held)
             running = len(self.scheduler.running)
         return EngineStats(waiting, running, self.runner.kv.nbytes, self.kv_budget_bytes, pool.pages_total,
                            pool.pages_used, pool.pages_shared, self.scheduler.preemptions,
@@ -199,7 +213,7 @@ class Engine:
             self._in_flight -= 1
 
     def _unfinished(self) -> list[Sequence]:
-        return [*self.scheduler.running, *self.scheduler.waiting]
+        return [*self.scheduler.running, *self.scheduler.waiting, *self.scheduler.held]
 
     def _prepare_prefixes(self, entries: list[SharedPrefix]) -> list[SharedPrefix]:
         """Write the prefix tables first used this step; return the soft prompts, which the step's own

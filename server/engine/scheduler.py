@@ -98,6 +98,7 @@ class Scheduler:
         self.reserve = max(1, config.kv_pages // 100)
         self.eos_ids = eos_ids  # a generated token in here ends its request (unless it ignores EOS)
         self.waiting: deque[Sequence] = deque()
+        self.held: list[Sequence] = []  # samples waiting for their first sample's text (Sequence.after)
         self.running: list[Sequence] = []  # in admission order: the last is the newest
         self.preemptions = 0
         self.peak_running = 0
@@ -110,15 +111,25 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
-        self.waiting.append(seq)
+        (self.held if seq.after is not None else self.waiting).append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.held)
+
+    def _release_held(self) -> None:
+        """Samples whose first sample computed the text go first in line: they read its pages, computing only
+        the text's last page (each its own, from there on: copy-on-write at the first page they differ)."""
+        ready = [seq for seq in self.held if seq.after is not None and seq.after.text_computed]
+        for seq in reversed(ready):
+            self.held.remove(seq)
+            seq.after = None  # holds the first sample no longer
+            self.waiting.appendleft(seq)
 
     # -- one step ------------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep()
+        self._release_held()
         budget = self.config.max_tokens_per_step
         for decoding in (True, False):  # decodes first: they are cheap and latency-bound
             for seq in list(self.running):
@@ -318,5 +329,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq in self.held:
+            self.held.remove(seq)
         seq.status = Status.FINISHED
         self._release_pages(seq)

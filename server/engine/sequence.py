@@ -37,6 +37,7 @@ MAX_STOP_CHARS = 256
 MAX_SEED = 2**63 - 1
 MAX_CHOICES = 64  # choices one request may score
 MAX_LOGPROBS = 20  # alternatives reported per token
+MAX_SAMPLES = 16  # n: samples of one text
 
 
 def normalize_stop(stop: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -210,6 +211,9 @@ class Sequence:
     first_token_time: float | None = None
     scoring: ChoiceScoring | None = None  # scoring choices instead of generating (scoring.py)
     grammar: RequestGrammar | None = None  # structured output: its mask before each token (grammar.py)
+    # One of n samples of a text, after the first: it waits until `after` (the first) has computed the text,
+    # then reads the text's full pages from the prefix cache instead of computing them again.
+    after: Sequence | None = None
     token_logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when asked
     prompt_token_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.., when asked
 
@@ -286,6 +290,11 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def text_computed(self) -> bool:
+        """Its text's keys and values are all computed, or it ended: a sample waiting on it may start."""
+        return self.finished or (self.status is Status.RUNNING and self.num_cached >= len(self.prompt_ids))
 
     # -- what the caller hears ------------------------------------------------------------------
 
