@@ -5,6 +5,9 @@ The three APIs differ only in their JSON: each route hands `answer` a `Reply` th
 hangs up). With `stream` it waits for the first item before answering, so an error that comes before any token
 still gets its own status code; after that the status line is sent, and an error is an event in the stream.
 Leaving early (error, client gone) cancels the requests still running.
+
+A request of `n` samples has `n` handles, flattened request-major and sample-minor (streaming.submit_all): the
+Reply sees each handle's index and maps it to its own numbering.
 """
 
 from __future__ import annotations
@@ -53,21 +56,23 @@ class Reply(ABC):
         """The event that ends request `index`'s output."""
 
     def closing(self, completions: list[Completion]) -> list[dict]:
-        """The events after every request's final one (`completions` in the order they finished)."""
+        """The events after every request's final one (`completions` in the order of the requests)."""
         return []
 
 
 async def answer(request: Request, handles: list[RequestHandle], metrics: Metrics, reply: Reply, *, stream: bool,
-                 name: str | None = None) -> Any:
+                 name: str | None = None, owners: list[int] | None = None) -> Any:
     """`reply.full(results)`, or with `stream` a StreamingResponse of the reply's events.
 
-    `name`: the requests are the entries of the body's list of that name (a failure names `name[i]`, and their
-    streams interleave as items come); None: the one request of `handles`, its failure as it is.
+    `name`: the requests are the entries of the body's list of that name (a failure names `name[i]`, i the entry
+    `owners` gives for the handle: streaming.owners_of); None: the one request of `handles` (its samples), its
+    failure as it is. Several handles' streams interleave as items come.
     """
     if not stream:
-        work = streaming.all_results(handles, metrics, name) if name is not None else _one(handles, metrics)
+        work = streaming.all_results(handles, metrics, name, owners)
         return reply.full(await unless_disconnected(request, work))
-    items = streaming.merged(handles, metrics) if name is not None else _tagged(handles, metrics)
+    single = name is None and len(handles) == 1
+    items = _tagged(handles, metrics) if single else streaming.merged(handles, metrics)
     try:
         # Wait for the first item before answering, so an error that comes before any token
         # still gets its own status code instead of a 200 with an error event.
@@ -77,11 +82,6 @@ async def answer(request: Request, handles: list[RequestHandle], metrics: Metric
         raise
     return StreamingResponse(_events(reply, first, items, len(handles)), media_type="text/event-stream",
                              headers=SSE_HEADERS)
-
-
-async def _one(handles: list[RequestHandle], metrics: Metrics) -> list[Result]:
-    [handle] = handles
-    return [await streaming.result(handle, metrics)]
 
 
 async def _tagged(handles: list[RequestHandle], metrics: Metrics) -> AsyncGenerator[Item, None]:
@@ -94,7 +94,7 @@ async def _tagged(handles: list[RequestHandle], metrics: Metrics) -> AsyncGenera
 
 async def _events(reply: Reply, first: Item, items: AsyncGenerator[Item, None], n: int) -> AsyncIterator[bytes]:
     """The stream's body: the reply's events for every item, until all `n` requests have given their final one."""
-    finished: list[Completion] = []
+    finished: dict[int, Completion] = {}
     item = first
     try:
         for data in reply.opening():
@@ -104,12 +104,12 @@ async def _events(reply: Reply, first: Item, items: AsyncGenerator[Item, None], 
             if isinstance(event, TokenDelta):
                 yield sse(reply.piece(index, event))
             elif isinstance(event, Completion):  # (a streaming request never scores choices)
-                finished.append(event)
+                finished[index] = event
                 yield sse(reply.final(index, event))
                 if len(finished) == n:
                     break
             item = await anext(items)
-        for data in reply.closing(finished):
+        for data in reply.closing([finished[i] for i in sorted(finished)]):
             yield sse(data)
     except Exception as exc:  # the status line is sent already: report the error in the stream
         yield sse(describe(exc)[1], event=reply.error_event)

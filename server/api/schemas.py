@@ -14,6 +14,7 @@ from server.engine.sequence import (
     DEFAULT_MAX_NEW_TOKENS,
     MAX_CHOICES,
     MAX_LOGPROBS,
+    MAX_SAMPLES,
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
     ChoiceScores,
@@ -33,6 +34,9 @@ _Text = Annotated[str, Field(min_length=1)]  # "" gives no token to start from
 _STOP_HELP = f"A stop string or a list of at most {MAX_STOP_STRINGS}, each of 1..{MAX_STOP_CHARS} characters."
 _LIST_HELP = f"at most --max-batch-requests entries ({Settings.model_fields['max_batch_requests'].default} by default)"
 
+# n's range is checked by the engine (admission), as SamplingParams checks the others.
+_N_HELP = (f"Samples of each text, 1..{MAX_SAMPLES}: the text is computed once and shared; with a seed, sample i "
+           "draws from seed + i; greedy samples are all the same.")
 _RAW_HELP = ("Send the text as it is: without the task's text template (a task trained with `promptswap train "
              "--template` has one; GET /prompts/{task} shows it).")
 # promptswap's own API takes the engine's defaults as they are: written once, in SamplingParams.
@@ -128,6 +132,9 @@ class GenerateParams(_Sampling, _Strict):
     response_format: ResponseFormatBody | None = Field(
         None, description='Structured output: {"type": "json_object"}, {"type": "json_schema", "json_schema": '
         '{"name", "schema"}} or {"type": "regex", "pattern": ...}. Not with choices.')
+    n: int = Field(1, description=_N_HELP + " Not with choices. With n > 1 the answer is {task, outputs: [{index, "
+                   "text, token_ids, finish_reason, logprobs}], usage} (SamplesResponse); streamed, every event "
+                   "carries its sample's index.")
 
 
 class GenerateRequest(GenerateParams):
@@ -154,13 +161,8 @@ class TokenLogprobOut(AlternativeOut):
     top: list[AlternativeOut]
 
 
-class GenerateResponse(BaseModel):
-    task: str | None
-    text: str
-    token_ids: list[int]
-    finish_reason: Literal["length", "stop", "eos"]
-    usage: UsageOut
-    logprobs: list[TokenLogprobOut] | None = Field(None, description="With `logprobs`: one per generated token")
+class _LogprobsWhenAsked(BaseModel):
+    """An answer whose `logprobs` (each subclass's last field, so the keys keep their order) is absent unless asked."""
 
     @model_serializer(mode="wrap")
     def _logprobs_only_when_asked(self, handler: Any) -> dict:
@@ -168,6 +170,15 @@ class GenerateResponse(BaseModel):
         if data.get("logprobs") is None:
             data.pop("logprobs", None)  # absent, not null, unless the request asked for them
         return data
+
+
+class GenerateResponse(_LogprobsWhenAsked):
+    task: str | None
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["length", "stop", "eos"]
+    usage: UsageOut
+    logprobs: list[TokenLogprobOut] | None = Field(None, description="With `logprobs`: one per generated token")
 
     @classmethod
     def of(cls, c: Completion, tokenizer: Any = None) -> GenerateResponse:
@@ -208,12 +219,47 @@ class ChoicesResponse(BaseModel):
         )
 
 
-def response_of(result: Completion | ChoiceScores, tokenizer: Any) -> GenerateResponse | ChoicesResponse:
+class SampleOut(_LogprobsWhenAsked):
+    index: int = Field(description="The sample's number, 0..n-1")
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["length", "stop", "eos"]
+    logprobs: list[TokenLogprobOut] | None = Field(None, description="With `logprobs`: one per generated token")
+
+
+class SamplesResponse(BaseModel):
+    """A request with n > 1: every sample of the text, in order."""
+
+    task: str | None
+    outputs: list[SampleOut]
+    usage: UsageOut = Field(description="prompt_tokens and virtual_tokens: the text's, once; completion_tokens: all "
+                                        "the samples' together")
+
+    @classmethod
+    def of(cls, completions: list[Completion], tokenizer: Any) -> SamplesResponse:
+        first = completions[0]
+        outputs = []
+        for i, c in enumerate(completions):
+            one = GenerateResponse.of(c, tokenizer)
+            outputs.append(SampleOut(index=i, text=one.text, token_ids=one.token_ids, finish_reason=one.finish_reason,
+                                     logprobs=one.logprobs))
+        return cls(task=first.task, outputs=outputs,
+                   usage=UsageOut(prompt_tokens=first.usage.prompt_tokens, virtual_tokens=first.usage.virtual_tokens,
+                                  completion_tokens=sum(c.usage.completion_tokens for c in completions)))
+
+
+def response_of(results: list[Completion | ChoiceScores],
+                tokenizer: Any) -> GenerateResponse | ChoicesResponse | SamplesResponse:
+    """The answer to one /generate request: its one result, or its samples' (n > 1)."""
+    if len(results) > 1:
+        return SamplesResponse.of([r for r in results if isinstance(r, Completion)], tokenizer)
+    [result] = results
     return ChoicesResponse.of(result) if isinstance(result, ChoiceScores) else GenerateResponse.of(result, tokenizer)
 
 
 class BatchResponse(BaseModel):
-    results: list[GenerateResponse | ChoicesResponse]
+    results: list[GenerateResponse | ChoicesResponse | SamplesResponse] = Field(
+        description="One per request, in order (SamplesResponse for a request with n > 1)")
 
 
 class PromptList(BaseModel):
@@ -235,7 +281,7 @@ class _OpenAIBody(_Sampling, BaseModel):
     model: str
     temperature: float = 1.0
     top_p: float = 1.0
-    n: int = 1
+    n: int = Field(1, description=_N_HELP)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description=_STOP_HELP)

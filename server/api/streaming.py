@@ -48,7 +48,10 @@ async def submit_all(engine: Engine, metrics: Metrics, requests: list[EngineRequ
                      context_of: Any) -> list[RequestHandle]:
     """Submit each request from a worker thread: tokenizing is CPU work, and the event loop
     must go on serving meanwhile. A refusal is counted, cancels the ones already submitted and is raised
-    in the context `context_of(i)` gives for entry i (None: as it is)."""
+    in the context `context_of(i)` gives for entry i (None: as it is).
+
+    A request of `n` samples has `n` handles: the handles come flattened, request-major and sample-minor
+    (`owners_of` tells which request each belongs to)."""
     work = asyncio.ensure_future(run_in_threadpool(_submit_all, engine, metrics, requests, context_of))
     try:
         return await asyncio.shield(work)
@@ -65,7 +68,7 @@ def _submit_all(engine: Engine, metrics: Metrics, requests: list[EngineRequest],
     try:
         for i, r in enumerate(requests):
             try:
-                handles.append(engine.submit(r))
+                handles.extend(engine.submit_samples(r))
             except Exception as exc:
                 unknown = isinstance(exc, UnknownTask | InvalidTaskName)
                 outcome = outcome_of(exc)
@@ -80,6 +83,20 @@ def _submit_all(engine: Engine, metrics: Metrics, requests: list[EngineRequest],
             handle.cancel()
         raise
     return handles
+
+
+def owners_of(requests: list[EngineRequest]) -> list[int]:
+    """The request each handle `submit_all` gave for `requests` belongs to (its index in `requests`)."""
+    return [i for i, r in enumerate(requests) for _ in range(r.n)]
+
+
+def by_request(items: list[T], requests: list[EngineRequest]) -> list[list[T]]:
+    """`submit_all`'s handles for `requests` (or their results, in the same order) as one list per request."""
+    out, start = [], 0
+    for r in requests:
+        out.append(items[start:start + r.n])
+        start += r.n
+    return out
 
 
 async def events(handle: RequestHandle, metrics: Metrics) -> AsyncGenerator[Event, None]:
@@ -144,15 +161,21 @@ async def result(handle: RequestHandle, metrics: Metrics) -> Result:
     return completion
 
 
-async def all_results(handles: list[RequestHandle], metrics: Metrics, name: str) -> list[Result]:
-    """Every request's result, in order; the first failure (named `name[i]`) cancels the rest."""
+async def all_results(handles: list[RequestHandle], metrics: Metrics, name: str | None,
+                      owners: list[int] | None = None) -> list[Result]:
+    """Every handle's result, in order; the first failure cancels the rest. It is named `name[i]`, i the entry
+    of the body's list the handle belongs to (`owners[k]` for handle k; None: handle k is entry k), or raised
+    as it is without `name` (one request's samples)."""
     tasks = [asyncio.ensure_future(result(h, metrics)) for h in handles]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for i, task in enumerate(tasks):
             error = task.exception() if task.done() and not task.cancelled() else None
             if error is not None:
-                raise ErrorInContext(error, ErrorContext(prefix=f"{name}[{i}]")) from error
+                if name is None:
+                    raise error
+                entry = owners[i] if owners is not None else i
+                raise ErrorInContext(error, ErrorContext(prefix=f"{name}[{entry}]")) from error
         return [task.result() for task in tasks]
     finally:
         for task in tasks:

@@ -90,7 +90,7 @@ def test_errors_reach_the_client_as_openai_errors(oa, task):
     assert "no-such-task" in str(err.value)
     assert err.value.body["param"] == "model" and "`model` is a task name" in err.value.body["message"]
     with pytest.raises(openai.UnprocessableEntityError) as err:
-        oa.completions.create(model=task, prompt=TEXT, max_tokens=2, n=2)
+        oa.completions.create(model=task, prompt=TEXT, max_tokens=2, n=17)  # n > 1 is served (test_samples_http)
     assert err.value.body["param"] == "n"
     with pytest.raises(openai.UnprocessableEntityError) as err:
         oa.completions.create(model=task, prompt=TEXT, max_tokens=100_000)

@@ -46,10 +46,10 @@ async def chat_completions(body: ChatRequest, request: Request, engine: EngineDe
     context = ErrorContext(rename={"task": "model", "text": "messages"},
                            hints={"model": f"`model` is a task name or {base!r} for the base model"})
     submission = EngineRequest(text, task, params, body.sent(), settings.max_new_tokens_cap, raw=True,
-                               add_special_tokens=False, response_format=body.engine_format())
+                               add_special_tokens=False, response_format=body.engine_format(), n=body.n)
     handles = await streaming.submit_all(engine, metrics, [submission], lambda i: context)
     reply = _ChatReply(body.model, engine.tokenizer, logprobs=body.logprobs,
-                       usage=bool(body.stream_options and body.stream_options.include_usage))
+                       usage=bool(body.stream_options and body.stream_options.include_usage), n=body.n)
     return await answer(request, handles, metrics, reply, stream=body.stream)
 
 
@@ -67,7 +67,6 @@ def _templated(tokenizer: Any, body: ChatRequest) -> str:
 
 def _refuse_unsupported(body: ChatRequest) -> None:
     refuse([
-        ("n", body.n == 1, "1 (one choice)", body.n),
         ("tools", not body.tools, "absent (tool calls are not supported)", body.tools),
         *body.unsupported(),
         ("top_logprobs", body.top_logprobs is None or body.logprobs, "absent unless logprobs is true",
@@ -82,22 +81,24 @@ def _refuse_unsupported(body: ChatRequest) -> None:
 
 
 class _ChatReply(OpenAIReply):
-    """A chat.completion object; streamed, chat.completion.chunk objects: the assistant's role first, then the
-    content's pieces."""
+    """A chat.completion object, n choices; streamed, chat.completion.chunk objects: the assistant's role first
+    (for each choice), then the content's pieces of the choices as they come."""
 
     id_prefix = "chatcmpl"
     chunk = "chat.completion.chunk"
 
     def full(self, results: list[Result]) -> dict:
-        [c] = streaming.completions(results)
-        logprobs = logprob_format.chat(c.logprobs, self.tokenizer) if self.logprobs and c.logprobs else None
-        choice = {"index": 0, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs,
-                  "finish_reason": FINISH[c.finish_reason]}
-        return {**self._envelope("chat.completion", [choice]), "usage": self._usage([c])}
+        completions = streaming.completions(results)
+        choices = []
+        for i, c in enumerate(completions):
+            logprobs = logprob_format.chat(c.logprobs, self.tokenizer) if self.logprobs and c.logprobs else None
+            choices.append({"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs,
+                            "finish_reason": FINISH[c.finish_reason]})
+        return {**self._envelope("chat.completion", choices), "usage": self._usage(completions)}
 
     def opening(self) -> list[dict]:
-        return [self._envelope(self.chunk, [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}])]
+        return [self._envelope(self.chunk, [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}]) for i in range(self.n)]
 
     def piece(self, index: int, delta: TokenDelta) -> dict:
         logprobs = logprob_format.chat(delta.logprobs, self.tokenizer) if self.logprobs and delta.logprobs else None

@@ -20,6 +20,7 @@ from server.api.schemas import (
     GenerateParams,
     GenerateRequest,
     GenerateResponse,
+    SamplesResponse,
     response_of,
 )
 from server.api.streaming import Result, unless_disconnected
@@ -30,11 +31,13 @@ from server.engine.sequence import Completion, TokenDelta
 router = APIRouter(tags=["generate"])  # needs the API token (server/api/auth.py)
 
 
-@router.post("/generate", response_model=GenerateResponse | ChoicesResponse,
+@router.post("/generate", response_model=GenerateResponse | ChoicesResponse | SamplesResponse,
              responses={**errors(404, 415, 422, 503), 200: {
-                 "description": "The completion (GenerateResponse), or with `choices` every choice scored "
-                                "(ChoicesResponse); with `stream: true`, server-sent events instead (a final event "
-                                "with finish_reason and usage, or an `error` event)",
+                 "description": "The completion (GenerateResponse), with `choices` every choice scored "
+                                "(ChoicesResponse), or with n > 1 every sample (SamplesResponse); with `stream: true`, "
+                                "server-sent events instead (a final event with finish_reason and usage, or an "
+                                "`error` event; with n > 1 each event carries its sample's index, and each sample "
+                                "has its final event)",
                  "content": SSE_CONTENT}})
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, metrics: MetricsDep,
                    settings: SettingsDep):
@@ -42,9 +45,9 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, m
     params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=body.max_new_tokens,
                                        **body.sampling_kwargs())
     submission = EngineRequest(body.text, body.task, params, body.sent(), settings.max_new_tokens_cap, body.raw,
-                               body.choices, response_format=body.engine_format())
+                               body.choices, response_format=body.engine_format(), n=body.n)
     handles = await streaming.submit_all(engine, metrics, [submission], lambda i: None)
-    return await answer(request, handles, metrics, _Reply(engine.tokenizer), stream=body.stream)
+    return await answer(request, handles, metrics, _Reply(engine.tokenizer, body.n), stream=body.stream)
 
 
 def _check_choices_alone(body: GenerateParams) -> None:
@@ -59,30 +62,34 @@ def _check_choices_alone(body: GenerateParams) -> None:
 
 
 class _Reply(Reply):
-    """A GenerateResponse (or ChoicesResponse); streamed, one event per new piece of text, the last with
-    finish_reason and usage, and an error as an `error` event."""
+    """A GenerateResponse (or ChoicesResponse, or with n > 1 a SamplesResponse); streamed, one event per new piece
+    of text, the last with finish_reason and usage, and an error as an `error` event. With n > 1 every event
+    starts with its sample's index, and each sample's last event has its own finish_reason and usage."""
 
     error_event = "error"
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, n: int = 1) -> None:
         self.tokenizer = tokenizer
+        self.n = n
 
-    def full(self, results: list[Result]) -> GenerateResponse | ChoicesResponse:
-        [result] = results
-        return response_of(result, self.tokenizer)
+    def full(self, results: list[Result]) -> GenerateResponse | ChoicesResponse | SamplesResponse:
+        return response_of(results, self.tokenizer)
 
     def piece(self, index: int, delta: TokenDelta) -> dict:
         piece: dict[str, Any] = {"text": delta.text, "token_ids": list(delta.token_ids)}
         if delta.logprobs:
             piece["logprobs"] = logprob_format.native(delta.logprobs, self.tokenizer)
-        return piece
+        return self._indexed(index, piece)
 
     def final(self, index: int, completion: Completion) -> dict:
         final = GenerateResponse.of(completion, self.tokenizer).model_dump()
         final.update(text="", token_ids=[])  # the pieces were sent already
         if completion.logprobs is not None:
             final["logprobs"] = []
-        return final
+        return self._indexed(index, final)
+
+    def _indexed(self, index: int, event: dict) -> dict:
+        return {"index": index, **event} if self.n > 1 else event  # one sample's events are as they always were
 
 
 @router.post("/generate/batch", response_model=BatchResponse, responses=errors(404, 415, 422, 503))
@@ -104,8 +111,10 @@ async def generate_batch(body: BatchRequest, request: Request, engine: EngineDep
         except Exception as exc:
             raise ErrorInContext(exc, entry(i)) from exc
         submissions.append(EngineRequest(e.text, e.task, params, e.sent(), settings.max_new_tokens_cap, e.raw,
-                                         e.choices, response_format=fmt))
+                                         e.choices, response_format=fmt, n=e.n))
     handles = await streaming.submit_all(engine, metrics, submissions, entry)
-    # They all joined the engine's continuous batch; wait for all, in order.
-    completions = await unless_disconnected(request, streaming.all_results(handles, metrics, "requests"))
-    return BatchResponse(results=[response_of(c, engine.tokenizer) for c in completions])
+    # They all joined the engine's continuous batch (each of an entry's samples too); wait for all, in order.
+    results = await unless_disconnected(request, streaming.all_results(handles, metrics, "requests",
+                                                                       streaming.owners_of(submissions)))
+    return BatchResponse(results=[response_of(mine, engine.tokenizer)
+                                  for mine in streaming.by_request(results, submissions)])

@@ -1,8 +1,9 @@
 """OpenAI-compatible completions: `model` is a task name, or the base model's served name for none.
 
 Shapes follow OpenAI's legacy Completions API (what the official client parses); parameters
-promptswap cannot honour (n > 1, echo, logprobs, penalties, ...) are refused with a 422 rather
-than silently ignored.
+promptswap cannot honour (best_of above n, penalties, suffix, ...) are refused with a 422 rather
+than silently ignored. With `n`, each prompt has n choices, numbered as OpenAI does: prompt-major,
+sample-minor (choice prompt * n + sample), the order streaming.submit_all gives their handles in.
 """
 
 from __future__ import annotations
@@ -84,36 +85,40 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
 
     fmt = body.engine_format()
     submissions = [EngineRequest(str(text), task, params, body.sent(), settings.max_new_tokens_cap, body.raw,
-                                 response_format=fmt) for text in prompts]
+                                 response_format=fmt, n=body.n) for text in prompts]
     handles = await streaming.submit_all(engine, metrics, submissions, context)
     reply = _Reply(body.model, engine.tokenizer, logprobs=body.logprobs is not None,
-                   usage=bool(body.stream_options and body.stream_options.include_usage),
+                   usage=bool(body.stream_options and body.stream_options.include_usage), n=body.n,
                    echo=[str(text) for text in prompts] if body.echo else None)
-    return await answer(request, handles, metrics, reply, stream=body.stream, name="prompt")
+    return await answer(request, handles, metrics, reply, stream=body.stream, name="prompt",
+                        owners=streaming.owners_of(submissions))
 
 
 class OpenAIReply(Reply):
     """What OpenAI's completions and chat answers share: the envelope, usage (with stream_options.include_usage,
-    a last chunk with no choices), an error as a plain event, and `data: [DONE]` at the end of a stream."""
+    a last chunk with no choices), an error as a plain event, and `data: [DONE]` at the end of a stream.
+    A request of `n` samples per text has n handles per text, text-major: handle i is choice i."""
 
     done = "[DONE]"
     id_prefix: str
     chunk: str  # the object a streamed chunk is
 
-    def __init__(self, model: str, tokenizer: Any, logprobs: bool, usage: bool) -> None:
+    def __init__(self, model: str, tokenizer: Any, logprobs: bool, usage: bool, n: int) -> None:
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.tokenizer = tokenizer
         self.logprobs = logprobs  # the request asked for them
         self.include_usage = usage
+        self.n = n  # choices per text
 
     def _envelope(self, kind: str, choices: list[dict]) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    @staticmethod
-    def _usage(completions: list[Completion]) -> dict:
-        prompt = sum(c.usage.prompt_tokens for c in completions)
+    def _usage(self, completions: list[Completion]) -> dict:
+        """`completions` in the order of the choices. Each text counts once, as OpenAI counts it (its samples
+        share its pages); every choice's tokens count."""
+        prompt = sum(c.usage.prompt_tokens for c in completions[::self.n])
         completion = sum(c.usage.completion_tokens for c in completions)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -122,20 +127,21 @@ class OpenAIReply(Reply):
 
 
 class _Reply(OpenAIReply):
-    """text_completion objects, one choice per prompt; streamed, the prompts' pieces interleave as they come."""
+    """text_completion objects, n choices per prompt; streamed, the choices' pieces interleave as they come."""
 
     id_prefix = "cmpl"
     chunk = "text_completion"
 
-    def __init__(self, model: str, tokenizer: Any, logprobs: bool, usage: bool, echo: list[str] | None) -> None:
-        super().__init__(model, tokenizer, logprobs, usage)
+    def __init__(self, model: str, tokenizer: Any, logprobs: bool, usage: bool, n: int,
+                 echo: list[str] | None) -> None:
+        super().__init__(model, tokenizer, logprobs, usage, n)
         self.echo = echo  # with `echo`: the prompts, as each choice's text starts with its own
         self.offsets: dict[int, int] = {}  # streaming: where each choice's next token starts in its text
 
     def full(self, results: list[Result]) -> dict:
         completions = streaming.completions(results)
-        echoed = [_echoed(text, c, self.tokenizer) for text, c in
-                  zip(self.echo, completions, strict=True)] if self.echo is not None else None
+        echoed = [_echoed(self.echo[i // self.n], c, self.tokenizer) for i, c in
+                  enumerate(completions)] if self.echo is not None else None
         choices = []
         for i, c in enumerate(completions):
             prompt = echoed[i] if echoed is not None else ""
@@ -185,8 +191,9 @@ def refuse(checks: list[tuple[str, bool, str, object]]) -> None:
 
 def _refuse_unsupported(body: CompletionRequest) -> None:
     refuse([
-        ("n", body.n == 1, "1 (one choice per prompt)", body.n),
-        ("best_of", body.best_of in (None, 1), "1 or absent", body.best_of),
+        # n's range is the engine's to check; the n samples are the choices, none is ranked out.
+        ("best_of", body.best_of in (None, 1, body.n), "absent, 1 or n (choices are not ranked on the server)",
+         body.best_of),
         ("echo", not (body.echo and body.stream), "false with stream (echo is returned whole, not streamed)",
          body.echo),
         ("logprobs", body.logprobs is None or (isinstance(body.logprobs, int) and 0 <= body.logprobs <= 5),
