@@ -86,6 +86,14 @@ def llama_server(start_server, llama_dir):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def oa(llama_server):
+    """The official openai client on the module's tiny-Llama server (no retries: a 5xx is a failure here)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{llama_server.url}/v1", api_key="unused", max_retries=0)
+
+
 def _peft_configs():
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
 

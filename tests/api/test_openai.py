@@ -19,10 +19,6 @@ def task(llama_server, adapters):
     return "oa-prefix"
 
 
-@pytest.fixture(scope="module")
-def oa(llama_server):
-    return openai.OpenAI(base_url=f"{llama_server.url}/v1", api_key="unused", max_retries=0)
-
 
 def test_models_lists_the_base_model_and_every_task(oa, task, llama_dir):
     ids = [m.id for m in oa.models.list()]

@@ -27,10 +27,6 @@ def task(llama_server, adapters):
     return "samples-prefix"
 
 
-@pytest.fixture(scope="module")
-def oa(llama_server):
-    return openai.OpenAI(base_url=f"{llama_server.url}/v1", api_key="unused", max_retries=0)
-
 
 @pytest.fixture(scope="module")
 def client(llama_server):

@@ -8,7 +8,6 @@ import json
 import re
 
 import jsonschema
-import openai
 import pytest
 
 SCHEMA = {
@@ -20,10 +19,6 @@ SCHEMA = {
 }
 JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "review", "schema": SCHEMA, "strict": True}}
 
-
-@pytest.fixture(scope="module")
-def oa(llama_server):
-    return openai.OpenAI(base_url=f"{llama_server.url}/v1", api_key="unused")
 
 
 @pytest.mark.parametrize("temperature", [0, 1.0])

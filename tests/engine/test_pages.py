@@ -220,3 +220,22 @@ def test_a_scoring_request_is_admitted_only_when_its_choices_pages_fit_too():
     sched.finish(older)
     assert scoring in [s for s, _ in sched.schedule().batch]  # room now: text and choices fit
     check_pool(sched)
+
+
+
+def test_idle_cached_pages_stay_until_the_pool_needs_them():
+    """Free pages go first; idle cached pages only when none is left, least recently used first (a chain's tail
+    before its head); a cached page someone reads is never taken."""
+    pool = PagePool(total_pages=6, idle_prefix_pages=0)
+    held = pool.allocate(3)
+    assert held == [1, 2, 3]
+    for page, digest in ((1, b"a"), (2, b"b"), (3, b"c")):
+        pool.register(page, digest)
+    pool.release(held)  # released tail first: 3 is the oldest idle page, 1 the newest
+    pool.share([1])  # a new request reads the head
+    assert pool.idle_cached == 2 and pool.available() == 5
+    assert pool.allocate(3) == [4, 5, 6]  # the free ones first: the cache keeps all three
+    assert pool.cached_pages([b"a", b"b", b"c"]) == [1, 2, 3]
+    assert pool.allocate(1) == [3]  # none free: the oldest idle cached page, the chain's tail
+    assert pool.cached_pages([b"a", b"b", b"c"]) == [1, 2]
+    assert pool.allocate(2) is None  # page 1 is read: never taken
