@@ -118,7 +118,8 @@ class Grammars:
         if matcher.is_error():
             what = {"regex": "a regular expression", "json_schema": "a JSON schema"}.get(fmt.kind, "a format")
             raise InvalidParameter(PARAM, f"{what} that structured output supports (llguidance)",
-                                   matcher.get_error().strip().splitlines()[0][:500])
+                                   " ".join(line.strip() for line in matcher.get_error().splitlines()
+                                            if line.strip())[:1000])
         return matcher
 
     def _llg_tokenizer(self) -> Any:

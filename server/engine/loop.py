@@ -84,6 +84,8 @@ class Engine:
                                            self.config.prompt_cache_bytes // self.page_bytes,
                                            self.config.prefix_caching)
         self.scheduler = Scheduler(scheduler_config, eos_ids=_eos_ids(base.model))
+        log.info("automatic prefix caching %s (--%sprefix-caching)", "on" if self.config.prefix_caching else "off",
+                 "no-" if self.config.prefix_caching else "")
         self.admission = Admission(self.tokenizer, tasks, self.max_context, self.scheduler,
                                    base.model.config.get_text_config().vocab_size)
         self._inbox: list[Sequence] = []  # submitted, not yet seen by the loop (guarded by _lock)
@@ -131,17 +133,24 @@ class Engine:
         [handle] = self.submit_samples(request)
         return handle
 
+    @property
+    def capacity(self) -> int:
+        """Requests (samples) in flight at most: max_running run and max_queue more wait."""
+        return self.config.max_running + self.config.max_queue
+
     def submit_samples(self, request: EngineRequest) -> list[RequestHandle]:
         """Check and queue a request's `n` samples, one handle each; all are queued or none is."""
         if not self._accepting:
             raise EngineStopped()
+        if isinstance(request.n, int) and request.n > self.capacity:  # would never fit: not a retry-later 503
+            raise InvalidParameter("n", f"at most {self.capacity} samples (--max-running + --max-queue)", request.n)
         samples = self.admission.admit_samples(request)
         with self._lock:
             if not self._accepting:
                 raise EngineStopped()
             # Up to max_running run and max_queue more wait: a burst of exactly that many is all accepted,
             # even before the loop has moved the first ones into the running batch.
-            if self._in_flight + len(samples) > self.config.max_running + self.config.max_queue:
+            if self._in_flight + len(samples) > self.capacity:
                 raise QueueFull(self.config.max_queue)
             self._in_flight += len(samples)
             self._inbox.extend(samples)

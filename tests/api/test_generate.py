@@ -192,7 +192,8 @@ def test_a_client_that_leaves_a_stream_frees_its_slot(llama_server, client):
     # 1000 tokens take the tiny model several seconds; a cancelled request is gone within a step.
     long = {"text": TEXT, "max_new_tokens": 1000, "ignore_eos": True, "stream": True}
     with llama_server.client() as c, c.stream("POST", "/generate", json=long) as r:
-        next(iter_sse(r))  # it is generating now
+        events = iter_sse(r)  # kept: a dropped iterator may close the stream, and the server cancels at once
+        next(events)  # it is generating now
         assert llama_server.engine.stats().running == 1
     assert _wait_until_idle(llama_server, 2)
 

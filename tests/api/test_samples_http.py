@@ -198,3 +198,14 @@ def test_the_client_sees_best_of_refused(oa, task):
     with pytest.raises(openai.UnprocessableEntityError) as err:
         oa.chat.completions.create(model=task, messages=MESSAGES, max_tokens=2, n=0)
     assert err.value.body["param"] == "n"
+
+
+def test_a_batch_whose_samples_could_never_all_be_in_flight_is_a_422(llama_server):
+    capacity = llama_server.engine.capacity
+    entries = capacity // 16 + 1  # each with 16 samples: more than max_running + max_queue together
+    with llama_server.client() as c:
+        r = c.post("/generate/batch", json={"requests": [{"text": f"hi {i}", "max_new_tokens": 1, "n": 16}
+                                                         for i in range(entries)]})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "n", r.text
+        assert str(capacity) in r.json()["error"]["message"]
+        assert llama_server.engine.stats().waiting == 0  # nothing was submitted

@@ -66,3 +66,10 @@ def test_n_is_checked(make_engine):
     assert caught.value.param == "n"
     with pytest.raises(InvalidParameter):
         engine.submit(EngineRequest(TEXT, n=2))  # one handle: submit_samples takes n
+
+
+def test_more_samples_than_could_ever_be_in_flight_is_a_422_not_a_503(make_engine):
+    engine = make_engine(max_running=2, max_tokens_per_step=16, max_queue=1)
+    with pytest.raises(InvalidParameter) as caught:
+        engine.submit_samples(EngineRequest(TEXT, n=4))
+    assert caught.value.param == "n" and "at most 3" in str(caught.value)
