@@ -91,7 +91,8 @@ def encode_choices(choices: Iterable[str]) -> str:
     return json.dumps(list(choices), ensure_ascii=False)
 
 
-DEFAULT_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "ignore_eos", "logprobs")
+DEFAULT_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed", "ignore_eos", "logprobs",
+                "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 def check_defaults(defaults: object) -> dict[str, Any]:

@@ -10,12 +10,17 @@ import torch
 
 
 @torch.inference_mode()
-def greedy(model: torch.nn.Module, ids: list[int], steps: int) -> list[int]:
-    """`steps` greedy tokens after `ids`; `model` is a base model or a PeftModel around one."""
+def greedy(model: torch.nn.Module, ids: list[int], steps: int, process=None) -> list[int]:
+    """`steps` greedy tokens after `ids`; `model` is a base model or a PeftModel around one. `process(x, logits,
+    out)`, when given, changes the last logits `[1, vocab]` before the pick (x: the ids so far, out: the tokens
+    generated so far), as a transformers logits processor would."""
     out: list[int] = []
     for _ in range(steps):
         x = torch.tensor([ids + out])
-        out.append(int(model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].argmax()))
+        logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, -1].float()
+        if process is not None:
+            logits = process(x, logits, out)
+        out.append(int(logits[0].argmax()))
     return out
 
 

@@ -25,7 +25,7 @@ from server.api.limits import BodyLimitMiddleware
 from server.api.metrics import Metrics
 from server.api.openapi import install_openapi
 from server.api.request_id import RequestIdMiddleware
-from server.api.routes import chat, generate, openai, ops, prompts
+from server.api.routes import chat, generate, openai, ops, prompts, tokenize
 from server.config import MiB, Settings
 from server.engine.errors import InvalidParameter, ModelNotSupported
 from server.engine.loop import Engine
@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handler(app)
     install_openapi(app, settings)
-    for module in (ops, generate, prompts, openai, chat):
+    for module in (ops, generate, prompts, openai, chat, tokenize):
         app.include_router(module.router)
 
     upload_limit = settings.max_prompt_bytes + MiB  # room for the multipart envelope and the config

@@ -30,7 +30,7 @@ def required_token(method: str, path: str) -> Token | None:
         return None
     if path == "/prompts" or path.startswith("/prompts/"):
         return "admin" if method in _WRITES else "api"
-    if path.startswith(("/generate", "/v1/")) or path == "/v1":
+    if path.startswith(("/generate", "/v1/")) or path in ("/v1", "/tokenize", "/detokenize"):
         return "api"
     return None
 

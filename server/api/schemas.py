@@ -41,6 +41,10 @@ _RAW_HELP = ("Send the text as it is: without the task's text template (a task t
              "--template` has one; GET /prompts/{task} shows it).")
 # promptswap's own API takes the engine's defaults as they are: written once, in SamplingParams.
 _ENGINE = SamplingParams()
+_REPETITION_HELP = ("(0, 10]; 1: none. transformers' repetition penalty over the text's and the generated tokens: a "
+                    "seen token's positive logit is divided by it, a negative one multiplied.")
+_PRESENCE_HELP = "[-2, 2]; 0: none. Lowers the logit of every token generated so far by this much (OpenAI's)."
+_FREQUENCY_HELP = "[-2, 2]; 0: none. Lowers each generated token's logit by this much per time it came (OpenAI's)."
 
 
 # body field -> the SamplingParams field it sets, where the names differ (OpenAI's)
@@ -105,7 +109,8 @@ class _Sampling:
 
     def sampling_kwargs(self) -> dict[str, Any]:
         return {name: getattr(self, name)
-                for name in ("temperature", "top_k", "top_p", "seed", "stop", "ignore_eos", "logprobs")}
+                for name in ("temperature", "top_k", "top_p", "seed", "stop", "ignore_eos", "logprobs",
+                             "repetition_penalty", "presence_penalty", "frequency_penalty")}
 
 
 class GenerateParams(_Sampling, _Strict):
@@ -120,6 +125,9 @@ class GenerateParams(_Sampling, _Strict):
     seed: int | None = _ENGINE.seed
     stop: str | list[str] | None = Field(None, description=_STOP_HELP)
     ignore_eos: bool = _ENGINE.ignore_eos
+    repetition_penalty: float = Field(_ENGINE.repetition_penalty, description=_REPETITION_HELP)
+    presence_penalty: float = Field(_ENGINE.presence_penalty, description=_PRESENCE_HELP)
+    frequency_penalty: float = Field(_ENGINE.frequency_penalty, description=_FREQUENCY_HELP)
     raw: bool = Field(False, description=_RAW_HELP)
     logprobs: int | None = Field(
         None, description=f"0..{MAX_LOGPROBS}: report each generated token's log-probability (from the raw "
@@ -286,8 +294,8 @@ class _OpenAIBody(_Sampling, BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description=_STOP_HELP)
     seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, description=_PRESENCE_HELP)
+    frequency_penalty: float = Field(0.0, description=_FREQUENCY_HELP)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     response_format: ResponseFormatBody | None = Field(
@@ -296,6 +304,7 @@ class _OpenAIBody(_Sampling, BaseModel):
     # Extensions, as vLLM names them.
     top_k: int = 0
     ignore_eos: bool = False
+    repetition_penalty: float = Field(1.0, description=_REPETITION_HELP)
 
     @model_validator(mode="before")
     @classmethod
@@ -307,9 +316,6 @@ class _OpenAIBody(_Sampling, BaseModel):
     def unsupported(self) -> list[tuple[str, bool, str, object]]:
         """(field, holds, what it must be, what was sent) for what neither endpoint honours."""
         return [
-            ("presence_penalty", not self.presence_penalty, "0 (penalties are not supported)", self.presence_penalty),
-            ("frequency_penalty", not self.frequency_penalty, "0 (penalties are not supported)",
-             self.frequency_penalty),
             ("logit_bias", not self.logit_bias, "absent (logit bias is not supported)", self.logit_bias),
         ]
 
@@ -399,3 +405,45 @@ class ChatRequest(_OpenAIBody):
         # OpenAI's chat shape: a switch, and the number of alternatives apart.
         kwargs["logprobs"] = (self.top_logprobs or 0) if self.logprobs else None
         return kwargs
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's shape): a prompt, or chat messages, as the model would read them."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(None, description="A task name, or the base model's served name / null for none")
+    prompt: str | None = Field(None, description="A text (the task's template frames it unless raw)")
+    messages: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES,
+                                               description="Or a conversation, through the chat template")
+    add_special_tokens: bool | None = Field(None, description="Default: true for a prompt, false for messages "
+                                                              "(the chat template writes its own)")
+    add_generation_prompt: bool = Field(True, description="With messages: end with the assistant's turn")
+    return_token_strs: bool = Field(False, description="Also each token's text")
+    raw: bool = Field(False, description=_RAW_HELP)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidParameter("prompt", "a prompt or messages, one of them", "both" if self.prompt else "neither")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int = Field(description="The text's tokens (the task's virtual tokens not counted)")
+    max_model_len: int = Field(description="Positions a request may use, virtual tokens included")
+    tokens: list[int]
+    token_strs: list[str] | None = None
+    virtual_tokens: int = Field(description="The task's virtual tokens, read before the text (0: no task)")
+    templated: str | None = Field(None, description="The text as the task's template framed it (null: no template)")
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1 << 20)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

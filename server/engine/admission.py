@@ -63,6 +63,13 @@ def with_task_defaults(params: SamplingParams, defaults: dict | None, sent: froz
     return replace(params, **fill) if fill else params
 
 
+@dataclass(frozen=True, slots=True)
+class TokenizedText:
+    ids: list[int]  # the text's tokens, after the task's template
+    virtual_tokens: int  # the task's, in front of them
+    templated: str | None  # the text as the template framed it (None: no template applied)
+
+
 class Admission:
     """Checks a request against the model, its task and the KV budget; builds its Sequence."""
 
@@ -105,23 +112,9 @@ class Admission:
         snapshot = self.tasks.get(request.task) if request.task is not None else None  # UnknownTask
         params = with_task_defaults(request.params, snapshot.defaults if snapshot is not None else None,
                                     request.sent, request.max_new_tokens_cap)
-        num_virtual = snapshot.num_virtual_tokens if snapshot is not None else 0
-        text = request.text
-        if snapshot is not None and not request.raw:
-            text = apply_template(snapshot.template, text)  # the same version's template as its weights
-        check_encodable(text)
-        at_least = -(-len(text) // self.longest_token_chars)
-        if num_virtual + at_least + 1 > self.max_context:
-            raise RequestTooLong(self.max_context - 1, num_virtual + at_least,
-                                 f"{num_virtual} virtual + at least {at_least} text tokens in {len(text)} characters, "
-                                 "+1 to generate")
-        prompt_ids = list(self.tokenizer(text, add_special_tokens=request.add_special_tokens)["input_ids"])
-        if not prompt_ids:
-            raise InvalidParameter("text", "a text that gives at least one token", text)
+        text = self.text_ids(request, snapshot)
+        num_virtual, prompt_ids = text.virtual_tokens, text.ids
         used = num_virtual + len(prompt_ids)
-        if used + 1 > self.max_context:
-            raise RequestTooLong(self.max_context - 1, used,
-                                 f"{num_virtual} virtual + {len(prompt_ids)} text tokens, +1 to generate")
         scoring = None
         if request.choices is not None and request.choices is not False:
             scoring = ChoiceScoring(self._choices(request.choices, snapshot, used))
@@ -147,6 +140,33 @@ class Admission:
                                  f"positions; the KV budget holds {kv_pages}", param=param)
         seq.rng = make_generator(seq.params)
         return seq
+
+    def tokenize(self, request: EngineRequest) -> TokenizedText:
+        """What the model would read for `request`'s text: its task's template applied (unless raw), the tokens
+        and the task's virtual-token count, with the same checks as a generating request."""
+        return self.text_ids(request, self.tasks.get(request.task) if request.task is not None else None)
+
+    def text_ids(self, request: EngineRequest, snapshot: PromptSnapshot | None) -> TokenizedText:
+        """The text's tokens as the model reads them after the task's virtual tokens; refused when they and one
+        token to generate would not fit the context."""
+        num_virtual = snapshot.num_virtual_tokens if snapshot is not None else 0
+        text = request.text
+        templated = snapshot is not None and not request.raw and snapshot.template is not None
+        if snapshot is not None and not request.raw:
+            text = apply_template(snapshot.template, text)  # the same version's template as its weights
+        check_encodable(text)
+        at_least = -(-len(text) // self.longest_token_chars)
+        if num_virtual + at_least + 1 > self.max_context:
+            raise RequestTooLong(self.max_context - 1, num_virtual + at_least,
+                                 f"{num_virtual} virtual + at least {at_least} text tokens in {len(text)} characters, "
+                                 "+1 to generate")
+        ids = list(self.tokenizer(text, add_special_tokens=request.add_special_tokens)["input_ids"])
+        if not ids:
+            raise InvalidParameter("text", "a text that gives at least one token", text)
+        if num_virtual + len(ids) + 1 > self.max_context:
+            raise RequestTooLong(self.max_context - 1, num_virtual + len(ids),
+                                 f"{num_virtual} virtual + {len(ids)} text tokens, +1 to generate")
+        return TokenizedText(ids, num_virtual, text if templated else None)
 
     def _choices(self, choices: TypingSequence[str] | bool, snapshot: PromptSnapshot | None,
                  used: int) -> tuple[tuple[str, tuple[int, ...]], ...]:

@@ -2,8 +2,8 @@
 
 For each request of the step (`StepOutput`): a scoring request scores its choices; a request whose
 prompt tokens are scored records theirs; a request that reached its next token has it picked
-(sampler.py) among what its grammar allows, if it has one (grammar.py), and, when asked, reported with
-its log-probability. The result per request is a
+(sampler.py) after its penalties, among what its grammar allows, if it has one (grammar.py), and, when
+asked, reported with its log-probability. The result per request is a
 `StepResult` for the scheduler's postprocess. Log-probabilities are always from the raw next-token
 distribution (before temperature, top-k and top-p), as OpenAI and vLLM report them.
 """
@@ -41,7 +41,7 @@ def process(output: StepOutput) -> list[StepResult]:
             pick_rows.append(rows[-1:])
     if picking:
         picks = torch.cat(pick_rows)  # [k, vocab]
-        tokens = sample(_masked(picks, picking), [r.seq for r in picking])
+        tokens = sample(_masked(_penalized(picks, picking), picking), [r.seq for r in picking])
         for i, (result, token) in enumerate(zip(picking, tokens, strict=True)):
             result.token = token
             grammar = result.seq.grammar
@@ -51,6 +51,31 @@ def process(output: StepOutput) -> list[StepResult]:
             if top is not None:  # from the raw rows: a grammar's mask is not the model's distribution
                 result.logprob = token_logprobs(picks[i:i + 1], [token], top)[0]
     return results
+
+
+def _penalized(picks: torch.Tensor, picking: list[StepResult]) -> torch.Tensor:
+    """`picks` with each penalized request's row penalized (a copy, when any is); the other rows as they are.
+
+    Repetition: transformers' RepetitionPenaltyLogitsProcessor over the text's and the generated tokens (a
+    positive logit divided by the penalty, a negative one multiplied). Presence and frequency: OpenAI's and
+    vLLM's, over the generated tokens only (each seen token's logit lowered by presence, and by frequency times
+    its count)."""
+    rows = [i for i, r in enumerate(picking) if r.seq.params.penalized]
+    if not rows:
+        return picks
+    out = picks.clone()
+    for i in rows:
+        seq, row = picking[i].seq, out[i]
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.all_ids)), dtype=torch.long, device=row.device)
+            score = row[seen]
+            row[seen] = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
+            counts = torch.bincount(torch.tensor(seq.output_ids, device=row.device), minlength=row.shape[-1])
+            counts = counts[:row.shape[-1]].to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    return out
 
 
 def _masked(picks: torch.Tensor, picking: list[StepResult]) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.engine import logits, threads
-from server.engine.admission import Admission, EngineRequest, TaskSource
+from server.engine.admission import Admission, EngineRequest, TaskSource, TokenizedText
 from server.engine.config import EngineConfig
 from server.engine.errors import (
     EngineStopped,
@@ -33,7 +33,7 @@ from server.engine.runner import ModelRunner, StepOutput
 from server.engine.scheduler import Batch, Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence
 
-__all__ = ["Engine", "EngineRequest", "EngineStats", "TaskSource"]
+__all__ = ["Engine", "EngineRequest", "EngineStats", "TaskSource", "TokenizedText"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,11 @@ class Engine:
     def capacity(self) -> int:
         """Requests (samples) in flight at most: max_running run and max_queue more wait."""
         return self.config.max_running + self.config.max_queue
+
+    def tokenize(self, request: EngineRequest) -> TokenizedText:
+        """The tokens `request`'s text gives the model (its task's template applied), and the task's virtual
+        tokens; the checks of a generating request. Any thread."""
+        return self.admission.tokenize(request)
 
     def submit_samples(self, request: EngineRequest) -> list[RequestHandle]:
         """Check and queue a request's `n` samples, one handle each; all are queued or none is."""

@@ -38,6 +38,7 @@ MAX_SEED = 2**63 - 1
 MAX_CHOICES = 64  # choices one request may score
 MAX_LOGPROBS = 20  # alternatives reported per token
 MAX_SAMPLES = 16  # n: samples of one text
+MAX_REPETITION_PENALTY = 10.0
 
 
 def normalize_stop(stop: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -62,6 +63,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # report each generated token's log-probability and this many alternatives
     prompt_logprobs: bool = False  # also each prompt token's (after the first), with as many alternatives
+    # transformers' RepetitionPenaltyLogitsProcessor over the text's and the generated tokens (1.0: none)
+    repetition_penalty: float = 1.0
+    # OpenAI's and vLLM's, over the generated tokens: logit - presence * [seen] - frequency * count (0: none)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, 1, None)
@@ -83,6 +89,13 @@ class SamplingParams:
             raise InvalidParameter("ignore_eos", "a boolean", self.ignore_eos)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if not _is_number(self.repetition_penalty) or not (0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            raise InvalidParameter("repetition_penalty", f"a number in (0, {MAX_REPETITION_PENALTY:g}]",
+                                   self.repetition_penalty)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not (-2.0 <= value <= 2.0):
+                raise InvalidParameter(name, "a number in [-2, 2]", value)
         if self.prompt_logprobs and self.logprobs is None:
             raise InvalidParameter("logprobs", "a number of alternatives when prompt log-probabilities are asked",
                                    None)
@@ -90,6 +103,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
 
 
 def _is_number(value: object) -> bool:

@@ -19,7 +19,7 @@ from server.api.errors import ErrorContext
 from server.api.openapi import SSE_CONTENT, errors
 from server.api.responses import answer
 from server.api.routes.openai import FINISH, OpenAIReply, refuse
-from server.api.schemas import ChatRequest
+from server.api.schemas import ChatMessage, ChatRequest
 from server.api.streaming import Result
 from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter
@@ -36,7 +36,7 @@ async def chat_completions(body: ChatRequest, request: Request, engine: EngineDe
     _refuse_unsupported(body)
     base = settings.model_name()
     task = None if body.model == base else body.model
-    text = _templated(engine.tokenizer, body)
+    text = templated(engine.tokenizer, body.messages)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:  # OpenAI's default is "as long as it takes": the server's cap (and the context's end)
         max_tokens = settings.max_new_tokens_cap
@@ -53,13 +53,15 @@ async def chat_completions(body: ChatRequest, request: Request, engine: EngineDe
     return await answer(request, handles, metrics, reply, stream=body.stream)
 
 
-def _templated(tokenizer: Any, body: ChatRequest) -> str:
+def templated(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+    """The conversation as the tokenizer's chat template writes it (its special tokens included)."""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidParameter("messages", "a model with a chat template (this model's tokenizer has none: use "
-                               "/v1/completions or /generate)", f"{len(body.messages)} messages")
-    conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
+                               "/v1/completions or /generate)", f"{len(messages)} messages")
+    conversation = [{"role": m.role, "content": m.text()} for m in messages]
     try:
-        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(conversation, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # the template's own checks (e.g. roles must alternate) speak for it
         raise InvalidParameter("messages", "a conversation this model's chat template accepts",
                                f"{type(exc).__name__}: {exc}") from None

@@ -1,7 +1,7 @@
 """OpenAI-compatible completions: `model` is a task name, or the base model's served name for none.
 
 Shapes follow OpenAI's legacy Completions API (what the official client parses); parameters
-promptswap cannot honour (best_of above n, penalties, suffix, ...) are refused with a 422 rather
+promptswap cannot honour (best_of other than n, logit_bias, suffix, ...) are refused with a 422 rather
 than silently ignored. With `n`, each prompt has n choices, numbered as OpenAI does: prompt-major,
 sample-minor (choice prompt * n + sample), the order streaming.submit_all gives their handles in.
 """
