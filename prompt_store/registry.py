@@ -9,6 +9,7 @@ store that other replicas also write (see prompt_store/sync.py for the poller th
 
 from __future__ import annotations
 
+import difflib
 import logging
 import threading
 import time
@@ -26,7 +27,14 @@ from prompt_store.errors import BodyTooLarge, InvalidDefaults, PreconditionFaile
 from prompt_store.format import PromptFile, read_path, read_prompt, tensor_sha256, write_prompt
 from prompt_store.geometry import ModelGeometry
 from prompt_store.preconditions import NO_PRECONDITIONS, Preconditions
-from prompt_store.template import check_defaults, encodable, encode_choices, encode_defaults, parse_defaults
+from prompt_store.template import (
+    check_defaults,
+    check_system,
+    encodable,
+    encode_choices,
+    encode_defaults,
+    parse_defaults,
+)
 from prompt_store.validate import (
     SERVED_DTYPES,
     CheckedPrompt,
@@ -59,6 +67,7 @@ class PromptSnapshot:
     template: str | None = None  # the text template it was trained with: requests' text goes in its {text}
     choices: tuple[str, ...] | None = None  # the answers it was trained to give (a classifier's labels)
     defaults: dict | None = None  # generation defaults its requests start from (never mutate: shared)
+    system: str | None = None  # the chat system message its conversations get when they bring none
 
     @property
     def key(self) -> tuple[str, int]:
@@ -85,6 +94,7 @@ class PromptDescriptor:
     template: str | None = None
     choices: tuple[str, ...] | None = None
     defaults: dict | None = None
+    system: str | None = None
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -97,7 +107,7 @@ class PromptDescriptor:
             dtype=dtype_name(snap.embeddings.dtype), bytes=nbytes, sha256=snap.sha256, version=snap.version,
             created_at=snap.created_at, source=snap.source, base_model=snap.base_model,
             description=snap.description, warnings=snap.warnings, template=snap.template, choices=snap.choices,
-            defaults=dict(snap.defaults) if snap.defaults is not None else None,
+            defaults=dict(snap.defaults) if snap.defaults is not None else None, system=snap.system,
         )  # fmt: skip
 
 
@@ -191,7 +201,15 @@ class PromptRegistry:
                 f"task {task!r} is not served: its file failed to load ({desc.error})",
                 expected="a loaded task", actual=task,
             )
-        return UnknownTask(f"unknown task {task!r}", expected="a registered task", actual=task)
+        return UnknownTask(f"unknown task {task!r}{self._did_you_mean(task)}", expected="a registered task",
+                           actual=task)
+
+    def _did_you_mean(self, task: str) -> str:
+        """The served task names closest to a misspelt one (`; did you mean 'sentiment'?`), or ""."""
+        with self._lock:
+            served = list(self._snapshots)
+        close = difflib.get_close_matches(task, served, n=3)
+        return f"; did you mean {' or '.join(repr(name) for name in close)}?" if close else ""
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -244,7 +262,7 @@ class PromptRegistry:
             created_at=time.time(), source=checked.source, base_model=checked.base_model,
             description=description if description is not None else checked.description, warnings=warnings,
             template=checked.template, choices=checked.choices,
-            defaults=defaults if defaults is not None else checked.defaults,
+            defaults=defaults if defaults is not None else checked.defaults, system=checked.system,
         )  # fmt: skip
 
         if draft.description is not None and not encodable(draft.description):  # before a version is used
@@ -267,26 +285,30 @@ class PromptRegistry:
         return snap, written.created
 
     def patch(self, task: str, changes: dict, *, when: Preconditions = NO_PRECONDITIONS) -> PromptSnapshot:
-        """Change a task's description and generation defaults without new weights (a JSON merge patch, RFC
-        7396, over {"description", "defaults"}), if `when` holds: a new version, the weights as stored."""
+        """Change a task's description, generation defaults and chat system message without new weights (a JSON
+        merge patch, RFC 7396, over {"description", "defaults", "system"}), if `when` holds: a new version, the
+        weights as stored."""
         if not isinstance(changes, dict):
             raise InvalidDefaults("a patch is a JSON object (a merge patch over description and defaults)",
                                   param="body", expected="an object", actual=type(changes).__name__)
         for key in changes:
-            if key not in ("description", "defaults"):
-                raise InvalidDefaults(f"a patch changes description and defaults, not {key!r}", param=key,
-                                      expected=["description", "defaults"], actual=key)
+            if key not in ("description", "defaults", "system"):
+                raise InvalidDefaults(f"a patch changes description, defaults and system, not {key!r}", param=key,
+                                      expected=["description", "defaults", "system"], actual=key)
         lost: PreconditionFailed | None = None
         for _ in range(3):  # another writer may land between the read and the write: read again
             source, version = self._stored(task)
             when.check(task, True, version)
             meta = dict(source.metadata)
-            merged = merge_patch({"description": meta.get("description"),
+            merged = merge_patch({"description": meta.get("description"), "system": meta.get("system"),
                                   "defaults": parse_defaults(meta["defaults"]) if "defaults" in meta else None},
                                  changes)
             assert isinstance(merged, dict)
             meta.pop("description", None)
             meta.pop("defaults", None)
+            meta.pop("system", None)
+            if merged.get("system") is not None:
+                meta["system"] = check_system(merged["system"])
             if merged.get("description") is not None:
                 if not isinstance(merged["description"], str):
                     raise InvalidDefaults("description must be a string or null", param="description",
@@ -436,7 +458,7 @@ class PromptRegistry:
             version=version or 0, sha256=tensor_sha256(checked.embeddings), embeddings=checked.embeddings,
             created_at=_float(meta.get("created_at")) or entry.modified or time.time(), source=checked.source,
             base_model=checked.base_model, description=checked.description, warnings=warnings,
-            template=checked.template, choices=checked.choices, defaults=checked.defaults,
+            template=checked.template, choices=checked.choices, defaults=checked.defaults, system=checked.system,
         )  # fmt: skip
         return entry, snap, version
 
@@ -480,6 +502,8 @@ def _metadata(snap: PromptSnapshot) -> dict[str, str]:
         meta["choices"] = encode_choices(snap.choices)
     if snap.defaults:
         meta["defaults"] = encode_defaults(snap.defaults)
+    if snap.system is not None:
+        meta["system"] = snap.system
     return meta
 
 

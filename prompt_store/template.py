@@ -95,6 +95,23 @@ DEFAULT_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed
                 "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
+MAX_SYSTEM_CHARS = 8192
+
+
+def check_system(system: object) -> str:
+    """A task's chat system message (used when a conversation brings none): text of at most MAX_SYSTEM_CHARS."""
+    if not isinstance(system, str):
+        raise InvalidDefaults(f"system must be a string, got {type(system).__name__}", param="system",
+                              expected="a string", actual=type(system).__name__)
+    if not encodable(system):
+        raise InvalidDefaults("system must be valid text (no lone surrogate)", param="system", expected="UTF-8 text",
+                              actual="a lone surrogate")
+    if len(system) > MAX_SYSTEM_CHARS:
+        raise InvalidDefaults(f"system may have at most {MAX_SYSTEM_CHARS} characters, got {len(system)}",
+                              param="system", expected=f"<= {MAX_SYSTEM_CHARS}", actual=len(system))
+    return system
+
+
 def check_defaults(defaults: object) -> dict[str, Any]:
     """A task's generation defaults: an object of sampling parameters (DEFAULT_KEYS) with JSON scalar values
     (stop: a string or a list of strings). Ranges are checked by the registry's `check_defaults`."""

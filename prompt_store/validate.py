@@ -30,7 +30,7 @@ from prompt_store.errors import (
 )
 from prompt_store.format import TENSOR_NAME, PromptFile, load_config
 from prompt_store.geometry import KINDS, Kind, ModelGeometry
-from prompt_store.template import check_template, parse_choices, parse_defaults
+from prompt_store.template import check_system, check_template, parse_choices, parse_defaults
 
 SERVED_DTYPES = served_dtypes()
 TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -75,6 +75,7 @@ class CheckedPrompt:
     template: str | None = None  # the text template it was trained with (template.py)
     choices: tuple[str, ...] | None = None  # the answers it was trained to give
     defaults: dict | None = None  # generation defaults (sampling parameters) its requests start from
+    system: str | None = None  # the chat system message its conversations get when they bring none
 
     @property
     def served_kind(self) -> Kind:
@@ -194,6 +195,7 @@ def check_prompt(
         template=check_template(source.metadata["template"]) if "template" in source.metadata else None,
         choices=parse_choices(source.metadata["choices"]) if "choices" in source.metadata else None,
         defaults=parse_defaults(source.metadata["defaults"]) if "defaults" in source.metadata else None,
+        system=check_system(source.metadata["system"]) if "system" in source.metadata else None,
     )
 
 

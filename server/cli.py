@@ -12,6 +12,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from prompt_store.cli import add_prompts_command
+from server.model_cli import add_model_command
 from server.serve import add_serve_command
 from server.train.cli import add_train_command
 
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prompts_command(subparsers)
     add_serve_command(subparsers)
     add_train_command(subparsers)
+    add_model_command(subparsers)
     return parser
 
 

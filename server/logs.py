@@ -4,7 +4,8 @@
     {"time": "2026-11-29T14:03:07.123Z", "level": "INFO", "logger": "promptswap.requests", ...}
 
 A record's `fields` (a dict, see server/api/request_log.py) become `key=value` pairs or JSON keys.
-Progress bars (model downloads and loading) are turned off: they are for terminals, not logs.
+Progress bars (model downloads, loading, GGUF conversion) are turned off and Python warnings go through
+the same handler: a line of neither format would break a JSON log's one-object-per-line.
 """
 
 from __future__ import annotations
@@ -64,18 +65,36 @@ def configure_logging(level: str, log_format: LogFormat) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # through the root handler, not their own
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    logging.captureWarnings(True)  # warnings.warn (torch's, transformers') as log records, not bare stderr text
     quiet_progress_bars()
+    adopt_library_loggers()
 
 
 def quiet_progress_bars() -> None:
-    """No tqdm bars from huggingface_hub or transformers (downloads, loading weights, GGUF conversion).
+    """No tqdm bars from huggingface_hub, transformers or plain tqdm (downloads, loading weights, GGUF conversion).
 
-    Set before either is imported: transformers takes its setting from huggingface_hub's at import.
+    Set before any of them is imported: transformers takes its setting from huggingface_hub's at import,
+    and tqdm reads TQDM_* variables when it is imported. transformers' GGUF reader uses plain tqdm
+    ("Converting and de-quantizing GGUF tensors"), which only TQDM_DISABLE reaches.
     """
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"
     import sys
 
     if "huggingface_hub" in sys.modules:  # already imported (a test process): tell it directly
         sys.modules["huggingface_hub"].utils.disable_progress_bars()
     if "transformers" in sys.modules:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+def adopt_library_loggers() -> None:
+    """transformers logs through a handler of its own (`[transformers] message`, not propagated): through ours.
+
+    Called again once transformers is imported (`promptswap serve` imports it after the startup checks).
+    """
+    import sys
+
+    if "transformers" in sys.modules:
+        hf_logging = sys.modules["transformers"].utils.logging
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()

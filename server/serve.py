@@ -2,6 +2,10 @@
 
 Every Settings field is a flag (`--prompt-dir`, `--admin-token`, ...) with the field's description
 as its help; a flag given on the command line overrides the PROMPTSWAP_* environment variable.
+
+The port answers while the model loads (create_app's `load_in_background`): /health says 503 `starting`
+instead of leaving a probe without an answer. A failed load ends the process as a failed uvicorn startup
+does (its `cannot start:` line, exit status 3); a SIGTERM during the load exits 0 at once.
 """
 
 from __future__ import annotations
@@ -9,18 +13,20 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 import signal
 import sys
 import types
 import typing
+from pathlib import Path
 
 from pydantic import SecretStr, ValidationError
 
 from server import startup
 from server.config import ENGINE_FIELDS, Settings, explain
 from server.engine.config import describe_default
-from server.logs import configure_logging
+from server.logs import adopt_library_loggers, configure_logging
 
 log = logging.getLogger("promptswap")
 
@@ -97,25 +103,33 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     # Mistakes that would otherwise surface only after the model has loaded (minutes for a real one).
+    made: list[Path] = []  # prompt directories this start made: removed again, while empty, if it fails
     try:
         sock = startup.bind(settings.host, settings.port)
         if settings.prompt_store is None and settings.read_only_prompts:
             startup.check_readable_prompt_dir(settings.resolved_prompt_dir())
         elif settings.prompt_store is None:
-            startup.check_prompt_dir(settings.resolved_prompt_dir())
+            made = startup.check_prompt_dir(settings.resolved_prompt_dir())
         else:
             startup.check_object_store_client()
         startup.check_model(settings)
     except startup.StartupError as exc:
+        startup.remove_if_empty(made)
         print(f"promptswap serve: cannot start: {exc}", file=sys.stderr)
         return 1
+    from uvicorn.config import STARTUP_FAILURE
+
     from server.api.app import create_app  # imports torch: after the checks, which need none of it
     from server.engine import threads as cpu_threads
 
+    adopt_library_loggers()  # transformers is imported now: its log lines in our format too
     # Before anything loads: the engine thread is to be the only one with an OpenMP pool.
     cpu_threads.single_threaded_here()
+    # The load runs beside the server; if it fails, the server stops (within uvicorn's 0.1 s tick).
+    app = create_app(settings, load_in_background=True,
+                     on_load_failure=lambda exc: setattr(server, "should_exit", True))
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
         log_config=None,  # uvicorn's loggers go through ours (server/logs.py): one format for every line
         # On SIGTERM uvicorn stops accepting, waits this long for open responses (streams included),
         # then our lifespan drains the engine.
@@ -129,6 +143,17 @@ def run_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
     server.run(sockets=[sock])
+    if app.state.load_error is not None or not server.started:
+        startup.remove_if_empty(made)  # a failed start leaves no empty prompt directory behind
+    if app.state.load_error is not None:
+        return STARTUP_FAILURE  # the model did not load (logged): the status uvicorn gives a failed startup
     if not server.started:
-        return 1  # startup failed (the model did not load); uvicorn has logged why
+        return 1  # startup failed; uvicorn has logged why
+    loader = app.state.loader
+    if loader is not None and loader.is_alive():
+        # Stopped before the model loaded: the load cannot be interrupted, and a process that finalizes
+        # under a thread still inside torch may crash on its way out. Nothing else is left to do.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
     return 0

@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from server.config import Settings
@@ -29,16 +30,36 @@ def check_readable_prompt_dir(directory: Path) -> None:
                            "give --prompt-dir a readable directory of prompt files")
 
 
-def check_prompt_dir(directory: Path) -> None:
-    """The directory exists (made if missing) and a file can be written in it."""
+def check_prompt_dir(directory: Path) -> list[Path]:
+    """The directory exists (made if missing) and a file can be written in it. Returns the directories it
+    made, deepest first: a start that fails gives them to `remove_if_empty`."""
     fix = (f"make it writable by this user (uid {os.getuid()}), e.g. `chown {os.getuid()} {directory}`, "
            "or choose another with --prompt-dir")
+    made = []
+    for parent in (directory, *directory.parents):
+        if parent.exists() or parent.is_symlink():
+            break
+        made.append(parent)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".promptswap-write-check-"):
             pass
     except OSError as exc:
+        remove_if_empty(made)
         raise StartupError(f"the prompt directory {directory} is not writable ({exc.strerror or exc})", fix) from None
+    return made
+
+
+def remove_if_empty(made: Iterable[Path]) -> None:
+    """Take back the directories a failed start made (deepest first), each only while it is empty: a failed
+    start leaves no empty prompt directory behind, and a directory that holds a file is never removed."""
+    for directory in made:
+        try:
+            directory.rmdir()  # refused for a directory that is not empty
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return  # not empty: neither are the directories above it
 
 
 def check_object_store_client() -> None:

@@ -23,16 +23,7 @@ def start_serve_process(model_dir, tmp_path, *flags: str, prompt_dir=None, env=N
     """`promptswap serve` as its own process on a free port, once /health answers; (process, base URL).
     No model_dir: the offline demo. With `--prompt-store` among the flags, no prompt directory. `log_path`:
     its output goes to that file (for long runs: an unread pipe would fill and block the server)."""
-    port = _free_port()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PROMPTSWAP_")}, **(env or {})}
-    store = [] if "--prompt-store" in flags else ["--prompt-dir", str(prompt_dir or tmp_path / "prompts")]
-    out = open(log_path, "w") if log_path else subprocess.PIPE  # noqa: SIM115 -- the process holds it
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", *(["--model", str(model_dir)] if model_dir else []),
-         "--port", str(port), *store, *flags],
-        env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url = launch_serve_process(model_dir, tmp_path, *flags, prompt_dir=prompt_dir, env=env, log_path=log_path)
     deadline = time.monotonic() + 120
     while True:
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else Path(log_path).read_text()
@@ -43,3 +34,18 @@ def start_serve_process(model_dir, tmp_path, *flags: str, prompt_dir=None, env=N
             pass
         assert time.monotonic() < deadline, "the server never became healthy"
         time.sleep(0.2)
+
+
+def launch_serve_process(model_dir, tmp_path, *flags: str, prompt_dir=None, env=None,
+                         log_path=None) -> tuple[subprocess.Popen, str]:
+    """As start_serve_process, without waiting for anything: (process, base URL) at once."""
+    port = _free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PROMPTSWAP_")}, **(env or {})}
+    store = [] if "--prompt-store" in flags else ["--prompt-dir", str(prompt_dir or tmp_path / "prompts")]
+    out = open(log_path, "w") if log_path else subprocess.PIPE  # noqa: SIM115 -- the process holds it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", *(["--model", str(model_dir)] if model_dir else []),
+         "--port", str(port), *store, *flags],
+        env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+    )
+    return proc, f"http://127.0.0.1:{port}"

@@ -18,7 +18,7 @@ LAYERS = [
     ("server.engine",),
     ("server.config", "server.demo", "server.logs", "server.model_source"),
     ("server.api", "server.train"),
-    ("server.serve", "server.startup", "server.cli"),
+    ("server.serve", "server.startup", "server.cli", "server.model_cli"),
 ]
 
 

@@ -1,25 +1,36 @@
 """create_app(settings): the whole service is built here, and nothing at import time.
 
 The lifespan loads the model, the registry and the engine at startup and drains the engine at
-shutdown; routes reach them through `app.state` (see server/deps.py).
+shutdown; routes reach them through `app.state` (see server/deps.py). `app.state.phase` says where it
+stands: starting, ready, draining, or failed (the load failed).
+
+By default the lifespan finishes loading before the server accepts a connection (tests, benchmarks,
+another ASGI server). `promptswap serve` asks for `load_in_background`: the lifespan starts the load on a
+thread and returns at once, so the port answers while the model loads (minutes for a big one, a GGUF
+conversion on a first start): /health and /ready with 503 `starting`, the other endpoints with a 503
+`starting_error` and Retry-After. A failed load is logged as one `cannot start:` line and reported to
+`on_load_failure`, which ends the server.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import State
 from starlette.types import Scope
 
 from prompt_store import InvalidDefaults, PromptRegistry, RegistryLimits
 from prompt_store.backends import open_backend
 from prompt_store.sync import StorePoller
 from server.api.auth import AuthMiddleware
+from server.api.docs import install_docs
 from server.api.errors import UnexpectedErrorMiddleware, install_error_handler
 from server.api.limits import BodyLimitMiddleware
 from server.api.metrics import Metrics
@@ -36,12 +47,16 @@ from server.model_source import model_source
 log = logging.getLogger("promptswap")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, load_in_background: bool = False,
+               on_load_failure: Callable[[BaseException], object] | None = None) -> FastAPI:
+    """The app. `load_in_background`: accept connections while the model loads (see the module's docstring);
+    `on_load_failure(exc)` is then called, on the loading thread, if the load fails."""
     settings = settings or Settings()
     app = FastAPI(
         title="promptswap",
         summary="One frozen LLM, many tasks (soft prompts and prefixes), one batched forward pass.",
         lifespan=_lifespan,
+        docs_url=None, redoc_url=None,  # served from packaged files instead of a CDN: install_docs
     )
     state = app.state
     state.settings = settings
@@ -49,6 +64,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     state.registry = None
     state.poller = None
     state.ready = False
+    state.phase = "starting"
+    state.load_error = None
+    state.load_in_background = load_in_background
+    state.on_load_failure = on_load_failure
+    state.loader = None  # the loading thread, in the background mode
+    state.lock = threading.Lock()  # the loading thread publishes, the shutdown closes: one after the other
     state.started_at = time.time()
     state.metrics = Metrics(
         engine_stats=lambda: state.engine.stats() if state.engine is not None else None,
@@ -57,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handler(app)
     install_openapi(app, settings)
+    install_docs(app)
     for module in (ops, generate, prompts, openai, chat, tokenize):
         app.include_router(module.router)
 
@@ -80,10 +102,39 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
     settings: Settings = state.settings
     _warn_about_setup(settings)
-    # Loading takes seconds to minutes (a hub download): off the event loop.
+    if state.load_in_background:
+        # A daemon: a SIGTERM during a long load need not wait for it (serve exits without it).
+        state.loader = threading.Thread(target=_load_in_background, args=(state,), name="promptswap-load",
+                                        daemon=True)
+        state.loader.start()
+        log.info("loading the model; /health and /ready answer 503 (starting) until it is ready")
+    else:
+        # Loading takes seconds to minutes (a hub download): off the event loop.
+        await run_in_threadpool(_load, state)
     try:
-        base, registry, engine = await run_in_threadpool(_build_engine, settings)
-    except (OSError, ValueError, ModelNotSupported) as exc:
+        yield
+    finally:
+        with state.lock:
+            loading = state.phase == "starting"
+            state.phase = "draining"  # before ready: /health never reads ready=False with phase "ready"
+            state.ready = False  # /health answers 503 while draining
+            engine, poller = state.engine, state.poller
+        if poller is not None:
+            poller.stop()
+        if engine is not None:
+            # uvicorn has already waited (up to the same timeout) for open responses to finish.
+            await run_in_threadpool(engine.shutdown, settings.shutdown_timeout_s)
+            log.info("engine stopped")
+        elif loading:
+            log.info("stopped before the model finished loading")
+
+
+def _load(state: State) -> None:
+    """Build the engine and publish it on `state` (ready); raises what loading raised, after logging it."""
+    settings: Settings = state.settings
+    try:
+        base, registry, engine = _build_engine(settings)
+    except (OSError, ValueError, ModelNotSupported) as exc:  # a bad model or prompt directory: the cause suffices
         log.error("cannot start: %s: %s", type(exc).__name__, exc)
         raise
     poller = None
@@ -91,18 +142,33 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         poller = StorePoller(registry, interval_s=settings.prompt_poll_interval_s,
                              full_sync_s=settings.prompt_full_sync_s)
         poller.start()
-    state.engine, state.registry, state.poller, state.ready = engine, registry, poller, True
-    log.info("promptswap ready: model %s (served as %r), %d prompts from %s%s", base.name, settings.model_name(),
-             len(registry), registry.location, "" if poller is None else " (loading; /ready answers once loaded)")
-    try:
-        yield
-    finally:
-        state.ready = False  # /health answers 503 while draining
+    with state.lock:
+        stopped = state.phase != "starting"  # shut down while loading: nobody will serve this engine
+        if not stopped:
+            state.engine, state.registry, state.poller = engine, registry, poller
+            state.phase = "ready"
+            state.ready = True
+    if stopped:
         if poller is not None:
             poller.stop()
-        # uvicorn has already waited (up to the same timeout) for open responses to finish.
-        await run_in_threadpool(engine.shutdown, settings.shutdown_timeout_s)
-        log.info("engine stopped")
+        engine.shutdown(0)
+        return
+    log.info("promptswap ready: model %s (served as %r), %d prompts from %s%s", base.name, settings.model_name(),
+             len(registry), registry.location, "" if poller is None else " (loading; /ready answers once loaded)")
+
+
+def _load_in_background(state: State) -> None:
+    try:
+        _load(state)
+    except BaseException as exc:
+        if not isinstance(exc, (OSError, ValueError, ModelNotSupported)):  # unexpected: its traceback too
+            log.error("cannot start: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        with state.lock:
+            state.load_error = exc
+            if state.phase == "starting":
+                state.phase = "failed"
+        if state.on_load_failure is not None:
+            state.on_load_failure(exc)
 
 
 def _build_engine(settings: Settings) -> tuple[BaseModel, PromptRegistry, Engine]:

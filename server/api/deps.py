@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from prompt_store.registry import PromptRegistry
+from server.api.errors import ServerStarting
 from server.api.metrics import Metrics
 from server.config import Settings
 from server.engine.errors import EngineStopped
@@ -20,16 +21,20 @@ def get_settings(request: Request) -> Settings:
 
 def get_engine(request: Request) -> Engine:
     engine: Engine | None = request.app.state.engine
-    if engine is None:  # the lifespan has not built it (requests are served only after startup)
-        raise EngineStopped("the engine is not running")
+    if engine is None:  # still loading (`promptswap serve` listens meanwhile), or it never loaded
+        raise _not_yet(request, "the engine is not running")
     return engine
 
 
 def get_registry(request: Request) -> PromptRegistry:
     registry: PromptRegistry | None = request.app.state.registry
     if registry is None:
-        raise EngineStopped("the prompt registry is not loaded")
+        raise _not_yet(request, "the prompt registry is not loaded")
     return registry
+
+
+def _not_yet(request: Request, stopped: str) -> Exception:
+    return ServerStarting() if getattr(request.app.state, "phase", None) == "starting" else EngineStopped(stopped)
 
 
 def get_metrics(request: Request) -> Metrics:

@@ -12,16 +12,19 @@ route raises `ErrorInContext(error, ErrorContext(...))` and `describe` applies t
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
@@ -72,6 +75,14 @@ class UnsupportedMediaType(ApiError):
     pass
 
 
+class ServerStarting(ApiError):
+    """The model (or the prompts) is still loading: `promptswap serve` answers before it is ready."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is starting: the model is still loading; retry after the Retry-After seconds "
+                         "(GET /health answers 200 once it is ready)")
+
+
 class ReadOnlyPrompts(ApiError):
     def __init__(self) -> None:
         super().__init__("this server serves a fixed set of tasks (--read-only-prompts): prompts cannot be uploaded, "
@@ -100,6 +111,7 @@ class HttpError:
 _INVALID = "invalid_request_error"
 _OVERLOADED = "overloaded_error"
 _STORAGE = "storage_error"  # the prompt directory failed; the upload itself was fine
+_STARTING = "starting_error"  # not yet: the model is loading
 
 # Looked up along each exception's class hierarchy: the most specific class listed wins.
 HTTP_ERRORS: dict[type[BaseException], HttpError] = {
@@ -123,6 +135,7 @@ HTTP_ERRORS: dict[type[BaseException], HttpError] = {
     ApiError: HttpError(400, _INVALID),
     Unauthorized: HttpError(401, "authentication_error", headers={"WWW-Authenticate": "Bearer"}),
     UnsupportedMediaType: HttpError(415, _INVALID),
+    ServerStarting: HttpError(503, _STARTING, headers={"Retry-After": "5"}),
     ReadOnlyPrompts: HttpError(405, _INVALID, headers={"Allow": "GET, HEAD, OPTIONS"}),
     RequestBodyTooLarge: HttpError(413, _INVALID, param="body"),
     # The client hung up while sending its body: nobody reads the answer, and it is no server error.
@@ -148,7 +161,8 @@ class ErrorContext:
                 message = self.rename[param] + message[len(param):]
             param = self.rename[param]
         if param is not None and param in self.hints:
-            message = f"{message}; {self.hints[param]}"
+            # after a question (`did you mean 'x'?`) a new sentence, not a second clause
+            message = f"{message}{' ' if message.endswith('?') else '; '}{self.hints[param]}"
         if self.prefix is not None:
             param = f"{self.prefix}.{param}" if param else self.prefix
             message = f"{self.prefix}: {message}"
@@ -198,7 +212,11 @@ def describe(exc: BaseException, context: ErrorContext | None = None) -> tuple[i
             body["error"]["current_version"] = exc.current_version
         return mapped.status, body, dict(mapped.headers)
     if isinstance(exc, RequestValidationError):
-        return 422, _validation_payload(exc), {}
+        body = _validation_payload(exc)
+        if context is not None:
+            error = body["error"]
+            error["param"], error["message"] = context.apply(error["param"], error["message"])
+        return 422, body, {}
     if isinstance(exc, StarletteHTTPException) and exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
         return 422, error_payload(_INVALID, "body must be JSON in UTF-8, got bytes that do not decode", "body"), {}
     if isinstance(exc, StarletteHTTPException):  # routing: 404 unknown path, 405 wrong method
@@ -227,6 +245,10 @@ async def handle_error(request: Request, exc: Exception) -> Response:
         # FastAPI reads only JSON bodies as JSON; any other declared type fails validation as a whole.
         got = request.headers.get("content-type", "").split(";")[0].strip()
         exc = UnsupportedMediaType(f"send the body as application/json, got {got}", param="content-type")
+    elif isinstance(exc, RequestValidationError):
+        hints = _field_hints(request, exc)
+        if hints:
+            exc = ErrorInContext(exc, ErrorContext(hints=hints))
     if isinstance(exc, StarletteHTTPException) and exc.status_code == 405:
         # Starlette names only the first route whose path matched; the client needs every method.
         allow = {"Allow": ", ".join(_allowed_methods(request))}
@@ -336,6 +358,55 @@ _MESSAGES = {
 
 # Union members appear in pydantic's error locations (`stop.list[str].0`); the client never wrote them.
 _UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
+def _field_hints(request: Request, exc: RequestValidationError) -> dict[str, str]:
+    """For each field a body may not have (promptswap's own bodies forbid unknown fields), the closest fields
+    it does have: OpenAI's `max_tokens` sent to /generate gets `did you mean 'max_new_tokens'?`. The names come
+    from the route's body model, so a hint never names a field the endpoint does not take."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    body_params = getattr(dependant, "body_params", None) or []
+    if len(body_params) != 1:  # several body parameters are embedded under their names: not ours
+        return {}
+    root = body_params[0].field_info.annotation
+    hints = {}
+    for error in exc.errors():
+        loc = tuple(error.get("loc", ()))
+        if error.get("type") != "extra_forbidden" or loc[:1] != ("body",) or len(loc) < 2:
+            continue
+        model = _model_at(root, loc[1:-1])
+        if model is None:
+            continue
+        names = [f.alias or name for name, f in model.model_fields.items()]
+        close = difflib.get_close_matches(str(loc[-1]), names, n=3)
+        param = _param_from_loc(loc)
+        if close and param is not None:
+            hints[param] = f"did you mean {' or '.join(repr(name) for name in close)}?"
+    return hints
+
+
+def _model_at(annotation: Any, path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model of the object at `path` (field names; list indices are skipped) inside a body of `annotation`."""
+    model = _model_in(annotation)
+    for part in path:
+        if isinstance(part, int):
+            continue  # an entry of a list: its model is the list's
+        field_info = model.model_fields.get(part) if model is not None else None
+        if field_info is None:
+            return None
+        model = _model_in(field_info.annotation)
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model an annotation holds: itself, or inside list[...], X | None and the like."""
+    if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        model = _model_in(arg)
+        if model is not None:
+            return model
+    return None
 
 
 def _param_from_loc(loc: tuple[Any, ...] | list[Any]) -> str | None:

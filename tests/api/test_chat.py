@@ -138,3 +138,34 @@ def test_a_long_system_message_is_computed_once_and_read_by_later_chats(oa, refe
     queries = (after[("promptswap_prefix_cache_queries_total", ())]
                - before.get(("promptswap_prefix_cache_queries_total", ()), 0))
     assert queries == sum(answers) and hits >= 4 * 16  # the system message's pages, read by the second
+
+
+def test_a_task_may_carry_the_chat_system_message_its_conversations_get_when_they_bring_none(oa, llama_server):
+    """A task's `system` (file metadata, or PATCH) opens a conversation that has no system message of its own;
+    one that brings its own keeps it. PATCH changes it; GET shows it."""
+    tokenizer = llama_server.tokenizer
+    question = [{"role": "user", "content": "Where is the station?"}]
+
+    def prompt_tokens(messages) -> int:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def asked(messages) -> int:
+        done = oa.chat.completions.create(model="narrator", messages=messages, max_tokens=2, temperature=0)
+        return done.usage.prompt_tokens
+
+    with llama_server.client() as c:
+        weights = save({"prompt_embeddings": PROMPT}, metadata={"kind": "prompt", "system": "Speak like a narrator."})
+        assert upload_raw(c, "narrator", weights).status_code == 201
+        assert c.get("/prompts/narrator").json()["system"] == "Speak like a narrator."
+        assert asked(question) == prompt_tokens([{"role": "system", "content": "Speak like a narrator."}, *question])
+        own = [{"role": "system", "content": "Be brief."}, *question]
+        assert asked(own) == prompt_tokens(own)  # its own system message wins
+        r = c.patch("/prompts/narrator", json={"system": "Speak like a sailor on a long voyage."})
+        assert r.status_code == 200 and r.json()["system"] == "Speak like a sailor on a long voyage."
+        assert asked(question) == prompt_tokens([{"role": "system", "content": "Speak like a sailor on a long voyage."},
+                                                 *question])
+        assert c.patch("/prompts/narrator", json={"system": None}).json()["system"] is None
+        assert asked(question) == prompt_tokens(question)  # none: the chat template's own default
+        bad = c.patch("/prompts/narrator", json={"system": 42})
+        assert bad.status_code == 422 and bad.json()["error"]["param"] == "system", bad.text

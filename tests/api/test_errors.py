@@ -74,6 +74,14 @@ def test_a_context_hint_is_added_for_the_renamed_param():
                              "message": "no task named 'nope'; `model` is a task name or 'base'"}
 
 
+def test_a_hint_after_a_suggestion_is_a_sentence_of_its_own():
+    error = store_errors.UnknownTask("unknown task 'sentimnt'; did you mean 'sentiment'?")
+    context = ErrorContext(rename={"task": "model"}, hints={"model": "`model` is a task name or 'base'"})
+    _, body, _ = describe(ErrorInContext(error, context))
+    message = body["error"]["message"]
+    assert message == "unknown task 'sentimnt'; did you mean 'sentiment'? `model` is a task name or 'base'"
+
+
 def test_an_error_without_param_gets_the_entry_it_came_from():
     _, body, _ = describe(ErrorInContext(RequestTooLong(10, 12, "detail", param="max_new_tokens"),
                                          ErrorContext(prefix="requests[0]")))

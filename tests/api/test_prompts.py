@@ -92,6 +92,33 @@ def test_list_get_delete(client, adapters):
     assert "to-delete" not in {p["task"] for p in client.get("/prompts").json()["prompts"]}
 
 
+def test_an_unknown_task_names_the_closest_served_tasks_on_every_endpoint(client, adapters):
+    assert upload_multipart(client, "sentiment", adapters["prompt_tuning"]).status_code in (200, 201)
+    hint = "unknown task 'sentimnt'; did you mean 'sentiment'"
+    answers = {
+        "GET /prompts/{task}": client.get("/prompts/sentimnt"),
+        "DELETE /prompts/{task}": client.delete("/prompts/sentimnt"),
+        "PATCH /prompts/{task}": client.patch("/prompts/sentimnt", json={"description": "x"}),
+        "/generate": client.post("/generate", json={"task": "sentimnt", "text": TEXT}),
+        "/generate/batch": client.post("/generate/batch", json={"requests": [{"task": "sentimnt", "text": TEXT}]}),
+        "/tokenize": client.post("/tokenize", json={"model": "sentimnt", "prompt": TEXT}),
+        "/v1/models/{model}": client.get("/v1/models/sentimnt"),
+        "/v1/completions": client.post("/v1/completions", json={"model": "sentimnt", "prompt": TEXT}),
+        "/v1/chat/completions": client.post("/v1/chat/completions", json={
+            "model": "sentimnt", "messages": [{"role": "user", "content": TEXT}]}),
+    }
+    for endpoint, r in answers.items():
+        assert r.status_code == 404, (endpoint, r.text)
+        assert hint in r.json()["error"]["message"], (endpoint, r.json())
+    assert answers["/generate"].json()["error"]["message"] == "unknown task 'sentimnt'; did you mean 'sentiment'?"
+    # OpenAI's endpoints add that `model` may also name the base model, as a sentence after the question.
+    message = answers["/v1/completions"].json()["error"]["message"]
+    assert message.startswith(hint + "? `model` is a task name or ")
+    r = client.post("/generate", json={"task": "zzzzzz", "text": TEXT})  # nothing close: no suggestion
+    assert r.status_code == 404 and r.json()["error"]["message"] == "unknown task 'zzzzzz'"
+    assert client.delete("/prompts/sentiment").status_code == 204
+
+
 def test_invalid_prompt_file_is_422_naming_expected_and_actual(client):
     r = upload_raw(client, "bad-width", prompt_bytes(torch.randn(4, 100)))
     assert r.status_code == 422

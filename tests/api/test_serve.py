@@ -94,7 +94,8 @@ HELP_WITHOUT_TORCH = """
 import contextlib, io, sys
 from server.cli import main
 for argv in (["--help"], ["serve", "--help"], ["prompts", "--help"], ["prompts", "inspect", "--help"],
-             ["prompts", "convert", "--help"], []):
+             ["prompts", "convert", "--help"], ["train", "--help"], ["model", "--help"], ["model", "path", "--help"],
+             []):
     with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
         main(argv)
 assert "torch" not in sys.modules and "transformers" not in sys.modules, "--help imported torch"
@@ -127,6 +128,23 @@ def test_flags_override_the_environment(monkeypatch):
     args = build_parser().parse_args(["serve", "--no-prefix-caching"])  # a switch of the engine's, off by flag
     settings = Settings(**{k: v for k, v in vars(args).items() if k in Settings.model_fields})
     assert settings.engine_config() == EngineConfig(max_running=3, prefix_caching=False)
+
+
+def test_threads_default_to_the_cores_this_process_may_use(capsys, monkeypatch):
+    """--threads sets the engine's torch threads; unset, the engine takes usable_cpus(), which --help shows."""
+    from server.engine.threads import usable_cpus
+
+    monkeypatch.delenv("PROMPTSWAP_THREADS", raising=False)
+    args = build_parser().parse_args(["serve", "--threads", "3"])
+    settings = Settings(**{k: v for k, v in vars(args).items() if k in Settings.model_fields})
+    assert settings.threads == 3 and settings.engine_config() == EngineConfig(threads=3)
+    assert Settings().engine_config().threads is None  # decided when the engine starts
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert (f"PROMPTSWAP_THREADS; default: the CPU cores this process may use: its CPU affinity, within its "
+            f"cgroup's CPU quota ({usable_cpus()} here)]") in flat
 
 
 def test_invalid_setting_is_a_clear_error(capsys):

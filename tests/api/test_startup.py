@@ -94,3 +94,43 @@ def test_gguf_quantization_suffixes_are_not_part_of_the_models_name():
     base = SimpleNamespace(name="Llama-3.2-1B-Instruct-Q4_K_M-0123", model=SimpleNamespace(config=SimpleNamespace()))
     names = served_model_names(Settings(model="/models/Llama-3.2-1B-Instruct-Q4_K_M.gguf"), base)
     assert "Llama-3.2-1B-Instruct" in names and "Llama-3" not in names
+
+
+def test_a_failed_start_takes_back_only_the_empty_directories_it_made(tmp_path):
+    from server.startup import check_prompt_dir, remove_if_empty
+
+    target = tmp_path / "a" / "b" / "prompts"
+    made = check_prompt_dir(target)
+    assert made == [target, target.parent, target.parent.parent] and target.is_dir()
+    (target.parent / "kept.txt").write_text("a file: this directory and those above it stay")
+    remove_if_empty(made)
+    assert not target.exists() and (target.parent / "kept.txt").is_file()
+    assert check_prompt_dir(tmp_path) == []  # it existed before: never taken back
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "task.safetensors").write_bytes(b"x")
+    remove_if_empty([tmp_path / "p"])
+    assert (tmp_path / "p" / "task.safetensors").is_file()
+
+
+def test_a_start_that_fails_its_checks_leaves_no_empty_prompt_directory(tmp_path):
+    one_line(serve("--model", str(tmp_path / "no-such-model"), "--prompt-dir", str(tmp_path / "new" / "prompts")))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "existing").mkdir()
+    one_line(serve("--model", str(tmp_path / "no-such-model"), "--prompt-dir", str(tmp_path / "existing")))
+    assert (tmp_path / "existing").is_dir()  # there before this start: kept, empty or not
+
+
+def test_a_model_that_fails_to_load_leaves_no_empty_default_prompt_directory(tmp_path, llama_dir):
+    import shutil
+
+    from uvicorn.config import STARTUP_FAILURE
+
+    from tests.serve_process import _free_port
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(llama_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")  # its config passes the checks
+    cache = tmp_path / "cache"
+    done = serve("--model", str(broken), "--cache-dir", str(cache), "--port", str(_free_port()))
+    assert done.returncode == STARTUP_FAILURE, done.stderr
+    assert not (cache / "prompts").exists(), sorted(cache.rglob("*"))  # <cache-dir>/prompts/<model> was made

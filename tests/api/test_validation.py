@@ -37,6 +37,28 @@ def test_openai_fields_are_strict_too(client, llama_server):
     assert r.status_code == 422 and r.json()["error"]["param"] == "echo"
 
 
+def test_openai_names_on_promptswap_endpoints_hint_at_promptswap_names(client, llama_server):
+    # /generate forbids unknown fields: OpenAI's max_tokens is refused with the field it takes instead.
+    r = client.post("/generate", json={"text": "hi", "max_tokens": 5})
+    assert r.status_code == 422 and r.json()["error"] == {
+        "type": "invalid_request_error", "param": "max_tokens",
+        "message": "max_tokens: Extra inputs are not permitted, got 5; did you mean 'max_new_tokens'?"}
+    r = client.post("/generate/batch", json={"requests": [{"text": "hi", "max_completion_tokens": 5}]})
+    error = r.json()["error"]
+    assert r.status_code == 422 and error["param"] == "requests[0].max_completion_tokens"
+    assert error["message"].endswith("did you mean 'max_new_tokens'?")
+    r = client.post("/generate", json={"text": "hi", "temprature": 0.5})  # any misspelling, from the body's fields
+    assert r.json()["error"]["message"].endswith("did you mean 'temperature'?")
+    # A hint only names a field the endpoint takes: /tokenize has no max_new_tokens, and nothing is like xyz.
+    for path, body in (("/tokenize", {"prompt": "hi", "max_tokens": 5}), ("/generate", {"text": "hi", "xyz": 1})):
+        r = client.post(path, json=body)
+        assert r.status_code == 422 and "did you mean" not in r.json()["error"]["message"], r.text
+    # OpenAI's bodies ignore unknown fields, as OpenAI does (its clients send extras): max_new_tokens is not read.
+    model = llama_server.settings.model_name()
+    r = client.post("/v1/completions", json={"model": model, "prompt": "hi", "max_new_tokens": 3})
+    assert r.status_code == 200
+
+
 def test_a_malformed_task_name_is_422_naming_it_on_every_endpoint(client, llama_server):
     checks = [
         (client.post("/generate", json={"task": BAD_NAME, "text": "hi"}), "task"),

@@ -1,7 +1,12 @@
-"""The engine thread keeps its torch threads when the rest of the process goes single-threaded."""
+"""The engine thread keeps its torch threads when the rest of the process goes single-threaded; by default
+it takes the cores this process may use (affinity, within the cgroup CPU quota), read from fake cgroup files."""
 
+import os
+import subprocess
+import sys
 import threading
 
+import pytest
 import torch
 
 from server.engine import threads as cpu_threads
@@ -36,9 +41,83 @@ def test_a_thread_that_took_threads_keeps_them_when_others_drop_to_one():
         torch.set_num_threads(before)
 
 
-def test_take_threads_defaults_to_torchs_own_count():
+def test_take_threads_defaults_to_the_cores_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(cpu_threads, "usable_cpus", lambda: 1)
     got: dict[str, int] = {}
     worker = threading.Thread(target=lambda: got.setdefault("n", cpu_threads.take_threads()))
     worker.start()
     worker.join()
-    assert got["n"] == cpu_threads.DEFAULT_THREADS >= 1
+    assert got["n"] == 1 and cpu_threads.intra_op_threads(3) == 3
+
+
+def fake_cgroups(tmp_path, self_cgroup: str, files: dict[str, str]):
+    """A cgroup mount under tmp_path (file path -> content) and a /proc/self/cgroup naming this process's."""
+    for name, content in files.items():
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(content)
+    (tmp_path / "fs").mkdir(exist_ok=True)
+    (tmp_path / "self").write_text(self_cgroup)
+    return {"cgroup_root": tmp_path / "fs", "self_cgroup": tmp_path / "self"}
+
+
+@pytest.mark.parametrize(("self_cgroup", "files", "affinity", "expected"), [
+    # cgroup v2: the container's own cgroup at the root of the mount (a cgroup namespace)
+    ("0::/\n", {"cpu.max": "200000 100000\n"}, 16, 2),
+    ("0::/\n", {"cpu.max": "max 100000\n"}, 16, 16),  # no quota: the affinity
+    ("0::/\n", {"cpu.max": "250000 100000\n"}, 16, 2),  # 2.5 CPUs: rounded down
+    ("0::/\n", {"cpu.max": "50000 100000\n"}, 16, 1),  # half a CPU: at least one
+    ("0::/\n", {"cpu.max": "800000 100000\n"}, 3, 3),  # the affinity is the tighter
+    # a systemd service's quota, in its own cgroup or one above it; the tightest binds
+    ("0::/system.slice/app.service\n", {"system.slice/app.service/cpu.max": "300000 100000"}, 16, 3),
+    ("0::/system.slice/app.service\n", {"system.slice/cpu.max": "400000 100000",
+                                         "system.slice/app.service/cpu.max": "max 100000"}, 16, 4),
+    ("0::/a/b\n", {"a/cpu.max": "100000 100000", "a/b/cpu.max": "500000 100000"}, 16, 1),
+    ("0::/host/path/not/mounted\n", {"cpu.max": "300000 100000"}, 16, 3),  # the mount's own cgroup still binds
+    # cgroup v1, cpu alone or with cpuacct
+    ("4:memory:/x\n3:cpu,cpuacct:/\n", {"cpu,cpuacct/cpu.cfs_quota_us": "150000\n",
+                                          "cpu,cpuacct/cpu.cfs_period_us": "50000\n"}, 16, 3),
+    ("1:cpu:/docker/abc\n", {"cpu/docker/abc/cpu.cfs_quota_us": "200000", "cpu/docker/abc/cpu.cfs_period_us":
+                             "100000"}, 16, 2),
+    ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, 8, 8),  # no quota
+    ("", {}, 6, 6),  # no cgroup files at all (another OS)
+    ("0::/\n", {"cpu.max": "garbage"}, 5, 5),  # unreadable: no quota
+])
+def test_usable_cpus_is_the_affinity_within_the_cgroup_quota(tmp_path, monkeypatch, self_cgroup, files, affinity,
+                                                             expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu_threads.usable_cpus(**fake_cgroups(tmp_path, self_cgroup, files)) == expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [("2", 2), ("64", 8), ("not a number", 8)])
+def test_usable_cpus_keeps_within_omp_num_threads(tmp_path, monkeypatch, value, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    assert cpu_threads.usable_cpus(**fake_cgroups(tmp_path, "", {})) == expected
+
+
+def test_usable_cpus_counts_the_cpus_where_there_is_no_affinity_call(tmp_path, monkeypatch):
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # as on macOS
+    monkeypatch.setattr(os, "cpu_count", lambda: 12)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu_threads.usable_cpus(**fake_cgroups(tmp_path, "0::/\n", {"cpu.max": "400000 100000"})) == 4
+    assert cpu_threads.usable_cpus(**fake_cgroups(tmp_path, "0::/\n", {"cpu.max": "max 100000"})) == 12
+
+
+def test_usable_cpus_reads_this_machine():
+    assert 1 <= cpu_threads.usable_cpus() <= (os.cpu_count() or 1)
+
+
+def test_threads_for_gives_the_threads_back():
+    before = torch.get_num_threads()
+    with cpu_threads.threads_for(1) as taken:
+        assert taken == torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_the_interop_pool_is_sized_once_before_torch_works():
+    # A fresh process: torch allows it once per process, and this one's pool may have started already.
+    code = ("import torch; from server.engine.threads import limit_interop_threads as limit; "
+            "assert limit(1) and torch.get_num_interop_threads() == 1; assert not limit(2)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -95,3 +95,21 @@ def test_the_demo_extracts_a_review_as_json_valid_for_its_schema(start_server, s
                 assert "risotto" in answer["dish"].lower() and answer["sentiment"] == "negative", answer
     finally:
         server.stop()
+
+
+def test_the_demo_tasks_work_through_chat(start_server, smollm2_cache):
+    """Through chat, with no system message of their own, the demo tasks' conversations open with the task's
+    instruction as their system message (the tasks carry it), so the pirate is a pirate there too."""
+    import openai
+
+    server = start_server(model=None, cache_dir=smollm2_cache, prompt_dir=None)
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+        messages = [{"role": "user", "content": "Name three colors."}]
+        answers = {model: client.chat.completions.create(model=model, messages=messages, max_tokens=40,
+                                                         temperature=0).choices[0].message.content
+                   for model in (SERVED_NAME, "demo-soft-prompt", "demo-prefix")}
+        assert "pirate" in answers["demo-soft-prompt"].lower() or "arr" in answers["demo-soft-prompt"].lower()
+        assert answers["demo-prefix"] != answers[SERVED_NAME]
+    finally:
+        server.stop()

@@ -190,3 +190,59 @@ def test_outputs_too_long_to_be_labels_record_no_choices(tmp_path, llama_dir):
     opts = TrainOptions(model_path=str(llama_dir), served_name="llama", data=path, out=tmp_path / "o",
                         max_length=1024, progress=False)
     assert prepare(opts, AutoTokenizer.from_pretrained(llama_dir)).choices is None
+
+
+def test_the_threads_flag_reaches_training_and_the_interop_pool(tmp_path, llama_dir, monkeypatch, capsys):
+    from server.engine import threads as cpu_threads
+    from server.train import run
+
+    seen: dict[str, list] = {"train": [], "interop": []}
+
+    def stop(opts):  # what training would get, without training
+        seen["train"].append(opts.threads)
+        raise DataError(opts.data, None, "stopped by the test")
+
+    monkeypatch.setattr(run, "train", stop)
+    monkeypatch.setattr(cpu_threads, "limit_interop_threads", seen["interop"].append)  # process-wide: not here
+    data = write_examples(tmp_path / "d.jsonl", "Positive", n=4)
+    common = ["train", "--model", str(llama_dir), "--data", str(data), "--out", str(tmp_path / "out"), "--quiet"]
+    assert main([*common, "--threads", "3"]) == 2 and main(common) == 2
+    assert seen == {"train": [3, None], "interop": [3, None]}  # None: the cores this process may use
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit):
+            main([*common, "--threads", bad])
+    assert "--threads" in capsys.readouterr().err
+
+
+def test_training_runs_on_the_cores_this_process_may_use(tmp_path, llama_dir, monkeypatch):
+    """fit() takes usable_cpus() threads (as the engine does) while training, and gives the count back after."""
+    from transformers import Trainer
+
+    from server.engine import threads as cpu_threads
+
+    monkeypatch.setattr(cpu_threads, "usable_cpus", lambda: 1)
+    during: list[int] = []
+    original = Trainer.train
+    monkeypatch.setattr(Trainer, "train", lambda self, *a, **k: during.append(torch.get_num_threads())
+                        or original(self, *a, **k))
+    before = torch.get_num_threads()
+    data = write_examples(tmp_path / "d.jsonl", "Positive", n=6)
+    fit(TrainOptions(model_path=str(llama_dir), served_name="llama", data=data, out=tmp_path / "a",
+                     num_virtual_tokens=2, epochs=1, val_split=0, progress=False))
+    assert during == [1] and torch.get_num_threads() == before
+
+
+def test_training_does_not_show_the_past_key_values_deprecation(tmp_path, llama_dir):
+    """PEFT's prefix tuning hands transformers `past_key_values` (now `cache`): a FutureWarning that says nothing to
+    a user. It is filtered while training only; other warnings, and the same one after training, still show."""
+    import warnings
+
+    data = write_examples(tmp_path / "d.jsonl", "Positive", n=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(TrainOptions(model_path=str(llama_dir), served_name="llama", data=data, out=tmp_path / "a", kind="prefix",
+                         num_virtual_tokens=2, epochs=1, val_split=0, progress=False))
+        during = [str(w.message) for w in caught]
+        warnings.warn("`past_key_values` is deprecated (after training)", FutureWarning, stacklevel=1)
+    assert not [m for m in during if "past_key_values" in m], during
+    assert str(caught[-1].message).endswith("(after training)")

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from server.api import logprobs as logprob_format
 from server.api import streaming
 from server.api.deps import EngineDep, MetricsDep, SettingsDep
-from server.api.errors import ErrorContext
+from server.api.errors import ErrorContext, ErrorInContext
 from server.api.openapi import SSE_CONTENT, errors
 from server.api.responses import answer
 from server.api.routes.openai import FINISH, OpenAIReply, refuse
@@ -36,21 +36,34 @@ async def chat_completions(body: ChatRequest, request: Request, engine: EngineDe
     _refuse_unsupported(body)
     base = settings.model_name()
     task = None if body.model == base else body.model
-    text = templated(engine.tokenizer, body.messages)
+    context = ErrorContext(rename={"task": "model", "text": "messages"},
+                           hints={"model": f"`model` is a task name or {base!r} for the base model"})
+    text = templated(engine.tokenizer, _with_task_system(engine, task, body.messages, context))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:  # OpenAI's default is "as long as it takes": the server's cap (and the context's end)
         max_tokens = settings.max_new_tokens_cap
     params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=max_tokens,
                                        param_name="max_completion_tokens" if body.max_completion_tokens is not None
                                        else "max_tokens", **body.sampling_kwargs())
-    context = ErrorContext(rename={"task": "model", "text": "messages"},
-                           hints={"model": f"`model` is a task name or {base!r} for the base model"})
     submission = EngineRequest(text, task, params, body.sent(), settings.max_new_tokens_cap, raw=True,
                                add_special_tokens=False, response_format=body.engine_format(), n=body.n)
     handles = await streaming.submit_all(engine, metrics, [submission], lambda i: context)
     reply = _ChatReply(body.model, engine.tokenizer, logprobs=body.logprobs,
                        usage=bool(body.stream_options and body.stream_options.include_usage), n=body.n)
     return await answer(request, handles, metrics, reply, stream=body.stream)
+
+
+def _with_task_system(engine: Any, task: str | None, messages: list[ChatMessage],
+                      context: ErrorContext) -> list[ChatMessage]:
+    """The conversation, opened by the task's own system message when it brings none (a task made for a chat
+    model carries the system turn it was made with: the chat template would put its default one there)."""
+    if task is None or any(m.role in ("system", "developer") for m in messages):
+        return messages
+    try:
+        system = engine.tasks.get(task).system  # UnknownTask: 404 naming `model`
+    except Exception as exc:
+        raise ErrorInContext(exc, context) from exc
+    return messages if system is None else [ChatMessage(role="system", content=system), *messages]
 
 
 def templated(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:

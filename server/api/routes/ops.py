@@ -14,11 +14,12 @@ router = APIRouter(tags=["ops"])
 @router.get("/health", response_model=Health,
             responses={503: {"model": Health, "description": "Starting or draining"}})
 def health(request: Request) -> Response:
-    """200 once the model is loaded and the engine runs; 503 while starting or draining."""
+    """200 once the model is loaded and the engine runs; 503 while starting (the port answers while the model
+    loads), draining or after a failed load, with the `reason`."""
     state = request.app.state
     engine = getattr(state, "engine", None)
     if engine is None or not state.ready:
-        return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "unavailable", "reason": _unavailable(state)}, status_code=503)
     return JSONResponse({"status": "ok", "model": state.settings.model_name(), "prompts": len(state.registry),
                          "demo": state.settings.demo})
 
@@ -32,11 +33,18 @@ def ready(request: Request) -> Response:
     state = request.app.state
     registry = getattr(state, "registry", None)
     if getattr(state, "engine", None) is None or not state.ready:
-        return JSONResponse({"status": "unavailable", "reason": "starting or draining"}, status_code=503)
+        return JSONResponse({"status": "unavailable", "reason": _unavailable(state)}, status_code=503)
     if registry is None or not registry.synced:
         return JSONResponse({"status": "unavailable", "reason": f"loading the prompt store {registry.location}"
                              if registry is not None else "starting"}, status_code=503)
     return JSONResponse({"status": "ok", "prompts": len(registry)})
+
+
+def _unavailable(state) -> str:
+    """starting, draining or failed (server/api/app.py sets the phase); "ready" only for an instant while it
+    publishes the engine, which is still starting."""
+    phase = getattr(state, "phase", "starting")
+    return "starting" if phase == "ready" else phase
 
 
 # The exposition format follows the Accept header: Prometheus text, or OpenMetrics when asked for.

@@ -56,7 +56,11 @@ _PATCH_SCHEMA = {
     "properties": {
         "description": {"type": ["string", "null"]},
         "defaults": {"type": ["object", "null"], "description": "max_new_tokens, temperature, top_k, top_p, stop, "
-                                                                "seed, ignore_eos, logprobs; a null value removes one"},
+                                                                "seed, ignore_eos, logprobs, repetition_penalty, "
+                                                                "presence_penalty, frequency_penalty; a null value "
+                                                                "removes one"},
+        "system": {"type": ["string", "null"], "description": "The chat system message the task's conversations "
+                                                              "get when they bring none (/v1/chat/completions)"},
     },
 }
 
@@ -144,8 +148,8 @@ async def put_prompt_form(request: Request, registry: RegistryDep,
                   "application/json": {"schema": _PATCH_SCHEMA}}}})
 async def patch_prompt(task: str, request: Request, registry: RegistryDep, if_match: IfMatch = None,
                        if_none_match: IfNoneMatch = None) -> Response:
-    """Change the task's description and generation defaults without uploading its weights again: a JSON
-    merge patch (RFC 7396; null removes). It makes a new version; If-Match guards it like PUT."""
+    """Change the task's description, generation defaults and chat system message without uploading its weights
+    again: a JSON merge patch (RFC 7396; null removes). It makes a new version; If-Match guards it like PUT."""
     when = _conditions(request)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in ("application/json", "application/merge-patch+json"):
