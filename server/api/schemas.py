@@ -91,6 +91,12 @@ class ResponseFormatBody(BaseModel):
         return ResponseFormat("regex", self.pattern)
 
 
+class StrictResponseFormatBody(ResponseFormatBody):
+    """/generate's response_format: like the rest of promptswap's own bodies, a misspelt key is an error."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 class _Sampling:
     """The body fields that go to SamplingParams as they are (each route caps max_new_tokens / max_tokens)."""
 
@@ -137,7 +143,7 @@ class GenerateParams(_Sampling, _Strict):
         "generating: the answer is then {task, best, choices: [{text, logprob, mean_logprob, num_tokens}], usage}, "
         "most likely first. A choice's tokens are tokenizer(choice, add_special_tokens=False) after the text's. "
         "Not with stream.")
-    response_format: ResponseFormatBody | None = Field(
+    response_format: StrictResponseFormatBody | None = Field(
         None, description='Structured output: {"type": "json_object"}, {"type": "json_schema", "json_schema": '
         '{"name", "schema"}} or {"type": "regex", "pattern": ...}. Not with choices.')
     n: int = Field(1, description=_N_HELP + " Not with choices. With n > 1 the answer is {task, outputs: [{index, "

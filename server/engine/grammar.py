@@ -115,6 +115,12 @@ class Grammars:
                 raise InvalidParameter(PARAM, "a JSON schema (an object)", type(schema).__name__)
             grammar = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)  # type: ignore[arg-type]
         matcher = LLMatcher(tokenizer, grammar, log_level=0)
+        if not matcher.is_error():  # some errors show only at the first mask: a pattern no text matches
+            probe = matcher.deep_copy()
+            words = torch.empty((self._vocab_size + 31) // 32, dtype=torch.int32)
+            probe.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
+            if probe.is_error():
+                matcher = probe
         if matcher.is_error():
             what = {"regex": "a regular expression", "json_schema": "a JSON schema"}.get(fmt.kind, "a format")
             raise InvalidParameter(PARAM, f"{what} that structured output supports (llguidance)",

@@ -69,6 +69,8 @@ def test_generate_takes_a_regex(llama_server):
     ("/generate", {"text": "x", "response_format": {"type": "regex", "pattern": "(("}}, "response_format"),
     ("/generate", {"text": "x", "response_format": {"type": "regex"}}, "response_format.pattern"),
     ("/generate", {"text": "x", "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ("/generate", {"text": "x", "response_format": {"type": "json_object", "jsonschema": {}}},
+     "response_format.jsonschema"),  # a misspelt key on promptswap's own API is an error, not ignored
     ("/generate", {"text": "x", "choices": ["a", "b"], "response_format": {"type": "json_object"}},
      "response_format"),
     ("/generate/batch", {"requests": [{"text": "x"}, {"text": "y", "response_format": {"type": "regex",

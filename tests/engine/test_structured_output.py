@@ -79,6 +79,7 @@ def test_any_json_object(make_engine):
     (lambda: ResponseFormat("regex", "(("), "unclosed group"),  # llguidance's cause, not only its first line
     (lambda: ResponseFormat.json_schema({"type": "object", "properties": {"a": {"type": "nonsense"}}}), "schema"),
     (lambda: ResponseFormat("regex", "a" * 70_000), "at most"),
+    (lambda: ResponseFormat("regex", "[^\\x00-\\x{10FFFF}]"), "regular expression"),  # no text matches it
 ])
 def test_a_format_that_cannot_be_compiled_is_refused_naming_response_format(make_engine, fmt, expected):
     engine = make_engine()
