@@ -193,10 +193,15 @@ class Scheduler:
         return (key is not None and seq.prompt is not None and seq.prompt.kind != "prefix"
                 and key not in self.pool.prefixes)
 
+    def _reads_cache(self, seq: Sequence) -> bool:
+        """Prefix caching is on, and `seq` may skip positions (not when it scores its prompt tokens: it needs
+        every position's logits)."""
+        return self.config.prefix_caching and not seq.params.prompt_logprobs
+
     def _cached_pages(self, seq: Sequence, key: Hashable | None) -> list[int]:
         """The leading pages of `seq`'s tokens that are cached (not yet shared with it). At least its last token
         is left to compute: its logits pick what follows. A request scoring its prompt tokens computes them all."""
-        if not self.config.prefix_caching or seq.params.prompt_logprobs:
+        if not self._reads_cache(seq):
             return []
         usable = (seq.num_tokens - 1) // PAGE_SIZE
         if not usable:
@@ -206,7 +211,7 @@ class Scheduler:
     def _start_from_cache(self, seq: Sequence, cached: list[int]) -> None:
         """Admit `seq` with its cached leading pages as its own first pages, computed already."""
         assert not seq.pages and seq.num_cached == 0, "a waiting request holds no pages"
-        if self.config.prefix_caching and not seq.params.prompt_logprobs:
+        if self._reads_cache(seq):
             self.cache_queries += seq.num_tokens
             self.cache_hits += len(cached) * PAGE_SIZE
         self.pool.share(cached)
