@@ -41,7 +41,7 @@ def process(output: StepOutput) -> list[StepResult]:
             pick_rows.append(rows[-1:])
     if picking:
         picks = torch.cat(pick_rows)  # [k, vocab]
-        tokens = sample(_masked(_penalized(picks, picking), picking), [r.seq for r in picking])
+        tokens = sample(_shaped(picks, picking), [r.seq for r in picking])
         for i, (result, token) in enumerate(zip(picking, tokens, strict=True)):
             result.token = token
             grammar = result.seq.grammar
@@ -53,14 +53,15 @@ def process(output: StepOutput) -> list[StepResult]:
     return results
 
 
-def _penalized(picks: torch.Tensor, picking: list[StepResult]) -> torch.Tensor:
-    """`picks` with each penalized request's row penalized (a copy, when any is); the other rows as they are.
+def _shaped(picks: torch.Tensor, picking: list[StepResult]) -> torch.Tensor:
+    """`picks` as each request samples from them: its penalties applied, then its grammar's mask (a copy, when any
+    request has either); the rows of the others as they are. Log-probabilities are read from `picks` itself.
 
     Repetition: transformers' RepetitionPenaltyLogitsProcessor over the text's and the generated tokens (a
     positive logit divided by the penalty, a negative one multiplied). Presence and frequency: OpenAI's and
     vLLM's, over the generated tokens only (each seen token's logit lowered by presence, and by frequency times
     its count)."""
-    rows = [i for i, r in enumerate(picking) if r.seq.params.penalized]
+    rows = [i for i, r in enumerate(picking) if r.seq.params.penalized or r.seq.grammar is not None]
     if not rows:
         return picks
     out = picks.clone()
@@ -75,19 +76,9 @@ def _penalized(picks: torch.Tensor, picking: list[StepResult]) -> torch.Tensor:
             counts = torch.bincount(torch.tensor(seq.output_ids, device=row.device), minlength=row.shape[-1])
             counts = counts[:row.shape[-1]].to(row.dtype)
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+        if seq.grammar is not None:
+            seq.grammar.mask(row)
     return out
-
-
-def _masked(picks: torch.Tensor, picking: list[StepResult]) -> torch.Tensor:
-    """`picks` with each structured-output request's row masked to what its grammar allows next (a copy, when
-    any is); the other rows as they are."""
-    rows = [i for i, r in enumerate(picking) if r.seq.grammar is not None]
-    if not rows:
-        return picks
-    masked = picks.clone()
-    for i in rows:
-        picking[i].seq.grammar.mask(masked[i])  # type: ignore[union-attr]  # not None: filtered above
-    return masked
 
 
 def token_logprobs(rows: torch.Tensor, targets: TypingSequence[int], top: int) -> list[TokenLogprob]:

@@ -171,14 +171,12 @@ class PagePool:
                 del self._idle_cached[p]
             self._refs[p] += 1
 
-    def register(self, page: int, digest: bytes) -> int:
-        """Cache a held page whose keys and values are all computed under `digest`; return the page now
-        cached under it (another page may have been registered under it first: that one stays)."""
+    def register(self, page: int, digest: bytes) -> None:
+        """Cache a held page whose keys and values are all computed under `digest`, unless another page was
+        registered under it first: that one stays, and this one stays its holder's alone."""
         assert self._refs[page] > 0, f"page {page} is not held"
-        cached = self._cached.setdefault(digest, page)
-        if cached == page:
+        if self._cached.setdefault(digest, page) == page:
             self._digest_of[page] = digest
-        return cached
 
     def holders(self, page: int) -> int:
         return self._refs[page]

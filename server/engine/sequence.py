@@ -265,11 +265,6 @@ class Sequence:
         """More than the last token is uncomputed: its prompt (or, after preemption, everything) is due."""
         return self.num_uncached > 1
 
-    @property
-    def scores_choices_next(self) -> bool:
-        """The text is computed and some choice has more than one token: the choices' step is due."""
-        return self.scoring is not None and self.scoring.due
-
     def computes_choices(self, n: int) -> bool:
         """Whether a step of `n` tokens is the choices' step (the text is all computed already)."""
         return self.scoring is not None and n > 0 and self.num_cached == self.num_tokens
