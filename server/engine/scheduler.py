@@ -2,8 +2,10 @@
 Plain Python, no torch.
 
 `schedule()`, every step, in this order: each running request that decodes gets its one token;
-running requests still prefilling continue with a chunk; then waiting requests are admitted first
-come, first served, while a running place, KV pages (see `pages`) and the step's token budget allow.
+running requests still prefilling continue with a chunk; then waiting requests are admitted while a
+running place, KV pages (see `pages`) and the step's token budget allow: first come, first served, except
+that a request with more pages in the prefix cache may go first, and one whose next page a running
+request is computing waits to read it (`_next_to_admit`, bounded so that nobody waits forever).
 A long prompt is thus prefilled in chunks beside the decodes and never stalls them for more than one
 step's budget.
 
@@ -11,7 +13,7 @@ Memory follows use: a request gets the pages its tokens of this step fill, no mo
 the pages a request needs now (its task prefix unless it is shared already, its text) plus a small
 reserve for the running ones to grow. When a running request cannot grow because the pool ran out,
 the newest running request is preempted: its pages go back and it waits at the front of the queue to
-be recomputed (pages.py, Sequence). The oldest request always fits alone (`fits_alone` is checked at
+be recomputed (pages.py, Sequence). Every request fits alone (`fits_alone` is checked at
 submission), so the pool can never deadlock.
 
 Prefix caching (pages.py): a request is admitted with every leading full page already computed for its
@@ -26,6 +28,7 @@ end of sequence or their length (or scored every choice) finish.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -34,6 +37,9 @@ from functools import partial
 from server.engine.errors import InvalidConfig, check_int
 from server.engine.pages import PAGE_SIZE, PagePool, SharedPrefix, chain_digests, pages_for
 from server.engine.sequence import Sequence, Status, TokenLogprob
+
+# How far down the queue admission looks for cached requests (beyond it, first come, first served).
+CACHE_AWARE_WINDOW = 128
 
 Batch = list[tuple[Sequence, int]]  # (request, tokens computed for it in this step)
 
@@ -151,11 +157,12 @@ class Scheduler:
                 budget -= n
         budget = self.config.max_tokens_per_step - sum(n for _, n in step.batch)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
-            seq = self.waiting[0]
-            key = prefix_key(seq)
-            cached = self._cached_pages(seq, key)
+            chosen = self._next_to_admit()
+            if chosen is None:
+                break  # the next pages are being computed: reading them beats computing them twice
+            seq, key, cached = chosen
             if not self._can_admit(seq, key, cached):
-                break  # first come, first served: wait for memory rather than let others overtake
+                break  # wait for memory rather than let smaller requests overtake it
             # A soft prompt first used now has its virtual tokens computed in this step's pass: they count.
             prefix_tokens = seq.num_virtual if self._computes_prefix(seq, key) else 0
             if self._waits_for_room(prefix_tokens, budget - 1, step):
@@ -172,7 +179,7 @@ class Scheduler:
             pages = self.pool.allocate(pages_for(seq.num_cached + n) - len(seq.pages))
             assert pages is not None, "admission counted the text's pages"
             seq.pages.extend(pages)
-            self.waiting.popleft()
+            self._take_waiting(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             step.admitted.append(seq)
@@ -180,6 +187,55 @@ class Scheduler:
             budget -= n
         self.peak_running = max(self.peak_running, len(self.running))
         return step
+
+    def _next_to_admit(self) -> tuple[Sequence, Hashable | None, list[int]] | None:
+        """The waiting request to admit next, with its prefix key and cached leading pages; None when each one
+        looked at would compute a page a running request is computing now (it waits and reads that page).
+
+        Of the first CACHE_AWARE_WINDOW waiting, the one with the most pages in the prefix cache goes first,
+        the earliest on a tie (SGLang's longest-prefix-match order): requests sharing a long instruction with
+        one computed already get their first token without waiting behind others' whole prefills. The first
+        in line is overtaken at most max_running times, then goes next: nobody waits forever. With nothing
+        cached this is first come, first served; with caching off, always."""
+        head = self.waiting[0]
+        if not self.config.prefix_caching:
+            return head, prefix_key(head), []
+        in_flight = self._pages_in_flight()
+        window = (head,) if head.overtaken >= self.config.max_running else itertools.islice(
+            self.waiting, CACHE_AWARE_WINDOW)
+        best = None
+        for seq in window:
+            key = prefix_key(seq)
+            cached = self._cached_pages(seq, key)
+            if self._next_page_in_flight(seq, key, cached, in_flight):
+                continue
+            if best is None or len(cached) > len(best[2]):
+                best = seq, key, cached
+        return best
+
+    def _pages_in_flight(self) -> set[bytes]:
+        """The digests of the full pages running requests are still prefilling: computed within a few steps."""
+        out: set[bytes] = set()
+        for seq in self.running:
+            full = seq.num_tokens // PAGE_SIZE
+            if seq.in_prefill and full > seq.pages_registered:
+                out.update(chain_digests(prefix_key(seq), seq.all_ids, seq.page_digests, full)[seq.pages_registered:])
+        return out
+
+    def _next_page_in_flight(self, seq: Sequence, key: Hashable | None, cached: list[int],
+                             in_flight: set[bytes]) -> bool:
+        """Whether the first page `seq` would compute is one a running request is computing now."""
+        if not in_flight or not self._reads_cache(seq) or len(cached) >= (seq.num_tokens - 1) // PAGE_SIZE:
+            return False
+        return chain_digests(key, seq.all_ids, seq.page_digests, len(cached) + 1)[len(cached)] in in_flight
+
+    def _take_waiting(self, seq: Sequence) -> None:
+        """`seq` leaves the queue to run; the first in line counts it if it was overtaken."""
+        head = self.waiting.popleft()
+        if head is not seq:
+            self.waiting.remove(seq)
+            self.waiting.appendleft(head)
+            head.overtaken += 1
 
     def _waits_for_room(self, n: int, budget: int, step: ScheduledStep) -> bool:
         """Whether `n` tokens that must go in one step (a new task prefix, the choices' step) wait for a later

@@ -220,6 +220,7 @@ class Sequence:
     pages_registered: int = 0  # leading pages of `pages` that are in the prefix cache
     prefix: SharedPrefix | None = None  # the task prefix's shared pages while it runs
     preemptions: int = 0
+    overtaken: int = 0  # admissions of requests behind it while it was first in line (scheduler)
     cancelled: bool = False  # set by the caller's handle; the loop drops the request at its next step
     finish_reason: FinishReason | None = None
     error: BaseException | None = None

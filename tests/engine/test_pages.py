@@ -110,7 +110,8 @@ def test_a_prefix_replaced_while_running_keeps_its_pages_for_the_running_request
 
 
 def test_admission_counts_pages_needed_now_plus_a_reserve():
-    sched = Scheduler(SchedulerConfig(kv_pages=9, max_running=8))
+    # The same text four times: with prefix caching the others would wait to read the first one's pages.
+    sched = Scheduler(SchedulerConfig(kv_pages=9, max_running=8, prefix_caching=False))
     seqs = [request(3 * PAGE_SIZE, max_new=5 * PAGE_SIZE) for _ in range(4)]  # 3 pages now each; 8 by the end
     for s in seqs:
         sched.add(s)

@@ -136,3 +136,71 @@ def test_config_is_checked_naming_the_field(kwargs, field):
     with pytest.raises(InvalidConfig) as err:
         SchedulerConfig(**kwargs)
     assert err.value.field == field and str(err.value).startswith(f"{field} must be")
+
+
+def ids_seq(ids: list[int], max_new: int = 1) -> Sequence:
+    return Sequence(prompt_ids=ids, params=SamplingParams(max_new_tokens=max_new))
+
+
+def run_to_end(sched: Scheduler) -> list[Sequence]:
+    """Steps until nothing is left; the requests in the order they were admitted."""
+    admitted = []
+    while sched.has_work():
+        step, _ = run_step(sched)
+        admitted += step.admitted
+    return admitted
+
+
+INSTRUCTION = list(range(100, 148))  # three full pages
+
+
+def test_a_request_whose_pages_are_cached_goes_before_one_that_computes_everything():
+    sched = Scheduler(SchedulerConfig(max_running=1, max_tokens_per_step=64, kv_pages=1000))
+    sched.add(ids_seq([*INSTRUCTION, 1, 2]))
+    run_to_end(sched)  # its three full pages stay in the prefix cache
+    cold, warm = ids_seq(list(range(300, 350))), ids_seq([*INSTRUCTION, 3, 4])
+    sched.add(cold)
+    sched.add(warm)
+    assert run_to_end(sched) == [warm, cold]
+    assert warm.num_cached == cold.num_cached == 50  # both have every position (warm read 48 of them)
+    assert sched.cache_hits == 48
+
+
+def test_without_cached_pages_admission_is_first_come_first_served():
+    for caching in (True, False):
+        sched = Scheduler(SchedulerConfig(max_running=1, max_tokens_per_step=64, kv_pages=1000,
+                                          prefix_caching=caching))
+        sched.add(ids_seq([*INSTRUCTION, 1, 2]))
+        run_to_end(sched)
+        seqs = [ids_seq(list(range(300 + 60 * i, 350 + 60 * i))) for i in range(3)]
+        if not caching:
+            seqs.append(ids_seq([*INSTRUCTION, 3, 4]))  # caching off: its pages are not there to read
+        for s in seqs:
+            sched.add(s)
+        assert run_to_end(sched) == seqs
+
+
+def test_the_first_in_line_is_overtaken_at_most_max_running_times():
+    sched = Scheduler(SchedulerConfig(max_running=2, max_tokens_per_step=256, kv_pages=1000))
+    sched.add(ids_seq([*INSTRUCTION, 1, 2]))
+    run_to_end(sched)
+    cold = ids_seq(list(range(300, 350)))
+    warm = [ids_seq([*INSTRUCTION, 3, i]) for i in range(4)]
+    sched.add(cold)
+    for s in warm:
+        sched.add(s)
+    order = run_to_end(sched)
+    assert order.index(cold) == 2  # two (max_running) requests with cached pages went first, then it did
+    assert order == [*warm[:2], cold, *warm[2:]]
+    assert cold.overtaken == 2
+
+
+def test_a_request_waits_to_read_the_pages_a_running_request_is_computing():
+    sched = Scheduler(SchedulerConfig(max_running=4, max_tokens_per_step=20, kv_pages=1000))
+    first, second = ids_seq([*INSTRUCTION, 1, 2]), ids_seq([*INSTRUCTION, 3, 4])
+    other = ids_seq(list(range(300, 310)))
+    for s in (first, second, other):
+        sched.add(s)
+    order = run_to_end(sched)
+    assert order == [first, other, second]  # `other` went by while `first` computed the shared pages
+    assert sched.cache_hits == 48  # `second` read all three instead of computing any of them twice
