@@ -5,6 +5,8 @@
     python -m benchmarks.run --mode ttft                  # TTFT vs num_virtual_tokens
     python -m benchmarks.run --model HuggingFaceTB/SmolLM2-135M --device cuda --dtype bfloat16
     python -m benchmarks.run --workload mixed-lengths     # a KV-memory workload (benchmarks/memory.py)
+    python -m benchmarks.run --model smollm2-135m-instruct --concurrency 1,16,64 \
+        --systems promptswap,promptswap-no-prompts,llama.cpp-server,llama.cpp-server-f32   # benchmarks/llama_cpp.py
 
 Prints a table, writes `<out>/<mode>.json` (`<out>/<workload>.json` for a named workload) and a PNG
 plot. Never run in CI (see tests/benchmarks for the smoke test).
@@ -134,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}", file=sys.stderr)
         return 2
+    problem = _llama_cpp_problem(args)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     from benchmarks import threads
 
     threads.configure(args.threads)  # before any model loads
@@ -211,7 +217,8 @@ def run_throughput(args, model_path: str, log) -> dict:
     hf = HFGenerator(model, tokenizer) if baseline_systems & set(args.systems) else None
     bench = throughput.Bench(
         workload=workload, hf=hf, load_base=_load_base_once(model_path, args.device, args.dtype),
-        max_tokens_per_step=args.max_tokens_per_step, http=_http_runner(args, model_path), log=log,
+        max_tokens_per_step=args.max_tokens_per_step, http=_http_runner(args, model_path),
+        llama_cpp=_llama_cpp_runner(args, tokenizer), log=log,
     )  # fmt: skip
     start = time.perf_counter()
     measured = throughput.measure(bench, args.systems, args.concurrency)
@@ -282,6 +289,39 @@ def _http_runner(args, model_path: str):
     if not available():
         return None
     return lambda workload, c: run_http(model_path, args.device, args.dtype, workload, c, args.max_tokens_per_step)
+
+
+def _llama_cpp_problem(args) -> str | None:
+    """Why the llama.cpp systems asked for cannot run, before anything else is measured; None when they can."""
+    from benchmarks import llama_cpp
+    from benchmarks.models import REAL_MODEL
+    from benchmarks.throughput import LLAMA_CPP
+
+    if not set(LLAMA_CPP) & set(args.systems):
+        return None
+    if args.model != REAL_MODEL:
+        return f"llama.cpp serves the GGUF file the demo's weights come from: use --model {REAL_MODEL}"
+    try:
+        llama_cpp.binary()
+    except llama_cpp.LlamaCppMissing as e:
+        return str(e)
+    return None
+
+
+def _llama_cpp_runner(args, tokenizer):
+    """llama.cpp's server on the same weights: the GGUF file the real demo model is dequantized from."""
+    from benchmarks import llama_cpp
+    from benchmarks.models import REAL_MODEL
+    from benchmarks.threads import engine_threads
+    from server.demo import smollm2
+    from server.engine import threads as cpu_threads
+
+    gguf = smollm2.gguf_path() if args.model == REAL_MODEL else None
+    if gguf is None:
+        return None
+
+    threads = cpu_threads.intra_op_threads(engine_threads())  # what promptswap's engine computes with
+    return lambda system, workload, c: llama_cpp.run(system, gguf, tokenizer, workload, c, threads)
 
 
 if __name__ == "__main__":

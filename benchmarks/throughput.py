@@ -24,6 +24,8 @@ SYSTEMS = (
     "promptswap",
     "promptswap-http",
     "promptswap-no-prompts",
+    "llama.cpp-server",
+    "llama.cpp-server-f32",
     "static-no-prompts",
     "grouped-by-task",
     "one-at-a-time",
@@ -31,7 +33,8 @@ SYSTEMS = (
 # Measured once and reused for every concurrency: it serves one request at a time by definition.
 CONCURRENCY_ONE = {"one-at-a-time"}
 # A system that sees no tasks is compared on the same texts, not the same prompts.
-NO_PROMPTS = {"promptswap-no-prompts", "static-no-prompts"}
+NO_PROMPTS = {"promptswap-no-prompts", "static-no-prompts", "llama.cpp-server", "llama.cpp-server-f32"}
+LLAMA_CPP = ("llama.cpp-server", "llama.cpp-server-f32")  # another process, another engine (benchmarks/llama_cpp.py)
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Bench:
     load_base: Callable[[], object]  # lazy: only engine systems need the second model copy
     max_tokens_per_step: int
     http: Callable | None = None  # (workload, concurrency) -> results; None: no HTTP service here
+    llama_cpp: Callable | None = None  # (system, workload, concurrency) -> results; None: no GGUF to serve
     log: Callable[[str], None] = print
     _base: object = None
 
@@ -63,6 +67,10 @@ def run_system(bench: Bench, name: str, concurrency: int) -> list[RequestResult]
         return baselines.run_static_no_prompts(bench.hf, wl, concurrency)
     if name in ("promptswap", "promptswap-no-prompts"):
         return _run_engine(bench, wl if name == "promptswap" else wl.without_tasks(), concurrency)
+    if name in LLAMA_CPP:
+        if bench.llama_cpp is None:
+            raise RuntimeError("llama.cpp serves a GGUF file: use --model smollm2-135m-instruct or a .gguf path")
+        return bench.llama_cpp(name, wl.without_tasks(), concurrency)
     if name == "promptswap-http":
         if bench.http is None:
             raise RuntimeError("the HTTP service (server.api.app) is not available in this checkout")
@@ -148,10 +156,14 @@ def timed(log: Callable[[str], None], label: str, run: Callable[[], list[Request
 
 def _agreement(results: dict[str, list[RequestResult]]) -> dict[str, float]:
     """Each system's greedy tokens against the matching reference: one-at-a-time for tasked systems,
-    transformers' static batch for the no-prompt ones (same model, same inputs, so should be equal)."""
+    transformers' static batch for the no-prompt ones (same model, same inputs, so should be equal), and
+    llama.cpp's against promptswap's on the same texts (another engine's kernels: a rate, not a check)."""
     out = {}
     for name, res in results.items():
-        ref = "static-no-prompts" if name in NO_PROMPTS else "one-at-a-time"
-        if ref in results and ref != name:
-            out[f"{name} vs {ref}"] = agreement(res, results[ref])
+        refs = ["static-no-prompts" if name in NO_PROMPTS else "one-at-a-time"]
+        if name in LLAMA_CPP:
+            refs.append("promptswap-no-prompts")
+        for ref in refs:
+            if ref in results and ref != name:
+                out[f"{name} vs {ref}"] = agreement(res, results[ref])
     return out

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from benchmarks import baselines
 from benchmarks.hf_generate import HFGenerator
 from benchmarks.run import main
-from benchmarks.throughput import SYSTEMS
+from benchmarks.throughput import LLAMA_CPP, SYSTEMS
 from benchmarks.workload import WorkloadSpec, embedding_std, make_workload
 from prompt_store.geometry import ModelGeometry
 from tests.peft_reference import greedy
@@ -88,7 +88,8 @@ def test_grouped_batches_hold_one_task(hf, workload):
 
 
 def test_run_writes_every_system_and_ratios(llama_dir, tmp_path, capsys):
-    systems = [s for s in SYSTEMS if s != "promptswap-http" or _http_available()]
+    # llama.cpp serves the real demo's GGUF from a binary built outside CI (tests/real_model runs it when built).
+    systems = [s for s in SYSTEMS if (s != "promptswap-http" or _http_available()) and s not in LLAMA_CPP]
     argv = ["--model", str(llama_dir), "--requests", "10", "--tasks", "4", "--concurrency", "2,8",
             "--max-new-tokens", "2,4", "--text-len", "3,16", "--virtual-tokens", "2,8",
             "--systems", ",".join(systems), "--out", str(tmp_path), "--quiet"]
@@ -122,3 +123,16 @@ def _http_available() -> bool:
     from benchmarks.promptswap_http import available
 
     return available()
+
+
+def test_llama_cpp_systems_say_what_they_need_before_anything_runs(llama_dir, tmp_path, monkeypatch, capsys):
+    from benchmarks import llama_cpp
+
+    argv = ["--systems", "promptswap,llama.cpp-server", "--out", str(tmp_path), "--quiet"]
+    assert main([*argv, "--model", str(llama_dir)]) == 2
+    assert "use --model smollm2-135m-instruct" in capsys.readouterr().err
+    monkeypatch.delenv("LLAMA_SERVER", raising=False)
+    monkeypatch.setattr(llama_cpp, "CACHE", tmp_path / "empty-cache")
+    assert main([*argv, "--model", "smollm2-135m-instruct"]) == 2
+    assert "python -m benchmarks.llama_cpp build" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))  # nothing was measured
