@@ -45,7 +45,7 @@ def _range(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     from benchmarks.memory import WORKLOADS
     from benchmarks.models import DEFAULT_MODEL, PRESETS, REAL_MODEL
-    from benchmarks.throughput import SYSTEMS
+    from benchmarks.throughput import LLAMA_CPP, SYSTEMS
     from prompt_store.dtypes import DTYPE_NAMES
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
@@ -67,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arrival", choices=("burst", "poisson"), default="burst")
     p.add_argument("--rate", type=float, default=None, help="requests per second for --arrival poisson")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--systems", type=lambda s: [x for x in s.split(",") if x], default=list(SYSTEMS),
-                   help=f"comma subset of {','.join(SYSTEMS)} (standard workload)")
+    p.add_argument("--systems", type=lambda s: [x for x in s.split(",") if x],
+                   default=[s for s in SYSTEMS if s not in LLAMA_CPP],
+                   help=f"comma subset of {','.join(SYSTEMS)} (standard workload; default: all but llama.cpp's, "
+                        "which need --model smollm2-135m-instruct and a build: benchmarks/llama_cpp.py)")
     p.add_argument("--max-tokens-per-step", type=int, default=512, help="promptswap's engine setting")
     p.add_argument("--ttft-sizes", type=_int_list, default=[1, 16, 64, 256], help="for --mode ttft")
     p.add_argument("--repeats", type=int, default=5, help="for --mode ttft: warm requests per size")
@@ -297,7 +299,7 @@ def _llama_cpp_problem(args) -> str | None:
     from benchmarks.models import REAL_MODEL
     from benchmarks.throughput import LLAMA_CPP
 
-    if not set(LLAMA_CPP) & set(args.systems):
+    if args.workload != "standard" or not set(LLAMA_CPP) & set(args.systems):
         return None
     if args.model != REAL_MODEL:
         return f"llama.cpp serves the GGUF file the demo's weights come from: use --model {REAL_MODEL}"
