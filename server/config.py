@@ -25,6 +25,8 @@ from server.demo import RANDOM_DEMO, Demo, choose_demo
 from server.engine.config import EngineConfig
 from server.engine.errors import InvalidConfig
 from server.engine.gguf import is_gguf
+from server.engine.quantize import LIBRARY as QUANTIZE_LIBRARY
+from server.engine.quantize import QuantizeName
 from server.logs import LogFormat
 
 MiB = 1024 * 1024
@@ -94,6 +96,12 @@ class _ServiceSettings(BaseSettings):
     )
     dtype: DtypeName | None = Field(
         None, description="Model dtype (default: bfloat16 on cuda, float32 on cpu)."
+    )
+    quantize: QuantizeName = Field(
+        "none", description="Quantize the base model's weights once loaded (opt-in): int8-weight-only stores the "
+        f"decoder's Linear weights as int8 ({QUANTIZE_LIBRARY}; needs promptswap[quantize]) and computes in --dtype. "
+        "Greedy tokens then differ from float32's for some requests: README, 'Faster on CPU', has the measured "
+        "agreement and speed. Not with --device-map.",
     )
     admin_token: SecretStr | None = Field(
         None,
@@ -202,6 +210,9 @@ class Settings(_EngineSettings):
     def _device_map_is_valid(self) -> Settings:
         if self.device_map is None:
             return self
+        if self.quantize != "none":
+            raise ValueError(f"{setting_source('quantize')} {self.quantize} quantizes a model on one device; it "
+                             f"cannot be combined with {setting_source('device_map')}")
         if self.device is not None:
             raise ValueError(f"give {setting_source('device')} (one device) or {setting_source('device_map')} "
                              "(the model spread over several), not both")

@@ -67,7 +67,21 @@ def configure_logging(level: str, log_format: LogFormat) -> None:
         logging.getLogger(name).propagate = True
     logging.captureWarnings(True)  # warnings.warn (torch's, transformers') as log records, not bare stderr text
     quiet_progress_bars()
+    quiet_optional_libraries()
     adopt_library_loggers()
+
+
+# Once installed (promptswap[quantize]), torchao is imported by transformers' own import, quantizing or not, and
+# logs warnings no user can act on: its CUDA kernels that a CPU-only torch cannot load, no triton, and torch's
+# deprecation of how it registers two enums (through torch's own handler, in torch's format: a JSON log would
+# get a line that is not JSON). Errors still pass.
+OPTIONAL_LIBRARY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def quiet_optional_libraries() -> None:
+    """Only errors from the loggers above; set before they are imported (torch keeps a child logger's level)."""
+    for name in OPTIONAL_LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def quiet_progress_bars() -> None:

@@ -13,6 +13,7 @@ from prompt_store.dtypes import torch_dtype
 from prompt_store.geometry import ModelGeometry
 from server.engine.attention import ATTN_IMPLEMENTATION
 from server.engine.errors import ModelNotSupported
+from server.engine.quantize import check_method, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ class BaseModel:
     dtype: torch.dtype
     max_context: int
     layer_devices: tuple[torch.device, ...] = ()  # where each decoder layer computes (empty: all on `device`)
+    quantize: str = "none"  # server/engine/quantize.py: how its Linear weights are stored
 
     def devices_of_layers(self) -> list[torch.device]:
         return list(self.layer_devices) or [self.device] * self.geometry.num_layers
@@ -68,8 +70,11 @@ def check_architecture(name_or_path: str | Path) -> Any:
 
 def load_base_model(name_or_path: str | Path, device: str | None = None,
                     dtype: str | torch.dtype | None = None, *, device_map: str | dict | None = None,
-                    offload_dir: str | Path | None = None) -> BaseModel:
+                    offload_dir: str | Path | None = None, quantize: str | None = None) -> BaseModel:
     """Load a decoder-only causal LM frozen, in eval mode, with promptswap's attention plugged in.
+
+    `quantize` ("int8-weight-only"; None or "none": as loaded) quantizes its Linear weights once loaded
+    (server/engine/quantize.py); QuantizerMissing when its library is not installed.
 
     `device_map` ("auto", "balanced", "sequential", or {module name: device}) spreads the model over the
     visible GPUs, the CPU and `offload_dir` ("disk") with accelerate; each layer's KV pages then live on
@@ -79,6 +84,9 @@ def load_base_model(name_or_path: str | Path, device: str | None = None,
     name_or_path = str(name_or_path)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    quantize = check_method(quantize)
+    if quantize != "none" and device_map is not None:
+        raise ValueError(f"quantize={quantize!r} quantizes a model on one device, not one spread by a device map")
     config = check_architecture(name_or_path)
     placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_dir}
     try:
@@ -93,6 +101,7 @@ def load_base_model(name_or_path: str | Path, device: str | None = None,
     if device_map is None:
         model.to(dev)
     model.eval().requires_grad_(False)
+    quantize_model(model, quantize)  # after the move: the int8 weights are made where they compute
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     geometry = ModelGeometry.from_config(model.config, name_or_path)
     max_context = _max_context(model.config, tokenizer)
@@ -104,9 +113,9 @@ def load_base_model(name_or_path: str | Path, device: str | None = None,
         log.info("device map %s: %s", device_map if isinstance(device_map, str) else "given",
                  getattr(model, "hf_device_map", {}))
     where = dev if not layer_devices else ", ".join(sorted({str(d) for d in layer_devices}))
-    log.info("loaded %s (%s) on %s in %s; context %d", name_or_path, config.model_type, where, torch_dtype,
-             max_context)
-    return BaseModel(model, tokenizer, geometry, name, dev, torch_dtype, max_context, layer_devices)
+    log.info("loaded %s (%s) on %s in %s%s; context %d", name_or_path, config.model_type, where, torch_dtype,
+             "" if quantize == "none" else f", {quantize}", max_context)
+    return BaseModel(model, tokenizer, geometry, name, dev, torch_dtype, max_context, layer_devices, quantize)
 
 
 def execution_device(model: torch.nn.Module, module: torch.nn.Module, default: torch.device) -> torch.device:
