@@ -92,7 +92,8 @@ def instrument(engine, timer: PhaseTimer, shapes: StepShapes) -> None:
                                               engine.scheduler.postprocess)
     engine.runner.write_prefix = timer.wrap("runner.write_prefix (prefix tables)", engine.runner.write_prefix)
     engine.runner.clear_pages = timer.wrap("runner.clear_pages (pages handed out)", engine.runner.clear_pages)
-    engine_module.sample = timer.wrap("sample", engine_module.sample)
+    engine_module.logits.process = timer.wrap("logits.process (sample, log-probabilities, scores)",
+                                              engine_module.logits.process)
 
 
 def profile_in_engine_thread(engine, timer: PhaseTimer, trace: Path | None, with_torch: bool):
