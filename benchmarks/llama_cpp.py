@@ -175,7 +175,9 @@ def _free_port() -> int:
 async def _clients(url: str, workload: Workload, prompts: dict[int, list[int]]) -> list[RequestResult]:
     import httpx
 
-    limits = httpx.Limits(max_connections=len(workload.requests) + 4, max_keepalive_connections=None)
+    # A new connection per request: llama-server closes a connection idle for 5 s, and a request sent on it
+    # meanwhile fails ("Server disconnected without sending a response").
+    limits = httpx.Limits(max_connections=len(workload.requests) + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(None)) as client:
         first = workload.requests[0]
         await _request(client, [7] + prompts[first.id], 2, time.perf_counter())  # warm (another text: no reuse)

@@ -129,9 +129,10 @@ def _kind(task: str | None) -> str:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the model's parameters as stored (an int8 weight: its int8 data and its scales), shared ones once."""
+    """Bytes of the model's weights as stored (an int8 weight: its int8 data and its scales; a weight packed for
+    oneDNN, a buffer: its packed copy), shared ones once."""
     seen, total = set(), 0
-    for p in model.parameters():
+    for p in [*model.parameters(), *model.buffers()]:
         if id(p) in seen:
             continue
         seen.add(id(p))

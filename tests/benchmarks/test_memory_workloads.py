@@ -119,6 +119,22 @@ def test_many_tasks(llama_dir, tmp_path):
     assert data["targets"]["tokens_per_s_ratio"]["met"] == (data["ratios"][theirs]["tokens_per_s"] >= 0.8)
 
 
+def test_shared_system_prompt(llama_dir, tmp_path):
+    data = run_workload(llama_dir, tmp_path, "shared-system-prompt", "--requests", "12", "--tasks", "3",
+                        "--instruction-tokens", "48", "--text-len", "3,12", "--max-new-tokens", "2")
+    ours, theirs = "promptswap", "promptswap, no prefix caching"
+    assert set(data["summaries"]) == {ours, theirs}
+    f = data["figures"]
+    assert f["tasks"] == 3 and f["instruction_tokens"] >= 48
+    assert f["agreement_cached_vs_not"] == 1.0  # reading cached pages changes no token
+    # 9 of the 12 requests read their task's instruction: at least its full pages each.
+    assert f["prefix_cache_hits"] >= 9 * (f["instruction_tokens"] // 16) * 16
+    assert f["prefix_cache_queries"] >= sum(data["description"]["text_tokens"])  # and the warm-up's texts
+    assert data["engine"][theirs]["end"]["prefix_cache_queries"] == 0
+    # The best any admission order could do: 6 requests (the median) need 2 instructions and 6 own texts.
+    assert 1.0 < f["p50_ttft_better_bound"] < 6
+
+
 @pytest.mark.parametrize("argv", [["--workload", "shared-prefix", "--mode", "ttft"],
                                   ["--workload", "many-tasks", "--concurrency", "2,4"]])
 def test_named_workload_refuses_other_modes(argv):
