@@ -7,6 +7,7 @@ once and reused for every `c`).
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -143,15 +144,22 @@ def timed(log: Callable[[str], None], label: str, run: Callable[[], list[Request
           ) -> tuple[list[RequestResult], dict]:
     """`run()`'s results and their summary, with the CPU cores the process kept busy meanwhile."""
     log(f"{label} ...")
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     results = run()
     wall = time.perf_counter() - start
     s = summarize(results)
     # CPU seconds per wall second over all threads: well under the core count while a system
     # computes means other processes took the cores (its figures are then too low).
-    s["cpu_cores_used"] = (time.process_time() - cpu_start) / wall
+    s["cpu_cores_used"] = (_cpu_seconds() - cpu_start) / wall
     log(f"{label}: {s['tokens_per_s']:.1f} tok/s in {wall:.1f} s, {s['cpu_cores_used']:.2f} cores busy")
     return results, s
+
+
+def _cpu_seconds() -> float:
+    """This process's CPU time and that of its children that ended (a system served by a server process of
+    its own, llama.cpp's, ends it before its results return)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def _agreement(results: dict[str, list[RequestResult]]) -> dict[str, float]:
