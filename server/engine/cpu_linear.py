@@ -9,8 +9,11 @@ and at 64. It is the same arithmetic in the same dtype, summed in another order:
 MKL's in the last bits, as two MKL calls of different batch shapes already do, never in precision.
 
 These ops are torch internals, so nothing is assumed: `pack_linears` first checks, on a probe layer, that
-they exist and agree with `F.linear`, and leaves the model as it is (logging why) when they do not.
-Inference only (no autograd through the packed weights): `promptswap train` never loads through here.
+they exist and agree with `F.linear`, and leaves the model as it is (logging why) when they do not; then
+it runs one forward pass of the packed model, and puts torch's Linear layers back if that fails (a model
+whose own code reads a layer's `.weight`, which a packed layer does not have).
+Inference only, after the model has its device and dtype: a packed weight is a oneDNN-layout tensor that
+autograd, `.to()`, `copy.deepcopy` and `state_dict()` do not carry. `promptswap train` never loads here.
 """
 
 from __future__ import annotations
@@ -39,6 +42,17 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
+    def unpacked(self) -> torch.nn.Linear:
+        """A torch Linear holding the same weight (in torch's own layout again)."""
+        weight = self.packed_weight.to_dense()
+        linear = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                                 device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear.requires_grad_(False)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
@@ -52,9 +66,12 @@ def unusable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     if not torch.backends.mkldnn.is_available():
         return "this torch build has no oneDNN (mkldnn)"
     try:
-        torch.manual_seed(0)
-        probe = torch.nn.Linear(64, 48).to(dtype)
-        x = torch.randn(3, 5, 64, dtype=dtype)
+        g = torch.Generator().manual_seed(0)  # not the process's seed
+        probe = torch.nn.Linear(64, 48, dtype=dtype)
+        with torch.no_grad():
+            probe.weight.copy_(torch.randn(48, 64, generator=g))
+            probe.bias.copy_(torch.randn(48, generator=g))
+        x = torch.randn(3, 5, 64, generator=g).to(dtype)
         with torch.inference_mode():
             got, want = PackedLinear(probe)(x), probe(x)
     except (AttributeError, RuntimeError, NotImplementedError) as exc:  # an op missing or refusing this input
@@ -67,16 +84,32 @@ def unusable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def pack_linears(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> int:
     """Replace every `torch.nn.Linear` of `model` by a PackedLinear; the number replaced (0, logged, when
-    `unusable_reason` finds one). A head tied to the input embeddings is packed too: a copy of the table in
-    oneDNN's layout (its largest matrix, read every step), while the embeddings keep theirs."""
+    `unusable_reason` finds one, or when the packed model cannot run a forward pass). A head tied to the
+    input embeddings is packed too: a copy of the table in oneDNN's layout (its largest matrix, read every
+    step), while the embeddings keep theirs."""
     reason = unusable_reason(device, dtype)
     if reason is not None:
         log.info("Linear layers on torch's own kernels: %s", reason)
         return 0
-    targets = [(name, module) for name, module in model.named_modules() if type(module) is torch.nn.Linear]
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear(module))
-    log.info("%d Linear layers on oneDNN with packed weights (--cpu-linear onednn)", len(targets))
-    return len(targets)
+    names = [name for name, module in model.named_modules() if type(module) is torch.nn.Linear]
+    for name in names:  # one at a time: each original weight is freed as its packed copy is made
+        _swap(model, name, lambda linear: PackedLinear(linear))
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([[0, 1]], device=device))
+    except Exception as exc:  # any failure of the model's own code: put torch's layers back
+        for name in names:
+            _swap(model, name, lambda packed: packed.unpacked())
+        if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+            model.tie_weights()  # the head reads the embeddings' table again, not a copy
+        log.info("Linear layers on torch's own kernels: this model's code does not run on packed layers "
+                 "(%s: %s)", type(exc).__name__, exc)
+        return 0
+    log.info("%d Linear layers on oneDNN with packed weights (--cpu-linear onednn)", len(names))
+    return len(names)
+
+
+def _swap(model: torch.nn.Module, name: str, make) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, make(getattr(parent, child)))

@@ -156,8 +156,9 @@ class Scheduler:
                 step.batch.append((seq, n))
                 budget -= n
         budget = self.config.max_tokens_per_step - sum(n for _, n in step.batch)
+        cached_counts: dict[int, int] = {}  # this step's look at the waiting requests' cached pages
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
-            chosen = self._next_to_admit()
+            chosen = self._next_to_admit(cached_counts)
             if chosen is None:
                 break  # the next pages are being computed: reading them beats computing them twice
             seq, key, cached = chosen
@@ -188,7 +189,7 @@ class Scheduler:
         self.peak_running = max(self.peak_running, len(self.running))
         return step
 
-    def _next_to_admit(self) -> tuple[Sequence, Hashable | None, list[int]] | None:
+    def _next_to_admit(self, cached_counts: dict[int, int]) -> tuple[Sequence, Hashable | None, list[int]] | None:
         """The waiting request to admit next, with its prefix key and cached leading pages; None when each one
         looked at would compute a page a running request is computing now (it waits and reads that page).
 
@@ -196,38 +197,42 @@ class Scheduler:
         the earliest on a tie (SGLang's longest-prefix-match order): requests sharing a long instruction with
         one computed already get their first token without waiting behind others' whole prefills. The first
         in line is overtaken at most max_running times, then goes next: nobody waits forever. With nothing
-        cached this is first come, first served; with caching off, always."""
+        cached this is first come, first served; with caching off, always. `cached_counts` keeps each request's
+        count for the rest of the step (evictions only lower it; the chosen one's pages are looked up again)."""
         head = self.waiting[0]
         if not self.config.prefix_caching:
             return head, prefix_key(head), []
         in_flight = self._pages_in_flight()
         window = (head,) if head.overtaken >= self.config.max_running else itertools.islice(
             self.waiting, CACHE_AWARE_WINDOW)
-        best = None
+        best, best_count = None, -1
         for seq in window:
             key = prefix_key(seq)
-            cached = self._cached_pages(seq, key)
-            if self._next_page_in_flight(seq, key, cached, in_flight):
-                continue
-            if best is None or len(cached) > len(best[2]):
-                best = seq, key, cached
-        return best
+            count = cached_counts.get(seq.id)
+            if count is None:
+                count = cached_counts[seq.id] = len(self._cached_pages(seq, key))
+            if count > best_count and not self._next_page_in_flight(seq, key, count, in_flight):
+                best, best_count = seq, count
+        if best is None:
+            return None
+        key = prefix_key(best)
+        return best, key, self._cached_pages(best, key)
 
     def _pages_in_flight(self) -> set[bytes]:
-        """The digests of the full pages running requests are still prefilling: computed within a few steps."""
+        """The digests of the full pages running requests are computing and have not yet cached."""
         out: set[bytes] = set()
         for seq in self.running:
             full = seq.num_tokens // PAGE_SIZE
-            if seq.in_prefill and full > seq.pages_registered:
+            if full > seq.pages_registered:
                 out.update(chain_digests(prefix_key(seq), seq.all_ids, seq.page_digests, full)[seq.pages_registered:])
         return out
 
-    def _next_page_in_flight(self, seq: Sequence, key: Hashable | None, cached: list[int],
-                             in_flight: set[bytes]) -> bool:
-        """Whether the first page `seq` would compute is one a running request is computing now."""
-        if not in_flight or not self._reads_cache(seq) or len(cached) >= (seq.num_tokens - 1) // PAGE_SIZE:
+    def _next_page_in_flight(self, seq: Sequence, key: Hashable | None, cached: int, in_flight: set[bytes]) -> bool:
+        """Whether the first page `seq` would compute (after its `cached` ones) is one a running request is
+        computing now."""
+        if not in_flight or not self._reads_cache(seq) or cached >= (seq.num_tokens - 1) // PAGE_SIZE:
             return False
-        return chain_digests(key, seq.all_ids, seq.page_digests, len(cached) + 1)[len(cached)] in in_flight
+        return chain_digests(key, seq.all_ids, seq.page_digests, cached + 1)[cached] in in_flight
 
     def _take_waiting(self, seq: Sequence) -> None:
         """`seq` leaves the queue to run; the first in line counts it if it was overtaken."""

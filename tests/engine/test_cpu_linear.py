@@ -93,3 +93,24 @@ def test_the_setting_defaults_to_onednn_and_names_its_choices(monkeypatch):
     assert explain(caught.value) == ("--cpu-linear / PROMPTSWAP_CPU_LINEAR: Input should be 'onednn' or 'torch', "
                                      "got 'mkl'")
     assert build_parser().parse_args(["serve", "--cpu-linear", "torch"]).cpu_linear == "torch"
+
+
+def test_a_model_whose_code_reads_a_layer_weight_keeps_torch_layers(llama_dir, caplog):
+    """Some transformers models read `self.lm_head.weight.dtype` in their forward: a packed layer has no weight,
+    so the forward pass at load fails and torch's layers come back, holding the same weights."""
+    plain = load_base_model(llama_dir, cpu_linear="torch").model
+    model = load_base_model(llama_dir, cpu_linear="torch").model
+    reads_weight = model.model.forward
+
+    def forward(*args, **kwargs):
+        assert model.lm_head.weight.dtype == torch.float32  # what such a model's code does
+        return reads_weight(*args, **kwargs)
+
+    model.model.forward = forward
+    with caplog.at_level(logging.INFO, logger="server.engine.cpu_linear"):
+        assert pack_linears(model, CPU, torch.float32) == 0
+    assert "this model's code does not run on packed layers (AttributeError" in caplog.text
+    assert not linears(model, PackedLinear)
+    for (name, got), want in zip(model.state_dict().items(), plain.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0, msg=name)
+    assert greedy(model, list(range(5, 20)), 3)[0] == greedy(plain, list(range(5, 20)), 3)[0]
