@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         print(problem, file=sys.stderr)
         return 2
     from benchmarks import threads
+    from server.logs import quiet_optional_libraries
 
+    quiet_optional_libraries()  # torchao's import noise, where the quantize extra is installed
     threads.configure(args.threads)  # before any model loads
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     model_path = resolve_model(args.model, args.out)

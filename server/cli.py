@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from server.logs import quiet_optional_libraries
+
+    quiet_optional_libraries()  # before any command imports transformers, which imports torchao when installed
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is None:  # a bare `promptswap`: say what it can do
