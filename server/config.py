@@ -105,8 +105,8 @@ class _ServiceSettings(BaseSettings):
     )
     cpu_linear: Literal["onednn", "torch"] = Field(
         "onednn", description="On the CPU in float32 or bfloat16: onednn packs the model's Linear weights once for "
-        "oneDNN (about 2x faster matmuls than torch's default here, same dtype, checked on a probe at load and "
-        "left off if it disagrees); torch keeps torch's own kernels.",
+        "oneDNN (about 2x faster matmuls than torch's default here, same dtype; checked at load on a probe layer and "
+        "one forward pass, and left off if either fails); torch keeps torch's own kernels.",
     )
     admin_token: SecretStr | None = Field(
         None,

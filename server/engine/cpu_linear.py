@@ -93,13 +93,13 @@ def pack_linears(model: torch.nn.Module, device: torch.device, dtype: torch.dtyp
         return 0
     names = [name for name, module in model.named_modules() if type(module) is torch.nn.Linear]
     for name in names:  # one at a time: each original weight is freed as its packed copy is made
-        _swap(model, name, lambda linear: PackedLinear(linear))
+        model.set_submodule(name, PackedLinear(model.get_submodule(name)))
     try:
         with torch.inference_mode():
             model(input_ids=torch.tensor([[0, 1]], device=device))
     except Exception as exc:  # any failure of the model's own code: put torch's layers back
         for name in names:
-            _swap(model, name, lambda packed: packed.unpacked())
+            model.set_submodule(name, model.get_submodule(name).unpacked())
         if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
             model.tie_weights()  # the head reads the embeddings' table again, not a copy
         log.info("Linear layers on torch's own kernels: this model's code does not run on packed layers "
@@ -107,9 +107,3 @@ def pack_linears(model: torch.nn.Module, device: torch.device, dtype: torch.dtyp
         return 0
     log.info("%d Linear layers on oneDNN with packed weights (--cpu-linear onednn)", len(names))
     return len(names)
-
-
-def _swap(model: torch.nn.Module, name: str, make) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, make(getattr(parent, child)))

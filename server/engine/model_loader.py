@@ -72,12 +72,12 @@ def check_architecture(name_or_path: str | Path) -> Any:
 def load_base_model(name_or_path: str | Path, device: str | None = None,
                     dtype: str | torch.dtype | None = None, *, device_map: str | dict | None = None,
                     offload_dir: str | Path | None = None, quantize: str | None = None,
-                    cpu_linear: str = "onednn") -> BaseModel:
+                    onednn_linears: bool = True) -> BaseModel:
     """Load a decoder-only causal LM frozen, in eval mode, with promptswap's attention plugged in.
 
     `quantize` ("int8-weight-only"; None or "none": as loaded) quantizes its Linear weights once loaded
     (server/engine/quantize.py); QuantizerMissing when its library is not installed. Otherwise, on the CPU,
-    `cpu_linear` "onednn" packs them for oneDNN (server/engine/cpu_linear.py); "torch" leaves them as loaded.
+    `onednn_linears` packs them for oneDNN (server/engine/cpu_linear.py; `--cpu-linear onednn`).
 
     `device_map` ("auto", "balanced", "sequential", or {module name: device}) spreads the model over the
     visible GPUs, the CPU and `offload_dir` ("disk") with accelerate; each layer's KV pages then live on
@@ -105,9 +105,7 @@ def load_base_model(name_or_path: str | Path, device: str | None = None,
         model.to(dev)
     model.eval().requires_grad_(False)
     quantize_model(model, quantize)  # after the move: the int8 weights are made where they compute
-    if cpu_linear not in ("onednn", "torch"):
-        raise ValueError(f"cpu_linear must be onednn or torch, got {cpu_linear!r}")
-    if cpu_linear == "onednn" and quantize == "none" and device_map is None:
+    if onednn_linears and quantize == "none" and device_map is None:
         pack_linears(model, dev, torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     geometry = ModelGeometry.from_config(model.config, name_or_path)

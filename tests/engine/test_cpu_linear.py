@@ -49,7 +49,7 @@ def qwen2_dir(tmp_path_factory):
 @pytest.mark.parametrize("model", ["llama_dir", "qwen2_dir"])
 def test_packed_layers_compute_what_torch_computes(model, request):
     path = request.getfixturevalue(model)
-    packed, plain = load_base_model(path), load_base_model(path, cpu_linear="torch")
+    packed, plain = load_base_model(path), load_base_model(path, onednn_linears=False)
     assert not linears(packed.model, torch.nn.Linear) and linears(packed.model, PackedLinear)
     assert not linears(plain.model, PackedLinear) and linears(plain.model, torch.nn.Linear)
     ids = list(range(5, 30))
@@ -98,8 +98,8 @@ def test_the_setting_defaults_to_onednn_and_names_its_choices(monkeypatch):
 def test_a_model_whose_code_reads_a_layer_weight_keeps_torch_layers(llama_dir, caplog):
     """Some transformers models read `self.lm_head.weight.dtype` in their forward: a packed layer has no weight,
     so the forward pass at load fails and torch's layers come back, holding the same weights."""
-    plain = load_base_model(llama_dir, cpu_linear="torch").model
-    model = load_base_model(llama_dir, cpu_linear="torch").model
+    plain = load_base_model(llama_dir, onednn_linears=False).model
+    model = load_base_model(llama_dir, onednn_linears=False).model
     reads_weight = model.model.forward
 
     def forward(*args, **kwargs):
