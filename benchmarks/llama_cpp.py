@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -39,6 +38,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks.clients import free_port, replay
 from benchmarks.metrics import RequestResult
 from benchmarks.workload import Workload
 
@@ -128,7 +128,7 @@ class _server:
     """Context manager: a `llama-server` process on a free loopback port; yields its base URL."""
 
     def __init__(self, model: Path, slots: int, longest: int, threads: int | None) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         ctx = slots * (longest + 16)  # every slot holds its longest request
         self.args = [str(binary()), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
                      "-np", str(slots), "-c", str(ctx), "-b", "512", "-ub", "512", "--no-webui"]
@@ -166,12 +166,6 @@ class _server:
         self.log.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def _clients(url: str, workload: Workload, prompts: dict[int, list[int]]) -> list[RequestResult]:
     import httpx
 
@@ -181,15 +175,7 @@ async def _clients(url: str, workload: Workload, prompts: dict[int, list[int]]) 
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(None)) as client:
         first = workload.requests[0]
         await _request(client, [7] + prompts[first.id], 2, time.perf_counter())  # warm (another text: no reuse)
-        t0 = time.perf_counter()
-
-        async def one(r) -> RequestResult:
-            await asyncio.sleep(max(0.0, r.arrival_s - (time.perf_counter() - t0)))
-            first_s, done, ids = await _request(client, prompts[r.id], r.max_new_tokens, t0)
-            return RequestResult(r.id, None, r.arrival_s, first_s, done, tuple(ids))
-
-        results = await asyncio.gather(*(one(r) for r in workload.requests))
-    return sorted(results, key=lambda r: r.id)
+        return await replay(workload, lambda r, t0: _request(client, prompts[r.id], r.max_new_tokens, t0))
 
 
 async def _request(client, prompt: list[int], n_predict: int, t0: float):

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+from benchmarks.clients import replay
 from benchmarks.metrics import RequestResult
-from benchmarks.workload import Workload
+from benchmarks.workload import Request, Workload
 
 
 def load_base(model_path: str, device: str | None, dtype: str | None):
@@ -47,17 +48,10 @@ def start_engine(base, registry, max_running: int, max_tokens_per_step: int, **s
 
 def run_engine(engine, workload: Workload) -> list[RequestResult]:
     """Serve the workload with an already started engine; returns one result per request."""
-    return asyncio.run(_replay(engine, workload))
-
-
-async def _replay(engine, workload: Workload) -> list[RequestResult]:
     from server.engine.admission import EngineRequest
     from server.engine.sequence import Completion, SamplingParams
 
-    t0 = time.perf_counter()
-
-    async def one(r) -> RequestResult:
-        await asyncio.sleep(max(0.0, r.arrival_s - (time.perf_counter() - t0)))
+    async def send(r: Request, t0: float) -> tuple[float, float, list[int]]:
         params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=0.0, ignore_eos=True)
         handle = engine.submit(EngineRequest(r.text, task=r.task, params=params))
         first = None
@@ -68,8 +62,6 @@ async def _replay(engine, workload: Workload) -> list[RequestResult]:
             if isinstance(item, Completion):
                 completion = item
         done = time.perf_counter() - t0
-        return RequestResult(r.id, r.task, r.arrival_s, first if first is not None else done, done,
-                             tuple(completion.token_ids))
+        return (first if first is not None else done), done, list(completion.token_ids)
 
-    results = await asyncio.gather(*(one(r) for r in workload.requests))
-    return sorted(results, key=lambda r: r.id)
+    return asyncio.run(replay(workload, send))

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import socket
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from benchmarks.clients import free_port, replay
 from benchmarks.metrics import RequestResult
 from benchmarks.workload import Workload
 
@@ -40,18 +40,12 @@ def _settings(model_path, device, dtype, concurrency, max_tokens_per_step, tmp: 
     longest = max((t.num_virtual for t in workload.tasks.values()), default=1)
     return Settings(
         model=model_path, device=None if device in (None, "auto") else device,
-        dtype=None if dtype in (None, "auto") else dtype, host="127.0.0.1", port=_free_port(),
+        dtype=None if dtype in (None, "auto") else dtype, host="127.0.0.1", port=free_port(),
         prompt_dir=tmp / "prompts", cache_dir=tmp, max_running=concurrency,
         max_tokens_per_step=max_tokens_per_step, max_virtual_tokens=max(256, longest),
         max_new_tokens_cap=max(1024, max(r.max_new_tokens for r in workload.requests)),
         max_queue=max(1024, len(workload.requests)), log_level="warning",
     )  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _serve:
@@ -92,15 +86,7 @@ async def _clients(url: str, workload: Workload) -> list[RequestResult]:
                                  headers={"content-type": "application/octet-stream"})
             r.raise_for_status()
         await _request(client, workload.requests[0].text, None, 2, time.perf_counter())  # warm
-        t0 = time.perf_counter()
-
-        async def one(r) -> RequestResult:
-            await asyncio.sleep(max(0.0, r.arrival_s - (time.perf_counter() - t0)))
-            first, done, ids = await _request(client, r.text, r.task, r.max_new_tokens, t0)
-            return RequestResult(r.id, r.task, r.arrival_s, first, done, tuple(ids))
-
-        results = await asyncio.gather(*(one(r) for r in workload.requests))
-    return sorted(results, key=lambda r: r.id)
+        return await replay(workload, lambda r, t0: _request(client, r.text, r.task, r.max_new_tokens, t0))
 
 
 async def _request(client, text: str, task: str | None, max_new_tokens: int, t0: float):

@@ -15,18 +15,19 @@ from functools import partial
 
 from benchmarks import baselines
 from benchmarks.hf_generate import HFGenerator
+from benchmarks.llama_cpp import SYSTEMS as LLAMA_CPP_SYSTEMS
 from benchmarks.metrics import RequestResult, agreement, ratios, summarize
 from benchmarks.threads import in_worker
 from benchmarks.workload import Workload
 
 OURS = "promptswap"
+LLAMA_CPP = tuple(LLAMA_CPP_SYSTEMS)  # another process, another engine (benchmarks/llama_cpp.py)
 # Order matters only for the table: ours first, then the ceilings, then what users do today.
 SYSTEMS = (
     "promptswap",
     "promptswap-http",
     "promptswap-no-prompts",
-    "llama.cpp-server",
-    "llama.cpp-server-f32",
+    *LLAMA_CPP,
     "static-no-prompts",
     "grouped-by-task",
     "one-at-a-time",
@@ -34,8 +35,7 @@ SYSTEMS = (
 # Measured once and reused for every concurrency: it serves one request at a time by definition.
 CONCURRENCY_ONE = {"one-at-a-time"}
 # A system that sees no tasks is compared on the same texts, not the same prompts.
-NO_PROMPTS = {"promptswap-no-prompts", "static-no-prompts", "llama.cpp-server", "llama.cpp-server-f32"}
-LLAMA_CPP = ("llama.cpp-server", "llama.cpp-server-f32")  # another process, another engine (benchmarks/llama_cpp.py)
+NO_PROMPTS = {"promptswap-no-prompts", "static-no-prompts", *LLAMA_CPP}
 
 
 @dataclass
@@ -70,7 +70,7 @@ def run_system(bench: Bench, name: str, concurrency: int) -> list[RequestResult]
         return _run_engine(bench, wl if name == "promptswap" else wl.without_tasks(), concurrency)
     if name in LLAMA_CPP:
         if bench.llama_cpp is None:
-            raise RuntimeError("llama.cpp serves a GGUF file: use --model smollm2-135m-instruct or a .gguf path")
+            raise RuntimeError("llama.cpp serves the demo's GGUF file: use --model smollm2-135m-instruct")
         return bench.llama_cpp(name, wl.without_tasks(), concurrency)
     if name == "promptswap-http":
         if bench.http is None:
