@@ -97,6 +97,16 @@ class RequestBodyTooLarge(StarletteHTTPException):
         super().__init__(413, f"request body must be at most {limit} bytes, got {amount}")
 
 
+class JsonTooDeep(StarletteHTTPException):
+    """JSON nested deeper than the server parses (server/api/json_body.py). An HTTPException, as
+    RequestBodyTooLarge is, so that FastAPI's body parsing re-raises it as is instead of calling it undecodable."""
+
+    def __init__(self, limit: int, param: str = "body") -> None:
+        super().__init__(422, f"{param} must be JSON nested at most {limit} levels deep (arrays and objects inside "
+                              f"one another), got deeper")
+        self.param = param
+
+
 # -- the one mapping -----------------------------------------------------------------------------
 
 
@@ -138,6 +148,7 @@ HTTP_ERRORS: dict[type[BaseException], HttpError] = {
     ServerStarting: HttpError(503, _STARTING, headers={"Retry-After": "5"}),
     ReadOnlyPrompts: HttpError(405, _INVALID, headers={"Allow": "GET, HEAD, OPTIONS"}),
     RequestBodyTooLarge: HttpError(413, _INVALID, param="body"),
+    JsonTooDeep: HttpError(422, _INVALID, param="body"),
     # The client hung up while sending its body: nobody reads the answer, and it is no server error.
     ClientDisconnect: HttpError(499, _INVALID, param="body"),
 }

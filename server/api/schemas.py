@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from server.api import logprobs as logprob_format
 from server.config import Settings
+from server.engine.admission import check_encodable
 from server.engine.errors import InvalidParameter
 from server.engine.grammar import ResponseFormat
 from server.engine.sequence import (
@@ -41,7 +43,7 @@ _RAW_HELP = ("Send the text as it is: without the task's text template (a task t
              "--template` has one; GET /prompts/{task} shows it).")
 # promptswap's own API takes the engine's defaults as they are: written once, in SamplingParams.
 _ENGINE = SamplingParams()
-_REPETITION_HELP = ("(0, 10]; 1: none. transformers' repetition penalty over the text's and the generated tokens: a "
+_REPETITION_HELP = ("[0.01, 10]; 1: none. transformers' repetition penalty over the text's and the generated tokens: a "
                     "seen token's positive logit is divided by it, a negative one multiplied.")
 _PRESENCE_HELP = "[-2, 2]; 0: none. Lowers the logit of every token generated so far by this much (OpenAI's)."
 _FREQUENCY_HELP = "[-2, 2]; 0: none. Lowers each generated token's logit by this much per time it came (OpenAI's)."
@@ -50,6 +52,28 @@ _FREQUENCY_HELP = "[-2, 2]; 0: none. Lowers each generated token's logit by this
 # body field -> the SamplingParams field it sets, where the names differ (OpenAI's)
 _ENGINE_NAMES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
                  "top_logprobs": "logprobs"}
+
+
+def check_json_text(value: Any, param: str) -> None:
+    """Every string in a JSON value, object keys included, at any depth, is text UTF-8 can encode: the rule every
+    other text field is held to (check_encodable), with its InvalidParameter (a 422; the route's error context
+    applies) naming where the string is: `response_format.json_schema.schema.properties.name.pattern`,
+    `...properties["\\ud800"]` for a key. For any field that carries free JSON (response_format; tools)."""
+    stack: list[tuple[Any, str]] = [(value, param)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            check_encodable(item, path)
+        elif isinstance(item, dict):
+            children = []
+            for key, child in item.items():
+                # JSON's own spelling for a key that is no plain name (it escapes a lone surrogate: ASCII)
+                key_path = f"{path}.{key}" if key.isidentifier() else f"{path}[{json.dumps(key)}]"
+                check_encodable(key, key_path)
+                children.append((child, key_path))
+            stack.extend(reversed(children))  # the first string in the document is the one named
+        elif isinstance(item, list):
+            stack.extend(reversed([(child, f"{path}[{i}]") for i, child in enumerate(item)]))
 
 
 class JsonSchemaFormat(BaseModel):
@@ -74,6 +98,7 @@ class ResponseFormatBody(BaseModel):
 
     def to_engine(self, regex_allowed: bool) -> ResponseFormat | None:
         """The engine's ResponseFormat (None for plain text); what does not fit its type is a 422 naming it."""
+        check_json_text(self.model_dump(by_alias=True, exclude_none=True), "response_format")
         if self.type == "text":
             return None
         if self.type == "json_object":
@@ -450,7 +475,8 @@ class TokenizeResponse(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str | None = None
+    model: str | None = Field(None, description="A task name, or the base model's served name / null for none: "
+                                                "checked as /tokenize checks it (the text is the same either way)")
     tokens: list[int] = Field(max_length=1 << 20)
 
 

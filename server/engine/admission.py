@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from prompt_store.template import MAX_CHOICE_CHARS, apply_template
 from server.engine.detokenizer import IncrementalText
-from server.engine.errors import InvalidParameter, RequestTooLong
+from server.engine.errors import InvalidParameter, RequestTooLong, check_encodable
 from server.engine.grammar import Grammars, ResponseFormat
 from server.engine.pages import PAGE_SIZE
 from server.engine.sampler import make_generator
@@ -74,12 +74,12 @@ class Admission:
     """Checks a request against the model, its task and the KV budget; builds its Sequence."""
 
     def __init__(self, tokenizer: Any, tasks: TaskSource, max_context: int, scheduler: Scheduler,
-                 vocab_size: int) -> None:
+                 grammars: Grammars) -> None:
         self.tokenizer = tokenizer
         self.tasks = tasks
         self.max_context = max_context
         self.scheduler = scheduler
-        self.grammars = Grammars(tokenizer, vocab_size, scheduler.eos_ids)
+        self.grammars = grammars
         # No token spans more characters than the longest vocabulary entry, so a text of N characters
         # has at least N / this many tokens: a cheap bound that refuses a huge text before tokenizing it.
         self.longest_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
@@ -206,12 +206,3 @@ class Admission:
             raise InvalidParameter("choices", f"choices whose tokens (but each one's last) fit one step: at most "
                                    f"{step_tokens} (--max-tokens-per-step)", together)
         return tuple(scored)
-
-
-def check_encodable(text: str, param: str = "text") -> None:
-    """A lone UTF-16 surrogate (e.g. JSON's "\\ud800") is a valid Python str but no text a tokenizer takes."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidParameter(param, "text that can be encoded as UTF-8 (no lone surrogate code points)",
-                               f"{exc.object[exc.start:exc.end]!r} at character {exc.start}") from None

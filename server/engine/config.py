@@ -38,6 +38,12 @@ class EngineConfig:
         "help": "Automatic prefix caching: a request reads the full KV pages earlier requests computed for the same "
                 "task prefix and leading tokens instead of computing them (for every task kind); idle cached pages "
                 "stay until the pool needs them (engine)."})
+    format_cache_bytes: int = field(default=16 * 2**20, metadata={
+        "help": "Bytes of compiled response formats kept (each distinct schema or pattern's grammar and whether it "
+                "passed its probe; least recently used out). Matchers live only as long as their request."})
+    format_compile_timeout_s: float = field(default=10.0, metadata={
+        "help": "Longest a response format may take to compile and pass its probe (a 422 naming response_format "
+                "past it; the format is refused from then on)."})
     # Once the engine starts, every other thread of the process runs torch on one thread; see
     # server/engine/threads.py.
     threads: int | None = field(default=None, metadata={
@@ -48,12 +54,15 @@ class EngineConfig:
     def __post_init__(self) -> None:
         # Its checks, written once there.
         SchedulerConfig(self.max_running, self.max_tokens_per_step, prefix_caching=self.prefix_caching)
-        for name in ("max_queue", "prompt_cache_bytes"):
+        for name in ("max_queue", "prompt_cache_bytes", "format_cache_bytes"):
             check_int(name, getattr(self, name), low=1)
         check_int("kv_cache_bytes", self.kv_cache_bytes, low=1, optional=True)
         fraction = self.kv_cache_memory_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
             raise InvalidConfig("kv_cache_memory_fraction", "a number in (0, 1]", fraction)
+        timeout = self.format_compile_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 600:
+            raise InvalidConfig("format_compile_timeout_s", "a number of seconds in (0, 600]", timeout)
         check_int("threads", self.threads, low=1, optional=True)
         check_int("max_context", self.max_context, low=2, optional=True)
 

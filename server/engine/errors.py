@@ -78,5 +78,14 @@ def check_int(field: str, value: object, *, low: int, optional: bool = False) ->
         raise InvalidConfig(field, f"an integer >= {low}{' or unset' if optional else ''}", value)
 
 
+def check_encodable(text: str, param: str = "text") -> None:
+    """A lone UTF-16 surrogate (e.g. JSON's "\\ud800") is a valid Python str but no text a tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParameter(param, "text that can be encoded as UTF-8 (no lone surrogate code points)",
+                               f"{exc.object[exc.start:exc.end]!r} at character {exc.start}") from None
+
+
 class ModelNotSupported(Exception):
     """The base model cannot be served (encoder-decoder, no KV cache, unsupported attention)."""

@@ -24,6 +24,7 @@ from server.engine.errors import (
     RequestCancelled,
     RequestFailed,
 )
+from server.engine.grammar import Grammars
 from server.engine.handle import RequestHandle
 from server.engine.kv import PagedKV
 from server.engine.memory import default_kv_budget
@@ -86,8 +87,10 @@ class Engine:
         self.scheduler = Scheduler(scheduler_config, eos_ids=_eos_ids(base.model))
         log.info("automatic prefix caching %s (--%sprefix-caching)", "on" if self.config.prefix_caching else "off",
                  "no-" if self.config.prefix_caching else "")
-        self.admission = Admission(self.tokenizer, tasks, self.max_context, self.scheduler,
-                                   base.model.config.get_text_config().vocab_size)
+        grammars = Grammars(self.tokenizer, base.model.config.get_text_config().vocab_size, self.scheduler.eos_ids,
+                            cache_bytes=self.config.format_cache_bytes,
+                            compile_timeout_s=self.config.format_compile_timeout_s)
+        self.admission = Admission(self.tokenizer, tasks, self.max_context, self.scheduler, grammars)
         self._inbox: list[Sequence] = []  # submitted, not yet seen by the loop (guarded by _lock)
         # Submitted and not yet finished, wherever they are (inbox, waiting, running); guarded by _lock.
         # Admission counts this one number: the loop moves requests between its queues without the lock.
@@ -123,6 +126,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=max(1.0, timeout_s))
             self._thread = None
+        self.admission.grammars.shutdown()
 
     # -- submission (any thread) ---------------------------------------------------------------
 
@@ -193,12 +197,15 @@ class Engine:
                 self._inbox.clear()
             try:
                 self.step()
-            except Exception as exc:  # a bug in the loop itself: fail what runs, keep serving
+            except Exception:  # a bug in the loop itself: fail what ran, keep serving the rest
                 log.exception("engine step failed")
-                for seq in self._unfinished():
-                    self._fail(seq, RequestFailed(f"engine step failed: {exc}"))
-                with self._lock:  # what the failed step finished went uncounted: nothing but the inbox is left
-                    self._in_flight = len(self._inbox)
+                # Each request's own failures are caught where they happen (logits.py, _run); this is the loop's.
+                # Its message is the same for all: the exception may quote any request's content.
+                for seq in list(self.scheduler.running):
+                    self._fail(seq, RequestFailed("the engine step this request was in failed; the server's log "
+                                                  "says why (with this request's id)"))
+                with self._lock:  # what the failed step finished went uncounted: count what is left
+                    self._in_flight = len(self._inbox) + len(self._unfinished())
         with self._lock:
             leftovers = self._inbox + self._unfinished()
             self._inbox = []

@@ -23,24 +23,21 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return gen
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits `[k, vocab]` float32, one row per sequence in `seqs` -> the k next token ids."""
-    tokens = logits.argmax(dim=-1).tolist()  # greedy rows are done; sampled rows overwrite theirs
-    for i, seq in enumerate(seqs):
-        p = seq.params
-        if p.greedy:
-            continue
-        # In float64 (a float32 temperature of 1e-300 would be 0) and shifted so the largest is 0: a tiny
-        # temperature then gives -inf for the others, not inf - inf = NaN in the softmax. Same distribution.
-        row = (logits[i].double() - logits[i].max().double()) / p.temperature
-        if 0 < p.top_k < row.shape[-1]:
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.top_p < 1.0:
-            probs = _nucleus(probs, p.top_p)
-        tokens[i] = int(torch.multinomial(probs.cpu(), 1, generator=seq.rng).item())
-    return tokens
+def pick(row: torch.Tensor, seq: Sequence) -> int:
+    """One request's next token from its logits row `[vocab]`: the argmax when greedy, else a draw."""
+    p = seq.params
+    if p.greedy:
+        return int(row.argmax())
+    # In float64 (a float32 temperature of 1e-300 would be 0) and shifted so the largest is 0: a tiny
+    # temperature then gives -inf for the others, not inf - inf = NaN in the softmax. Same distribution.
+    row = (row.double() - row.max().double()) / p.temperature
+    if 0 < p.top_k < row.shape[-1]:
+        kth = torch.topk(row, p.top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = torch.softmax(row, dim=-1)
+    if p.top_p < 1.0:
+        probs = _nucleus(probs, p.top_p)
+    return int(torch.multinomial(probs.cpu(), 1, generator=seq.rng).item())
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:

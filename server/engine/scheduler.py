@@ -34,7 +34,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from functools import partial
 
-from server.engine.errors import InvalidConfig, check_int
+from server.engine.errors import EngineError, InvalidConfig, check_int
 from server.engine.pages import PAGE_SIZE, PagePool, SharedPrefix, chain_digests, pages_for
 from server.engine.sequence import Sequence, Status, TokenLogprob
 
@@ -53,6 +53,7 @@ class StepResult:
     token: int | None = None  # the token it picked, if it reached its next one
     logprob: TokenLogprob | None = None  # that token's, when asked
     scored: bool = False  # a scoring request scored its last choice
+    error: EngineError | None = None  # reading its rows failed: it ends with this error, the others go on
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,13 +363,16 @@ class Scheduler:
         return them. A finished request's pages are given back, and `release` called, before its caller
         hears the result, so a caller that sees it done never sees its memory still held."""
         for r in results:
-            if not r.seq.computes_choices(r.n):  # the choices' tokens are not the request's own
+            if r.error is None and not r.seq.computes_choices(r.n):  # the choices' tokens are not its own
                 r.seq.num_cached += r.n
                 self._register_full_pages(r.seq)
         finished = []
         for r in results:
             seq = r.seq
-            if r.scored:
+            if r.error is not None:
+                self.end(seq, release, partial(seq.fail, r.error))
+                finished.append(seq)
+            elif r.scored:
                 self.end(seq, release, seq.finish_scoring)
                 finished.append(seq)
             elif r.token is not None:

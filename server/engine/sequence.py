@@ -38,6 +38,9 @@ MAX_SEED = 2**63 - 1
 MAX_CHOICES = 64  # choices one request may score
 MAX_LOGPROBS = 20  # alternatives reported per token
 MAX_SAMPLES = 16  # n: samples of one text
+# A sane positive range (transformers asks a positive float, vLLM > 0): a logit divided by at most 100 or
+# multiplied by at most 10 stays finite in float32, where penalties are applied; 1e-38 overflowed to inf.
+MIN_REPETITION_PENALTY = 0.01
 MAX_REPETITION_PENALTY = 10.0
 
 
@@ -89,9 +92,10 @@ class SamplingParams:
             raise InvalidParameter("ignore_eos", "a boolean", self.ignore_eos)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
-        if not _is_number(self.repetition_penalty) or not (0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY):
-            raise InvalidParameter("repetition_penalty", f"a number in (0, {MAX_REPETITION_PENALTY:g}]",
-                                   self.repetition_penalty)
+        if not _is_number(self.repetition_penalty) or not (
+                MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            raise InvalidParameter("repetition_penalty", f"a number in [{MIN_REPETITION_PENALTY:g}, "
+                                   f"{MAX_REPETITION_PENALTY:g}]", self.repetition_penalty)
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not (-2.0 <= value <= 2.0):

@@ -2,8 +2,12 @@
 
 import torch
 
-from server.engine.sampler import make_generator, sample
+from server.engine.sampler import make_generator, pick
 from server.engine.sequence import SamplingParams, Sequence
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    return [pick(row, seq) for row, seq in zip(logits, seqs, strict=True)]
 
 
 def request(**params) -> Sequence:

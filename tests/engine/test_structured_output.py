@@ -95,9 +95,17 @@ def test_not_with_choices(make_engine):
     assert caught.value.param == "response_format"
 
 
-def test_a_schema_is_compiled_once_for_many_requests(make_engine):
+def test_a_schema_is_probed_once_and_each_request_has_a_matcher_of_its_own(make_engine, monkeypatch):
     engine = make_engine()
     grammars = engine.admission.grammars
-    for _ in range(3):
-        run(engine, None, ResponseFormat.json_schema(SCHEMA), SamplingParams(max_new_tokens=60))
-    assert list(grammars._compiled) == [ResponseFormat.json_schema(SCHEMA)]
+    probes = []
+    probe = grammars._probe
+    monkeypatch.setattr(grammars, "_probe", lambda fmt, grammar: (probes.append(fmt), probe(fmt, grammar)))
+    fmt = ResponseFormat.json_schema(SCHEMA)
+    handles = [engine.submit(EngineRequest(TEXT, params=SamplingParams(max_new_tokens=60), response_format=fmt))
+               for _ in range(3)]
+    matchers = {id(h._seq.grammar._matcher) for h in handles}
+    for handle in handles:
+        jsonschema.validate(json.loads(handle.result(timeout=120).text), SCHEMA)
+    assert probes == [fmt] and list(grammars._verdicts) == [fmt]
+    assert len(matchers) == 3  # no budget shared between requests

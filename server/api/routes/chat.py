@@ -16,6 +16,7 @@ from server.api import logprobs as logprob_format
 from server.api import streaming
 from server.api.deps import EngineDep, MetricsDep, SettingsDep
 from server.api.errors import ErrorContext, ErrorInContext
+from server.api.json_body import JsonRoute
 from server.api.openapi import SSE_CONTENT, errors
 from server.api.responses import answer
 from server.api.routes.openai import FINISH, OpenAIReply, refuse
@@ -25,7 +26,7 @@ from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter
 from server.engine.sequence import MAX_LOGPROBS, Completion, TokenDelta
 
-router = APIRouter(prefix="/v1", tags=["openai"])  # needs the API token (server/api/auth.py)
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=JsonRoute)  # needs the API token (server/api/auth.py)
 
 @router.post("/chat/completions", responses={**errors(404, 415, 422, 503), 200: {
     "description": "OpenAI's chat.completion object; with `stream: true`, chat.completion.chunk server-sent "

@@ -10,6 +10,7 @@ from server.api import logprobs as logprob_format
 from server.api import streaming
 from server.api.deps import EngineDep, MetricsDep, SettingsDep
 from server.api.errors import ErrorContext, ErrorInContext
+from server.api.json_body import JsonRoute
 from server.api.limits import check_count
 from server.api.openapi import SSE_CONTENT, errors
 from server.api.responses import Reply, answer
@@ -28,7 +29,7 @@ from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter
 from server.engine.sequence import Completion, TokenDelta
 
-router = APIRouter(tags=["generate"])  # needs the API token (server/api/auth.py)
+router = APIRouter(tags=["generate"], route_class=JsonRoute)  # needs the API token (server/api/auth.py)
 
 
 @router.post("/generate", response_model=GenerateResponse | ChoicesResponse | SamplesResponse,

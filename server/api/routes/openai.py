@@ -19,6 +19,7 @@ from server.api import logprobs as logprob_format
 from server.api import streaming
 from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
 from server.api.errors import ErrorContext, ErrorInContext
+from server.api.json_body import JsonRoute
 from server.api.limits import check_count
 from server.api.openapi import SSE_CONTENT, errors
 from server.api.responses import Reply, answer
@@ -28,7 +29,7 @@ from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter
 from server.engine.sequence import Completion, TokenDelta, TokenLogprob
 
-router = APIRouter(prefix="/v1", tags=["openai"])  # needs the API token (server/api/auth.py)
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=JsonRoute)  # needs the API token (server/api/auth.py)
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # the engine's finish reason -> OpenAI's
 

@@ -6,9 +6,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from server.api.deps import MetricsDep
+from server.api.json_body import JsonRoute
 from server.api.schemas import Health, Readiness
 
-router = APIRouter(tags=["ops"])
+router = APIRouter(tags=["ops"], route_class=JsonRoute)
 
 
 @router.get("/health", response_model=Health,

@@ -7,7 +7,6 @@ and versions are prompt_store's; this module only moves bytes between HTTP and t
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -21,11 +20,13 @@ from prompt_store.registry import PromptDescriptor, PromptRegistry, PromptSnapsh
 from server.api import conditional
 from server.api.deps import RegistryDep
 from server.api.errors import ReadOnlyPrompts, UnsupportedMediaType
+from server.api.json_body import JsonRoute, parse_json
 from server.api.openapi import errors
 from server.api.schemas import PromptList
 from server.engine.errors import InvalidParameter
 
-router = APIRouter(tags=["prompts"])  # reads need the API token, writes the admin token (server/api/auth.py)
+# Reads need the API token, writes the admin token (server/api/auth.py).
+router = APIRouter(tags=["prompts"], route_class=JsonRoute)
 
 
 def _writable(request: Request) -> None:
@@ -241,8 +242,8 @@ async def _read_upload(request: Request, kind: str | None, description: str | No
 
 def _json(raw: bytes | str, param: str) -> Any:
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return parse_json(raw, param)  # nested too deep: JsonTooDeep naming `param`
+    except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidParameter(param, "a JSON object", f"invalid JSON ({type(exc).__name__}: {exc})") from None
 
 

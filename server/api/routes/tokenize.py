@@ -9,20 +9,37 @@ from __future__ import annotations
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from server.api.deps import EngineDep, SettingsDep
+from prompt_store.errors import PromptError
+from prompt_store.registry import PromptRegistry
+from server.api.deps import EngineDep, RegistryDep, SettingsDep
 from server.api.errors import ErrorContext, ErrorInContext
+from server.api.json_body import JsonRoute
 from server.api.openapi import errors
 from server.api.routes.chat import templated
 from server.api.schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from server.config import Settings
 from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter
 
-router = APIRouter(tags=["tokenize"])  # needs the API token (server/api/auth.py)
+router = APIRouter(tags=["tokenize"], route_class=JsonRoute)  # needs the API token (server/api/auth.py)
+
+
+def _task(model: str | None, settings: Settings, registry: PromptRegistry) -> str | None:
+    """The task `model` names, for /tokenize and /detokenize alike: None for the base model (its served name, or
+    null); a name no task is served under is a 404 naming `model` (a name no task can have, a 422)."""
+    if model in (None, settings.model_name()):
+        return None
+    try:
+        registry.get(model)
+    except PromptError as exc:
+        raise ErrorInContext(exc, ErrorContext(rename={"task": "model"})) from exc
+    return model
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=errors(404, 415, 422))
-async def tokenize(body: TokenizeRequest, engine: EngineDep, settings: SettingsDep) -> TokenizeResponse:
-    task = None if body.model in (None, settings.model_name()) else body.model
+async def tokenize(body: TokenizeRequest, engine: EngineDep, settings: SettingsDep,
+                   registry: RegistryDep) -> TokenizeResponse:
+    task = _task(body.model, settings, registry)
     if body.messages is not None:
         text, special, name = templated(engine.tokenizer, body.messages, body.add_generation_prompt), False, "messages"
     else:
@@ -40,8 +57,10 @@ async def tokenize(body: TokenizeRequest, engine: EngineDep, settings: SettingsD
                             else None, virtual_tokens=out.virtual_tokens, templated=out.templated)
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse, responses=errors(415, 422))
-async def detokenize(body: DetokenizeRequest, engine: EngineDep) -> DetokenizeResponse:
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=errors(404, 415, 422))
+async def detokenize(body: DetokenizeRequest, engine: EngineDep, settings: SettingsDep,
+                     registry: RegistryDep) -> DetokenizeResponse:
+    _task(body.model, settings, registry)  # the text is the base tokenizer's whatever the task: only checked
     vocab = engine.base.model.config.get_text_config().vocab_size
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:
