@@ -31,22 +31,24 @@ def parse_json(raw: bytes | str, param: str = "body") -> Any:
         raise JsonTooDeep(MAX_JSON_DEPTH, param) from None
     # Fewer brackets than the limit cannot nest past it: most bodies are not walked at all.
     opened = raw.count(b"[") + raw.count(b"{") if isinstance(raw, bytes) else raw.count("[") + raw.count("{")
-    if opened > MAX_JSON_DEPTH and json_depth(value) > MAX_JSON_DEPTH:
+    if opened > MAX_JSON_DEPTH and nests_deeper(value, MAX_JSON_DEPTH):
         raise JsonTooDeep(MAX_JSON_DEPTH, param)
     return value
 
 
-def json_depth(value: Any) -> int:
-    """How many arrays and objects deep a parsed JSON value nests (a scalar: 0). Iterative: no recursion limit."""
-    deepest = 0
-    stack = [(value, 1)] if isinstance(value, dict | list) else []
-    while stack:
-        item, depth = stack.pop()
-        deepest = max(deepest, depth)
-        for child in item.values() if isinstance(item, dict) else item:
-            if isinstance(child, dict | list):
-                stack.append((child, depth + 1))
-    return deepest
+def nests_deeper(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value has arrays and objects more than `limit` inside one another (the outermost
+    counting 1). Level by level, without recursion; it stops at the limit. Costs about what parsing did."""
+    level = [value] if isinstance(value, dict | list) else []
+    for _ in range(limit):
+        below: list[Any] = []
+        for item in level:
+            below += [child for child in (item.values() if type(item) is dict else item)
+                      if type(child) is dict or type(child) is list]
+        if not below:
+            return False
+        level = below
+    return True
 
 
 class _BoundedJsonRequest(Request):

@@ -42,6 +42,10 @@ FormatKind = Literal["json_object", "json_schema", "regex"]
 MAX_SPEC_CHARS = 64 * 1024  # a schema or pattern longer than this is refused before it is compiled
 COMPILE_WORKERS = 2  # formats compiled at once; more wait their turn (each is bounded by llguidance's limits)
 PROBE_STEPS = 4  # masks the probe computes along one path before a format is accepted
+# llguidance's fuel for analysing a grammar's regular expressions (~50k a millisecond), a fifth of its default:
+# a 300-property schema, a 2,000-value enum and e-mail or date patterns need far less, while a repetition
+# bomb like a{1000000000} now fails at its first mask in ~0.05 s instead of passing it after ~1 s.
+INITIAL_LEXER_FUEL = 200_000
 # JSON as OpenAI's structured output writes it: single spaces after separators, no free whitespace (a model
 # cannot wander into newlines forever). A schema's own "x-guidance" options still win.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -257,7 +261,8 @@ class Grammars:
         from llguidance import LLMatcher, LLParserLimits
 
         # Not verbose: an error names its cause, not the parser's state (which quotes the grammar at length).
-        return LLMatcher(self._llg_tokenizer(), grammar, log_level=0, limits=LLParserLimits(verbose_errors=False))
+        limits = LLParserLimits(initial_lexer_fuel=INITIAL_LEXER_FUEL, verbose_errors=False)
+        return LLMatcher(self._llg_tokenizer(), grammar, log_level=0, limits=limits)
 
     def _llg_tokenizer(self) -> Any:
         with self._lock:

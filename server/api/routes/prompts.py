@@ -17,6 +17,7 @@ from starlette.datastructures import UploadFile
 from prompt_store.errors import UnknownTask
 from prompt_store.geometry import Kind
 from prompt_store.registry import PromptDescriptor, PromptRegistry, PromptSnapshot
+from prompt_store.template import MAX_DESCRIPTION_CHARS, MAX_SYSTEM_CHARS
 from server.api import conditional
 from server.api.deps import RegistryDep
 from server.api.errors import ReadOnlyPrompts, UnsupportedMediaType
@@ -55,13 +56,14 @@ _ETAG = {"ETag": {"description": 'The task\'s version, quoted ("7"): send it bac
 _PATCH_SCHEMA = {
     "type": "object", "additionalProperties": False,
     "properties": {
-        "description": {"type": ["string", "null"]},
+        "description": {"type": ["string", "null"], "maxLength": MAX_DESCRIPTION_CHARS},
         "defaults": {"type": ["object", "null"], "description": "max_new_tokens, temperature, top_k, top_p, stop, "
                                                                 "seed, ignore_eos, logprobs, repetition_penalty, "
                                                                 "presence_penalty, frequency_penalty; a null value "
                                                                 "removes one"},
-        "system": {"type": ["string", "null"], "description": "The chat system message the task's conversations "
-                                                              "get when they bring none (/v1/chat/completions)"},
+        "system": {"type": ["string", "null"], "maxLength": MAX_SYSTEM_CHARS,
+                   "description": "The chat system message the task's conversations get when they bring none "
+                                  "(/v1/chat/completions)"},
     },
 }
 
@@ -72,7 +74,7 @@ def _upload_body(named: bool) -> dict:
         "weights": {"type": "string", "format": "binary", "description": "adapter_model.safetensors"},
         "config": {"type": "string", "format": "binary", "description": "PEFT adapter_config.json (optional)"},
         "kind": {"type": "string", "enum": ["prompt", "prefix"]},
-        "description": {"type": "string"},
+        "description": {"type": "string", "maxLength": MAX_DESCRIPTION_CHARS},
         "metadata": {"type": "string", "description": 'JSON {"description": ..., "defaults": {...}}'},
     }
     if named:
