@@ -29,8 +29,8 @@ from prompt_store.geometry import ModelGeometry
 from prompt_store.preconditions import NO_PRECONDITIONS, Preconditions
 from prompt_store.template import (
     check_defaults,
+    check_description,
     check_system,
-    encodable,
     encode_choices,
     encode_defaults,
     parse_defaults,
@@ -265,9 +265,8 @@ class PromptRegistry:
             defaults=defaults if defaults is not None else checked.defaults, system=checked.system,
         )  # fmt: skip
 
-        if draft.description is not None and not encodable(draft.description):  # before a version is used
-            raise InvalidDefaults("description must be valid text (no lone surrogate)", param="description",
-                                  expected="UTF-8 text", actual="a lone surrogate")
+        if draft.description is not None:  # before a version is used: an upload's, a file's or a patch's
+            check_description(draft.description)
 
         def encode(version: int) -> bytes:
             # The file keeps the tensor as uploaded (not converted): a restart with another dtype loses
@@ -310,10 +309,7 @@ class PromptRegistry:
             if merged.get("system") is not None:
                 meta["system"] = check_system(merged["system"])
             if merged.get("description") is not None:
-                if not isinstance(merged["description"], str):
-                    raise InvalidDefaults("description must be a string or null", param="description",
-                                          expected="a string", actual=type(merged["description"]).__name__)
-                meta["description"] = merged["description"]
+                meta["description"] = check_description(merged["description"])
             if merged.get("defaults") is not None:  # a non-object is refused, an empty one means none
                 kept = self._check_defaults(merged["defaults"])
                 if kept:

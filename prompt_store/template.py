@@ -96,20 +96,31 @@ DEFAULT_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed
 
 
 MAX_SYSTEM_CHARS = 8192
+MAX_DESCRIPTION_CHARS = 8192
 
 
 def check_system(system: object) -> str:
     """A task's chat system message (used when a conversation brings none): text of at most MAX_SYSTEM_CHARS."""
-    if not isinstance(system, str):
-        raise InvalidDefaults(f"system must be a string, got {type(system).__name__}", param="system",
-                              expected="a string", actual=type(system).__name__)
-    if not encodable(system):
-        raise InvalidDefaults("system must be valid text (no lone surrogate)", param="system", expected="UTF-8 text",
+    return _check_text("system", system, MAX_SYSTEM_CHARS)
+
+
+def check_description(description: object) -> str:
+    """A task's description (shown by GET /prompts and /v1/models): text of at most MAX_DESCRIPTION_CHARS."""
+    return _check_text("description", description, MAX_DESCRIPTION_CHARS)
+
+
+def _check_text(param: str, value: object, max_chars: int) -> str:
+    """A text kept in a task's metadata: a string, valid text (UTF-8 can write it), at most `max_chars` long."""
+    if not isinstance(value, str):
+        raise InvalidDefaults(f"{param} must be a string, got {type(value).__name__}", param=param,
+                              expected="a string", actual=type(value).__name__)
+    if not encodable(value):
+        raise InvalidDefaults(f"{param} must be valid text (no lone surrogate)", param=param, expected="UTF-8 text",
                               actual="a lone surrogate")
-    if len(system) > MAX_SYSTEM_CHARS:
-        raise InvalidDefaults(f"system may have at most {MAX_SYSTEM_CHARS} characters, got {len(system)}",
-                              param="system", expected=f"<= {MAX_SYSTEM_CHARS}", actual=len(system))
-    return system
+    if len(value) > max_chars:
+        raise InvalidDefaults(f"{param} may have at most {max_chars} characters, got {len(value)}",
+                              param=param, expected=f"<= {max_chars}", actual=len(value))
+    return value
 
 
 def check_defaults(defaults: object) -> dict[str, Any]:
