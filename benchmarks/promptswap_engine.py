@@ -49,7 +49,8 @@ def start_engine(base, registry, max_running: int, max_tokens_per_step: int, **s
 def run_engine(engine, workload: Workload) -> list[RequestResult]:
     """Serve the workload with an already started engine; returns one result per request."""
     from server.engine.admission import EngineRequest
-    from server.engine.sequence import Completion, SamplingParams
+    from server.engine.results import Completion
+    from server.engine.sequence import SamplingParams
 
     async def send(r: Request, t0: float) -> tuple[float, float, list[int]]:
         params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=0.0, ignore_eos=True)

@@ -73,3 +73,37 @@ def test_every_source_folder_is_a_package():
     """setuptools' find_packages skips a folder without __init__.py: the wheel would lack it."""
     folders = {path.parent for package in ("server", "prompt_store") for path in (ROOT / package).rglob("*.py")}
     assert sorted(str(f.relative_to(ROOT)) for f in folders if not (f / "__init__.py").exists()) == []
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """The modules `path` imports when it loads: its top-level imports, not those under `if TYPE_CHECKING:` or
+    inside functions (those cannot make a circle at import time)."""
+    known = dict(modules())
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:  # `from package import submodule` loads the submodule, not a circle
+                found.add(f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module)
+    return found
+
+
+def test_no_import_circle_among_promptswaps_modules():
+    known = dict(modules())
+    graph = {name: {m for m in module_level_imports(path) if m in known} - {name}
+             for name, path in modules()}
+    seen: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        seen[name] = 1
+        for nxt in sorted(graph[name]):
+            if seen.get(nxt) == 1:
+                raise AssertionError(f"import circle: {' -> '.join(path[path.index(nxt):] + [nxt])}")
+            if nxt not in seen:
+                visit(nxt, path + [nxt])
+        seen[name] = 2
+
+    for name in sorted(graph):
+        if name not in seen:
+            visit(name, [name])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from server.engine.sequence import TokenLogprob
+from server.engine.results import TokenLogprob
 
 
 def _text(tokenizer: Any, token_id: int) -> str:

@@ -26,7 +26,7 @@ from server.api.errors import describe
 from server.api.metrics import Metrics
 from server.api.streaming import Event, Result, unless_disconnected
 from server.engine.handle import RequestHandle
-from server.engine.sequence import Completion, TokenDelta
+from server.engine.results import Completion, TokenDelta
 
 Item = tuple[int, Event]  # an item of the stream, tagged with its request's index
 

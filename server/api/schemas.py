@@ -12,6 +12,7 @@ from server.config import Settings
 from server.engine.admission import check_encodable
 from server.engine.errors import InvalidParameter
 from server.engine.grammar import ResponseFormat
+from server.engine.results import ChoiceScores, Completion
 from server.engine.sequence import (
     DEFAULT_MAX_NEW_TOKENS,
     MAX_CHOICES,
@@ -19,8 +20,6 @@ from server.engine.sequence import (
     MAX_SAMPLES,
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
-    ChoiceScores,
-    Completion,
     SamplingParams,
 )
 

@@ -22,7 +22,8 @@ from server.api.metrics import UNKNOWN_LABEL, Metrics, Outcome, task_label
 from server.engine.errors import InvalidParameter, RequestCancelled
 from server.engine.handle import RequestHandle
 from server.engine.loop import Engine, EngineRequest
-from server.engine.sequence import DEFAULT_MAX_NEW_TOKENS, ChoiceScores, Completion, SamplingParams, TokenDelta
+from server.engine.results import ChoiceScores, Completion, TokenDelta
+from server.engine.sequence import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 
 T = TypeVar("T")
 Result = Completion | ChoiceScores

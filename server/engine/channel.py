@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import TypeAlias
 
-    from server.engine.sequence import ChoiceScores, Completion, TokenDelta
+    from server.engine.results import ChoiceScores, Completion, TokenDelta
 
     Result: TypeAlias = Completion | ChoiceScores  # generated text, or scored choices
     Item: TypeAlias = TokenDelta | Result | BaseException

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from server.engine.channel import Result
-    from server.engine.sequence import Sequence, TokenDelta
+    from server.engine.results import TokenDelta
+    from server.engine.sequence import Sequence
 
 
 class RequestHandle:

@@ -18,10 +18,11 @@ from contextlib import contextmanager
 import torch
 
 from server.engine.errors import EngineError, RequestFailed
+from server.engine.results import TokenLogprob
 from server.engine.runner import StepOutput
 from server.engine.sampler import pick
 from server.engine.scheduler import StepResult
-from server.engine.sequence import Sequence, TokenLogprob
+from server.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 

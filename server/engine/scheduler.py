@@ -36,7 +36,8 @@ from functools import partial
 
 from server.engine.errors import EngineError, InvalidConfig, check_int
 from server.engine.pages import PAGE_SIZE, PagePool, SharedPrefix, chain_digests, pages_for
-from server.engine.sequence import Sequence, Status, TokenLogprob
+from server.engine.results import TokenLogprob
+from server.engine.sequence import Sequence, Status
 
 # How far down the queue admission looks for cached requests (beyond it, first come, first served).
 CACHE_AWARE_WINDOW = 128

@@ -16,7 +16,7 @@ import torch
 
 from server.engine.attention import PageList, PrefillChunk, Segment, page_views
 from server.engine.pages import pages_for, row_list
-from server.engine.sequence import ChoiceScore, ChoiceScores, Usage
+from server.engine.results import ChoiceScore, ChoiceScores, Usage
 
 if TYPE_CHECKING:
     from server.engine.pages import PagePool

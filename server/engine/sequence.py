@@ -14,11 +14,12 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from server.engine.channel import OutputChannel
 from server.engine.errors import InvalidParameter
 from server.engine.pages import pages_for
+from server.engine.results import Completion, FinishReason, TokenDelta, TokenLogprob, Usage
 
 if TYPE_CHECKING:
     from prompt_store.registry import PromptSnapshot
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
     from server.engine.pages import SharedPrefix
     from server.engine.scoring import ChoiceScoring
 
-FinishReason = Literal["length", "stop", "eos"]
 
 # The one default of max_new_tokens (the service lowers it to its own cap when that is smaller).
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -124,67 +124,6 @@ def _check_int(name: str, value: object, low: int, high: int | None) -> None:
     if not ok:
         bound = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
         raise InvalidParameter(name, bound, value)
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int
-    virtual_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class TokenLogprob:
-    """A token's log-probability in the model's raw next-token distribution (before temperature, top-k and
-    top-p, as OpenAI and vLLM report it), and the most likely alternatives there."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), most likely first
-
-
-@dataclass(frozen=True, slots=True)
-class TokenDelta:
-    """A new piece of generated text and the tokens that made it (text may lag tokens at UTF-8 seams)."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    logprobs: tuple[TokenLogprob, ...] = ()  # when asked: one per token
-
-
-@dataclass(frozen=True, slots=True)
-class Completion:
-    """The final result: the generated continuation only, never the input text."""
-
-    task: str | None
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: FinishReason
-    usage: Usage
-    logprobs: tuple[TokenLogprob, ...] | None = None  # when asked: one per generated token
-    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # when asked: prompt tokens 1.. (the first has none)
-    prompt_ids: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class ChoiceScore:
-    text: str
-    logprob: float  # log P(choice's tokens | task, text): the sum over its tokens
-    mean_logprob: float  # logprob / num_tokens
-    num_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class ChoiceScores:
-    """The result of a request that scores choices instead of generating: every choice, most likely first."""
-
-    task: str | None
-    choices: tuple[ChoiceScore, ...]
-    usage: Usage
-
-    @property
-    def best(self) -> str:
-        return self.choices[0].text
 
 
 class Status(enum.Enum):

@@ -9,7 +9,8 @@ import torch
 
 from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter
-from server.engine.sequence import ChoiceScores, SamplingParams
+from server.engine.results import ChoiceScores
+from server.engine.sequence import SamplingParams
 from tests.engine.test_paged_memory import tight_engine
 
 # Of one token ("the") to sixteen: a one-token choice is scored by the text's logits alone, beside the others.

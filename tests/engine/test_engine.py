@@ -12,7 +12,8 @@ from server.engine.config import EngineConfig
 from server.engine.errors import QueueFull, RequestCancelled, RequestFailed, RequestTooLong
 from server.engine.loop import Engine
 from server.engine.model_loader import load_base_model
-from server.engine.sequence import SamplingParams, TokenDelta
+from server.engine.results import TokenDelta
+from server.engine.sequence import SamplingParams
 
 GREEDY8 = SamplingParams(max_new_tokens=8, ignore_eos=True)
 

@@ -13,7 +13,8 @@ from server.engine import logits
 from server.engine.admission import EngineRequest
 from server.engine.errors import RequestFailed
 from server.engine.grammar import FormatBroken, ResponseFormat
-from server.engine.sequence import Completion, SamplingParams, TokenDelta
+from server.engine.results import Completion, TokenDelta
+from server.engine.sequence import SamplingParams
 from tests.engine.conftest import random_text
 
 TEXT = random_text(random.Random(5), 30)

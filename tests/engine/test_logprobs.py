@@ -8,7 +8,8 @@ import torch
 
 from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter
-from server.engine.sequence import SamplingParams, TokenDelta
+from server.engine.results import TokenDelta
+from server.engine.sequence import SamplingParams
 from tests.engine.test_paged_memory import tight_engine
 
 TEXT = "the quick brown fox jumps over the lazy dog"

@@ -9,7 +9,8 @@ import pytest
 from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidConfig
 from server.engine.pages import PAGE_SIZE, pages_for
-from server.engine.sequence import SamplingParams, TokenDelta
+from server.engine.results import TokenDelta
+from server.engine.sequence import SamplingParams
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "select price from model where token", "café über 東京",
          "prompt prefix tuning batch server", "42 3.14 translate the fox", "lazy lazy dog over"]

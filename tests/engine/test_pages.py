@@ -7,9 +7,10 @@ from types import SimpleNamespace
 import pytest
 
 from server.engine.pages import PAGE_SIZE, PagePool, pages_for
+from server.engine.results import TokenDelta
 from server.engine.scheduler import Scheduler, SchedulerConfig, prefix_key
 from server.engine.scoring import ChoiceScoring
-from server.engine.sequence import SamplingParams, Sequence, Status, TokenDelta
+from server.engine.sequence import SamplingParams, Sequence, Status
 from tests.engine.steps import sampled
 
 

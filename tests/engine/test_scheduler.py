@@ -8,8 +8,9 @@ from transformers import AutoTokenizer
 
 from server.engine.detokenizer import IncrementalText
 from server.engine.errors import InvalidConfig
+from server.engine.results import TokenDelta
 from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.engine.sequence import SamplingParams, Sequence, Status, TokenDelta
+from server.engine.sequence import SamplingParams, Sequence, Status
 from tests.engine.steps import sampled
 
 EOS = 0

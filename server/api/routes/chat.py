@@ -24,7 +24,8 @@ from server.api.schemas import ChatMessage, ChatRequest
 from server.api.streaming import Result
 from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter
-from server.engine.sequence import MAX_LOGPROBS, Completion, TokenDelta
+from server.engine.results import Completion, TokenDelta
+from server.engine.sequence import MAX_LOGPROBS
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=JsonRoute)  # needs the API token (server/api/auth.py)
 

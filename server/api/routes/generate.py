@@ -27,7 +27,7 @@ from server.api.schemas import (
 from server.api.streaming import Result, unless_disconnected
 from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter
-from server.engine.sequence import Completion, TokenDelta
+from server.engine.results import Completion, TokenDelta
 
 router = APIRouter(tags=["generate"], route_class=JsonRoute)  # needs the API token (server/api/auth.py)
 

@@ -27,7 +27,7 @@ from server.api.schemas import CompletionRequest
 from server.api.streaming import Result
 from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter
-from server.engine.sequence import Completion, TokenDelta, TokenLogprob
+from server.engine.results import Completion, TokenDelta, TokenLogprob
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=JsonRoute)  # needs the API token (server/api/auth.py)
 
