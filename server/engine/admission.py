@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prompt_store.template import MAX_CHOICE_CHARS, apply_template
+from server.engine.chat import Conversation
 from server.engine.detokenizer import IncrementalText
 from server.engine.errors import InvalidParameter, RequestTooLong, check_encodable
 from server.engine.grammar import Grammars, ResponseFormat
@@ -37,7 +38,7 @@ class TaskSource(Protocol):
 class EngineRequest:
     """One request as a caller hands it to the engine (`Engine.submit`)."""
 
-    text: str
+    text: str = ""  # unused when `conversation` is given
     task: str | None = None  # None: the base model alone
     params: SamplingParams = field(default_factory=SamplingParams)
     # The SamplingParams fields the caller set: the task's generation defaults fill the others. None: every
@@ -49,6 +50,9 @@ class EngineRequest:
     add_special_tokens: bool = True  # False for a conversation a chat template already framed (no second BOS)
     response_format: ResponseFormat | None = None  # structured output: what the generated text must match
     n: int = 1  # samples of the text (Engine.submit_samples): its pages are computed once and shared
+    # A chat instead of `text`: rendered by the tokenizer's chat template at admission, with the task's system
+    # message from the same snapshot as its weights; no text template, no second BOS.
+    conversation: Conversation | None = None
 
 
 def with_task_defaults(params: SamplingParams, defaults: dict | None, sent: frozenset[str] | None,
@@ -150,9 +154,13 @@ class Admission:
         """The text's tokens as the model reads them after the task's virtual tokens; refused when they and one
         token to generate would not fit the context."""
         num_virtual = snapshot.num_virtual_tokens if snapshot is not None else 0
-        text = request.text
-        templated = snapshot is not None and not request.raw and snapshot.template is not None
-        if snapshot is not None and not request.raw:
+        text, special = request.text, request.add_special_tokens
+        templated = (snapshot is not None and not request.raw and snapshot.template is not None
+                     and request.conversation is None)
+        if request.conversation is not None:  # the same version's system message as its weights
+            conversation = request.conversation.with_system(snapshot.system if snapshot is not None else None)
+            text, special = conversation.render(self.tokenizer), False
+        elif snapshot is not None and not request.raw:
             text = apply_template(snapshot.template, text)  # the same version's template as its weights
         check_encodable(text)
         at_least = -(-len(text) // self.longest_token_chars)
@@ -160,7 +168,7 @@ class Admission:
             raise RequestTooLong(self.max_context - 1, num_virtual + at_least,
                                  f"{num_virtual} virtual + at least {at_least} text tokens in {len(text)} characters, "
                                  "+1 to generate")
-        ids = list(self.tokenizer(text, add_special_tokens=request.add_special_tokens)["input_ids"])
+        ids = list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
         if not ids:
             raise InvalidParameter("text", "a text that gives at least one token", text)
         if num_virtual + len(ids) + 1 > self.max_context:

@@ -8,14 +8,12 @@ cannot chat: 422 naming `messages`.
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 
 from server.api import logprobs as logprob_format
 from server.api import streaming
 from server.api.deps import EngineDep, MetricsDep, SettingsDep
-from server.api.errors import ErrorContext, ErrorInContext
+from server.api.errors import ErrorContext
 from server.api.json_body import JsonRoute
 from server.api.openapi import SSE_CONTENT, errors
 from server.api.responses import answer
@@ -23,7 +21,7 @@ from server.api.routes.openai import FINISH, OpenAIReply, refuse
 from server.api.schemas import ChatMessage, ChatRequest
 from server.api.streaming import Result
 from server.engine.admission import EngineRequest
-from server.engine.errors import InvalidParameter
+from server.engine.chat import Conversation
 from server.engine.results import Completion, TokenDelta
 from server.engine.sequence import MAX_LOGPROBS
 
@@ -40,46 +38,24 @@ async def chat_completions(body: ChatRequest, request: Request, engine: EngineDe
     task = None if body.model == base else body.model
     context = ErrorContext(rename={"task": "model", "text": "messages"},
                            hints={"model": f"`model` is a task name or {base!r} for the base model"})
-    text = templated(engine.tokenizer, _with_task_system(engine, task, body.messages, context))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:  # OpenAI's default is "as long as it takes": the server's cap (and the context's end)
         max_tokens = settings.max_new_tokens_cap
     params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=max_tokens,
                                        param_name="max_completion_tokens" if body.max_completion_tokens is not None
                                        else "max_tokens", **body.sampling_kwargs())
-    submission = EngineRequest(text, task, params, body.sent(), settings.max_new_tokens_cap, raw=True,
-                               add_special_tokens=False, response_format=body.engine_format(), n=body.n)
+    submission = EngineRequest(task=task, params=params, sent=body.sent(),
+                               max_new_tokens_cap=settings.max_new_tokens_cap, response_format=body.engine_format(),
+                               n=body.n, conversation=conversation(body.messages))
     handles = await streaming.submit_all(engine, metrics, [submission], lambda i: context)
     reply = _ChatReply(body.model, engine.tokenizer, logprobs=body.logprobs,
                        usage=bool(body.stream_options and body.stream_options.include_usage), n=body.n)
     return await answer(request, handles, metrics, reply, stream=body.stream)
 
 
-def _with_task_system(engine: Any, task: str | None, messages: list[ChatMessage],
-                      context: ErrorContext) -> list[ChatMessage]:
-    """The conversation, opened by the task's own system message when it brings none (a task made for a chat
-    model carries the system turn it was made with: the chat template would put its default one there)."""
-    if task is None or any(m.role in ("system", "developer") for m in messages):
-        return messages
-    try:
-        system = engine.tasks.get(task).system  # UnknownTask: 404 naming `model`
-    except Exception as exc:
-        raise ErrorInContext(exc, context) from exc
-    return messages if system is None else [ChatMessage(role="system", content=system), *messages]
-
-
-def templated(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
-    """The conversation as the tokenizer's chat template writes it (its special tokens included)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise InvalidParameter("messages", "a model with a chat template (this model's tokenizer has none: use "
-                               "/v1/completions or /generate)", f"{len(messages)} messages")
-    conversation = [{"role": m.role, "content": m.text()} for m in messages]
-    try:
-        return tokenizer.apply_chat_template(conversation, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
-    except Exception as exc:  # the template's own checks (e.g. roles must alternate) speak for it
-        raise InvalidParameter("messages", "a conversation this model's chat template accepts",
-                               f"{type(exc).__name__}: {exc}") from None
+def conversation(messages: list[ChatMessage], add_generation_prompt: bool = True) -> Conversation:
+    """The messages as the engine renders them (with the task's system message, from the request's snapshot)."""
+    return Conversation(tuple((m.role, m.text()) for m in messages), add_generation_prompt)
 
 
 def _refuse_unsupported(body: ChatRequest) -> None:

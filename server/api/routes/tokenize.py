@@ -15,7 +15,7 @@ from server.api.deps import EngineDep, RegistryDep, SettingsDep
 from server.api.errors import ErrorContext, ErrorInContext
 from server.api.json_body import JsonRoute
 from server.api.openapi import errors
-from server.api.routes.chat import templated
+from server.api.routes.chat import conversation
 from server.api.schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from server.config import Settings
 from server.engine.admission import EngineRequest
@@ -40,14 +40,14 @@ def _task(model: str | None, settings: Settings, registry: PromptRegistry) -> st
 async def tokenize(body: TokenizeRequest, engine: EngineDep, settings: SettingsDep,
                    registry: RegistryDep) -> TokenizeResponse:
     task = _task(body.model, settings, registry)
-    if body.messages is not None:
-        text, special, name = templated(engine.tokenizer, body.messages, body.add_generation_prompt), False, "messages"
+    if body.messages is not None:  # as chat reads it: the task's system message too, when it brings none
+        request = EngineRequest(task=task, conversation=conversation(body.messages, body.add_generation_prompt))
+        name = "messages"
     else:
         assert body.prompt is not None  # one of the two: checked by the schema
-        text, special, name = body.prompt, True, "prompt"
-    request = EngineRequest(text, task, raw=body.raw or body.messages is not None,
-                            add_special_tokens=body.add_special_tokens if body.add_special_tokens is not None
-                            else special)
+        request = EngineRequest(body.prompt, task, raw=body.raw, add_special_tokens=body.add_special_tokens
+                                if body.add_special_tokens is not None else True)
+        name = "prompt"
     try:
         out = await run_in_threadpool(engine.tokenize, request)  # tokenizing is CPU work: off the event loop
     except Exception as exc:
