@@ -85,13 +85,13 @@ def instrument(engine, timer: PhaseTimer, shapes: StepShapes) -> None:
     engine.runner.run = shapes.wrap(engine.runner.run)
 
     engine.scheduler.schedule = timer.wrap("scheduler.schedule", engine.scheduler.schedule)
-    engine._prepare_prefixes = timer.wrap("engine._prepare_prefixes (new task prefixes)", engine._prepare_prefixes)
-    engine.runner.fit_storage = timer.wrap("runner.fit_storage (KV pool grown or shrunk)", engine.runner.fit_storage)
+    engine.executor._prepare_prefixes = timer.wrap("executor._prepare_prefixes (new task prefixes)",
+                                                   engine.executor._prepare_prefixes)
+    engine.runner.prepare = timer.wrap("runner.prepare (KV storage grown, shrunk, cleared)", engine.runner.prepare)
     engine.runner.run = timer.wrap("runner.run (forward pass)", engine.runner.run)
     engine.scheduler.postprocess = timer.wrap("scheduler.postprocess (detok + push + finish)",
                                               engine.scheduler.postprocess)
     engine.runner.write_prefix = timer.wrap("runner.write_prefix (prefix tables)", engine.runner.write_prefix)
-    engine.runner.clear_pages = timer.wrap("runner.clear_pages (pages handed out)", engine.runner.clear_pages)
     engine_module.logits.process = timer.wrap("logits.process (sample, log-probabilities, scores)",
                                               engine_module.logits.process)
 

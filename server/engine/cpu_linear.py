@@ -14,11 +14,26 @@ it runs one forward pass of the packed model, and puts torch's Linear layers bac
 whose own code reads a layer's `.weight`, which a packed layer does not have).
 Inference only, after the model has its device and dtype: a packed weight is a oneDNN-layout tensor that
 autograd, `.to()`, `copy.deepcopy` and `state_dict()` do not carry. `promptswap train` never loads here.
+
+Memory. oneDNN builds one primitive per problem shape, JIT code included, and torch's op keeps it in two
+caches: oneDNN's primitive cache (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`) and ideep's per-thread cache
+(`LRU_CACHE_CAPACITY`), 1,024 entries each by default. A step's row count (its tokens; the head's, its sampled
+rows) changes from step to step, and each new count of each weight shape cost ~600 KiB of heap (measured on
+torch 2.13, oneDNN 3.12: 580-660 KiB from a 64x128 weight to a 576x49152 one, from 3 rows to 500). Under a
+steady load of varied requests that grew without end in sight: a tiny Qwen2 went from 456 to 594 MB in 180 s,
+and a loop over 600 row counts on three weights from 294 to 1,400 MB (malloc_trim gave back a third of it:
+evicted primitives leave the heap fragmented). So the rows are padded up to a few sizes (`padded_rows`:
+exact up to 16, then 8 sizes per doubling, at most 12.5% more rows, ~4% on average), which bounds the
+primitives by the model's weight shapes times 56 sizes (1 to 512 rows), and both caches are capped
+(`CACHE_CAPACITY`) as a backstop for any other oneDNN shape. The padding rows are zeros and their outputs are
+dropped; every row is computed on its own, so the rows kept are what an unpadded call gives, up to the
+summation order that any change of row count may bring.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -26,6 +41,41 @@ log = logging.getLogger(__name__)
 
 DTYPES = (torch.float32, torch.bfloat16)  # oneDNN's CPU matmuls the probe was measured on
 _BATCH_HINT = 1  # the rows a packed layout is tuned for: decode steps are the most frequent calls
+SIZES_PER_DOUBLING = 8  # a power of two: the row counts a packed layer computes, between n and 2n (n >= 8)
+
+# Entries of oneDNN's primitive cache and of ideep's. Each reads its variable once, when the process creates its
+# first oneDNN primitive (not when torch is imported; set later, it changes nothing, and torch has no setter for
+# either), so this module sets them when it is imported: before the model is loaded and packed. 512 holds the
+# padded shapes of a model with up to 9 weight shapes at 512 tokens a step (56 sizes each) and keeps the worst
+# case, if something else keeps making new shapes, near 300 MB instead of the defaults' 600 MB and more. A value
+# the environment sets already (oneDNN's older DNNL_ name too) is kept.
+CACHE_CAPACITY = 512
+CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+
+
+def cap_primitive_caches(capacity: int = CACHE_CAPACITY, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Set each cache's capacity variable to `capacity` where the environment sets none; returns the values in
+    effect (they count only if this runs before the process's first oneDNN primitive)."""
+    env = os.environ if environ is None else environ
+    found = {}
+    for name in CACHE_VARIABLES:
+        names = (name, "DNNL_" + name.removeprefix("ONEDNN_")) if name.startswith("ONEDNN_") else (name,)
+        given = next((env[n] for n in names if n in env), None)
+        if given is None:
+            env[name] = given = str(capacity)
+        found[name] = given
+    return found
+
+
+cap_primitive_caches()
+
+
+def padded_rows(rows: int) -> int:
+    """The row count a packed layer computes for `rows` rows: `rows` itself up to 16, then rounded up to a multiple
+    of 2**(floor(log2(rows)) - 3), one of 8 evenly spaced sizes per doubling (17 -> 18, 33 -> 36, 100 -> 104,
+    300 -> 320): at most 12.5% more rows. 56 sizes cover 1 to 512 rows, 64 cover 1 to 1,024."""
+    step = 1 << max(0, rows.bit_length() - SIZES_PER_DOUBLING.bit_length())
+    return -(-rows // step) * step
 
 
 class PackedLinear(torch.nn.Module):
@@ -40,7 +90,14 @@ class PackedLinear(torch.nn.Module):
         self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        rows = x.numel() // self.in_features if self.in_features else 0
+        padded = padded_rows(rows)
+        if padded == rows:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        # One of a few shapes (see the module's docstring): zero rows below, their outputs dropped.
+        flat = torch.nn.functional.pad(x.reshape(rows, self.in_features), (0, 0, 0, padded - rows))
+        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed_weight, self.bias, "none", [], "")
+        return out[:rows].view(*x.shape[:-1], self.out_features)
 
     def unpacked(self) -> torch.nn.Linear:
         """A torch Linear holding the same weight (in torch's own layout again)."""

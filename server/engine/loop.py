@@ -1,8 +1,7 @@
 """The engine: one background loop owns the model; callers submit requests and read their tokens.
 
-Each step reads as a sentence: schedule, prefixes, run, process the logits, post-process. Requests
-of every task and kind share the step; a request that fails gets its own error while the others and
-the loop go on.
+Each step reads as a sentence: schedule, run, process the logits, postprocess. Requests of every
+task and kind share the step; a request that fails gets its own error while the others and the loop go on.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from server.engine import logits, threads
@@ -21,17 +21,17 @@ from server.engine.errors import (
     InvalidConfig,
     InvalidParameter,
     QueueFull,
-    RequestCancelled,
     RequestFailed,
 )
+from server.engine.executor import StepExecutor
 from server.engine.grammar import Grammars
 from server.engine.handle import RequestHandle
 from server.engine.kv import PagedKV
 from server.engine.memory import default_kv_budget
 from server.engine.model_loader import BaseModel
-from server.engine.pages import PAGE_SIZE, SharedPrefix
-from server.engine.runner import ModelRunner, StepOutput
-from server.engine.scheduler import Batch, Scheduler, SchedulerConfig
+from server.engine.pages import PAGE_SIZE
+from server.engine.runner import ModelRunner
+from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence
 
 __all__ = ["Engine", "EngineRequest", "EngineStats", "TaskSource", "TokenizedText"]
@@ -84,10 +84,12 @@ class Engine:
         scheduler_config = SchedulerConfig(self.config.max_running, self.config.max_tokens_per_step, total_pages,
                                            self.config.prompt_cache_bytes // self.page_bytes,
                                            self.config.prefix_caching)
-        self.scheduler = Scheduler(scheduler_config, eos_ids=_eos_ids(base.model))
+        self.scheduler = Scheduler(scheduler_config, eos_ids=_eos_ids(base.model), on_end=self._left)
+        vocab_size = base.model.config.get_text_config().vocab_size
+        self.executor = StepExecutor(self.runner, self.scheduler, vocab_size)
         log.info("automatic prefix caching %s (--%sprefix-caching)", "on" if self.config.prefix_caching else "off",
                  "no-" if self.config.prefix_caching else "")
-        grammars = Grammars(self.tokenizer, base.model.config.get_text_config().vocab_size, self.scheduler.eos_ids,
+        grammars = Grammars(self.tokenizer, vocab_size, self.scheduler.eos_ids,
                             cache_bytes=self.config.format_cache_bytes,
                             compile_timeout_s=self.config.format_compile_timeout_s)
         self.admission = Admission(self.tokenizer, tasks, self.max_context, self.scheduler, grammars)
@@ -167,7 +169,8 @@ class Engine:
         return [RequestHandle(seq) for seq in samples]
 
     def stats(self) -> EngineStats:
-        pool = self.scheduler.pool.stats()
+        kv = self.scheduler.kv
+        pool = kv.stats()
         with self._lock:
             waiting = len(self._inbox) + len(self.scheduler.waiting) + len(self.scheduler.held)
             running = len(self.scheduler.running)
@@ -175,7 +178,7 @@ class Engine:
                            pool.pages_used, pool.pages_shared, self.scheduler.preemptions,
                            self.scheduler.peak_running, pool.pages_shared * self.page_bytes,
                            self.config.prompt_cache_bytes, pool.prefix_hits, pool.prefix_misses, pool.prefix_entries,
-                           self.scheduler.cache_queries, self.scheduler.cache_hits, pool.pages_cached)
+                           kv.cache_queries, kv.cache_hits, pool.pages_cached)
 
     # -- the loop (engine thread only) ---------------------------------------------------------
 
@@ -199,103 +202,33 @@ class Engine:
                 self.step()
             except Exception:  # a bug in the loop itself: fail what ran, keep serving the rest
                 log.exception("engine step failed")
-                # Each request's own failures are caught where they happen (logits.py, _run); this is the loop's.
+                # Each request's own failures are caught where they happen (executor.py, logits.py); this is the loop's.
                 # Its message is the same for all: the exception may quote any request's content.
                 for seq in list(self.scheduler.running):
-                    self._fail(seq, RequestFailed("the engine step this request was in failed; the server's log "
-                                                  "says why (with this request's id)"))
-                with self._lock:  # what the failed step finished went uncounted: count what is left
-                    self._in_flight = len(self._inbox) + len(self._unfinished())
+                    failure = RequestFailed("the engine step this request was in failed; the server's log says why")
+                    self.scheduler.end(seq, partial(seq.fail, failure))
+                with self._lock:  # what the failed step ended may have gone uncounted: count what is left
+                    self._in_flight = len(self._inbox) + len(self.scheduler.unfinished())
         with self._lock:
-            leftovers = self._inbox + self._unfinished()
-            self._inbox = []
-        for seq in leftovers:
-            self._fail(seq, EngineStopped("the server shut down before this request finished"))
+            inbox, self._inbox = self._inbox, []
+        for seq in inbox:
+            seq.fail(EngineStopped("the server shut down before this request finished"))
+        for seq in self.scheduler.unfinished():
+            self.scheduler.end(seq, partial(seq.fail, EngineStopped("the server shut down before this request "
+                                                                    "finished")))
 
     def step(self) -> None:
-        """One step of the loop: schedule, prefixes, run, process the logits, post-process."""
-        for seq in self._unfinished():
-            if seq.cancelled:
-                self._fail(seq, RequestCancelled())
-        step = self.scheduler.schedule()
-        if step.preempted:
-            log.info("KV pool full: preempted %d request(s), to be recomputed", len(step.preempted))
-        self.runner.fit_storage(self.scheduler.pool.high_water)
-        self.runner.clear_pages(self.scheduler.pool.take_fresh())
-        computed = self._prepare_prefixes(step.new_prefixes)
-        batch = [(seq, n) for seq, n in step.batch if not seq.finished]
-        if batch or computed:
-            output = self._run(batch, computed)
-            self.scheduler.postprocess(logits.process(output), release=lambda seq: self._left())
-        if not self.scheduler.running:  # idle: give back the storage no page uses
-            self.runner.fit_storage(self.scheduler.pool.used_extent(), idle=True)
+        """One step: schedule -> run -> process the logits -> postprocess (then, idle, give storage back). What
+        fails for one request (its prefix, its forward pass, its logits) ends that request alone."""
+        scheduled = self.scheduler.schedule()
+        output = self.executor.run(scheduled)
+        self.scheduler.postprocess(logits.process(output))
+        self.executor.settle()
 
-    def _left(self) -> None:
+    def _left(self, seq: Sequence) -> None:
         """A request finished or failed: its place in the queue is free again."""
         with self._lock:
             self._in_flight -= 1
-
-    def _unfinished(self) -> list[Sequence]:
-        return [*self.scheduler.running, *self.scheduler.waiting, *self.scheduler.held]
-
-    def _prepare_prefixes(self, entries: list[SharedPrefix]) -> list[SharedPrefix]:
-        """Write the prefix tables first used this step; return the soft prompts, which the step's own
-        forward pass computes (`_run`)."""
-        computed = []
-        for entry in entries:
-            if self.runner.is_computed(entry):
-                computed.append(entry)
-            else:
-                self._prepare_alone(entry)
-        return computed
-
-    def _prepare_alone(self, entry: SharedPrefix) -> None:
-        """Compute (or write) one prefix on its own; if that fails, only the requests reading it fail."""
-        try:
-            self.runner.compute_prefix(entry)
-        except Exception as exc:
-            self._prefix_failed(entry, exc)
-            return
-        self._prefix_ready(entry)
-
-    def _prefix_ready(self, entry: SharedPrefix) -> None:
-        entry.ready = True
-        entry.source = None
-
-    def _prefix_failed(self, entry: SharedPrefix, exc: Exception) -> None:
-        """The requests that read this prefix fail alone; the next request of the task computes it anew."""
-        log.exception("could not compute a task prefix")
-        self.scheduler.forget_prefix(entry)
-        for seq in [s for s in self.scheduler.running if s.prefix is entry]:
-            self._fail(seq, RequestFailed(f"could not prepare the task prefix: {exc}"))
-
-    def _run(self, batch: Batch, prefixes: list[SharedPrefix]) -> StepOutput:
-        """Run the batch (computing `prefixes` in the same pass); if it fails, compute each prefix and
-        run each request alone, so only the failing ones get the error."""
-        try:
-            output = self.runner.run(batch, prefixes)
-        except Exception:
-            log.exception("batched step failed; retrying its %d requests one by one", len(batch))
-        else:
-            for entry in prefixes:
-                self._prefix_ready(entry)
-            return output
-        for entry in prefixes:
-            self._prepare_alone(entry)
-        alone = []
-        for seq, n in batch:
-            if seq.finished:  # its prefix failed above
-                continue
-            try:
-                alone.append(self.runner.run([(seq, n)]))
-            except Exception as exc:
-                self._fail(seq, RequestFailed(f"the model failed on this request: {exc}"))
-        return StepOutput.join(alone, self.base.model.config.get_text_config().vocab_size)
-
-    def _fail(self, seq: Sequence, error: BaseException) -> None:
-        self.scheduler.finish(seq)
-        seq.fail(error)
-        self._left()
 
 
 def _eos_ids(model: Any) -> frozenset[int]:

@@ -13,6 +13,7 @@ import torch
 
 from server.engine.attention import LAYOUT_KWARG, DecodeGroup, PageList, PrefillChunk, StepLayout, page_views
 from server.engine.kv import PagedKV
+from server.engine.kv_manager import StoragePlan
 from server.engine.model_loader import BaseModel
 from server.engine.pages import SharedPrefix, row_list
 from server.engine.scheduler import Batch
@@ -85,18 +86,16 @@ class ModelRunner:
 
     # -- storage -------------------------------------------------------------------------------
 
-    def fit_storage(self, pages_handed_out: int, *, idle: bool = False) -> None:
-        """Let the storage follow the pool: usable up to every page handed out; when nothing runs,
-        give back what lies beyond the pages still held (cached task prefixes)."""
-        if idle:
-            self.kv.shrink(pages_handed_out)
-        else:
-            self.kv.ensure(pages_handed_out)
-
-    def clear_pages(self, pages: list[int]) -> None:
-        """Zero pages just handed out: their rows past what the new owner writes are read, masked."""
-        if pages:
-            self.kv.clear(torch.tensor(pages, device=self.device))
+    def prepare(self, plan: StoragePlan) -> None:
+        """Let the storage follow the pool before a step: usable up to every page handed out, the pages just
+        handed out zeroed (their rows past what the new owner writes are read, masked); when nothing runs, give
+        back what lies beyond the pages still held (cached task prefixes and pages)."""
+        if plan.idle:
+            self.kv.shrink(plan.extent)
+            return
+        self.kv.ensure(plan.extent)
+        if plan.fresh:
+            self.kv.clear(torch.tensor(plan.fresh, device=self.device))
 
     # -- one step ------------------------------------------------------------------------------
 

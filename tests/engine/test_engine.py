@@ -236,7 +236,7 @@ def test_model_is_frozen_in_eval_mode(base_model):
 
 def test_a_failure_while_finishing_neither_hangs_the_request_nor_leaks_its_place(base_model, registry, monkeypatch):
     engine = Engine(base_model, registry, EngineConfig(max_running=1, max_tokens_per_step=8, max_queue=1))
-    real_release, calls = engine.scheduler._release_pages, []
+    real_release, calls = engine.scheduler.kv.free, []
 
     def release_failing_once(seq):
         calls.append(seq.id)
@@ -244,7 +244,7 @@ def test_a_failure_while_finishing_neither_hangs_the_request_nor_leaks_its_place
             raise RuntimeError("freeing the pages failed")
         real_release(seq)
 
-    monkeypatch.setattr(engine.scheduler, "_release_pages", release_failing_once)
+    monkeypatch.setattr(engine.scheduler.kv, "free", release_failing_once)
     engine.start()
     try:
         params = SamplingParams(max_new_tokens=2, ignore_eos=True)

@@ -6,9 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from server.engine.kv_manager import prefix_key
 from server.engine.pages import PAGE_SIZE, PagePool, pages_for
 from server.engine.results import TokenDelta
-from server.engine.scheduler import Scheduler, SchedulerConfig, prefix_key
+from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.scoring import ChoiceScoring
 from server.engine.sequence import SamplingParams, Sequence, Status
 from tests.engine.steps import sampled
@@ -38,7 +39,7 @@ def step(sched: Scheduler, token: int = 7):
 def check_pool(sched: Scheduler) -> None:
     """Every page is free, idle in the prefix cache, or held: by one task prefix, or by running requests (by
     several only when it is a cached page), its count of holders right."""
-    pool = sched.pool
+    pool = sched.kv.pool
     holders = Counter(p for s in sched.running for p in s.pages)
     prefix_pages = [p for e in pool.prefixes.values() for p in e.pages]
     assert len(prefix_pages) == len(set(prefix_pages)) and not set(prefix_pages) & set(holders), "a page held twice"
@@ -72,8 +73,8 @@ def test_requests_of_one_task_share_its_prefix_pages_once():
     assert len(first.new_prefixes) == 1  # computed once for all four
     entry = first.new_prefixes[0]
     assert all(s.prefix is entry for s in seqs) and entry.users == 4
-    assert sched.pool.stats().pages_shared == pages_for(40) == len(entry.pages)
-    assert sched.pool.stats().pages_used == pages_for(40) + 4 * pages_for(5)
+    assert sched.kv.pool.stats().pages_shared == pages_for(40) == len(entry.pages)
+    assert sched.kv.pool.stats().pages_used == pages_for(40) + 4 * pages_for(5)
     assert prefix_key(seqs[0]) != prefix_key(request(5, prompt=task_prompt("aaa", n=40, kind="prefix")))
 
 
@@ -148,7 +149,7 @@ def test_a_full_pool_preempts_the_newest_and_it_resumes_by_recomputing(caching):
         assert s.finish_reason == "length" and len(s.output_ids) == 3 * PAGE_SIZE
         streamed = [t for item in s.output if isinstance(item, TokenDelta) for t in item.token_ids]
         assert streamed == s.output_ids  # nothing sent twice
-    assert sched.pool.free + sched.pool.idle_cached == sched.pool.total and (sched.pool.idle_cached > 0) == caching
+    assert sched.kv.pool.free + sched.kv.pool.idle_cached == sched.kv.pool.total and (sched.kv.pool.idle_cached > 0) == caching
     assert (read_on_resume > PAGE_SIZE) == caching  # with caching, a resumed request read pages of its own answer
 
 
@@ -173,7 +174,7 @@ def test_random_load_on_a_small_pool_never_deadlocks_or_leaks(seed):
         check_pool(sched)
     assert not sched.has_work(), "the pool deadlocked"
     assert all(s.status is Status.FINISHED and len(s.output_ids) == s.params.max_new_tokens for s in seqs)
-    stats = sched.pool.stats()
+    stats = sched.kv.pool.stats()
     # Left held: idle task prefixes within their cap, and full pages the prefix cache keeps (nobody holds them).
     assert stats.pages_used - stats.pages_cached_idle == stats.pages_shared <= max(sched.config.prefix_cache_pages, 0)
     assert stats.pages_cached == stats.pages_cached_idle
@@ -219,7 +220,7 @@ def test_a_scoring_request_is_admitted_only_when_its_choices_pages_fit_too():
         sampling = [s for s, n in scheduled.batch if s.samples_after(n)]
         sched.postprocess(sampled(scheduled.batch, [7] * len(sampling)))
     assert sched.preemptions == 0
-    sched.finish(older)
+    sched.end(older, lambda: None)
     assert scoring in [s for s, _ in sched.schedule().batch]  # room now: text and choices fit
     check_pool(sched)
 

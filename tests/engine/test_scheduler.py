@@ -117,15 +117,15 @@ def test_max_running_and_fifo_admission():
     assert [s.status for s in seqs] == [Status.RUNNING, Status.RUNNING, Status.WAITING, Status.WAITING]
 
 
-def test_finish_removes_from_either_queue():
+def test_end_removes_from_either_queue():
     sched = Scheduler(SchedulerConfig(max_running=1, max_tokens_per_step=8, kv_pages=100))
     a, b, never_added = seq(2), seq(2), seq(2)
     sched.add(a)
     sched.add(b)
     sched.schedule()
-    sched.finish(b)  # still waiting
-    sched.finish(a)  # running
-    sched.finish(never_added)  # e.g. still in the engine's inbox at shutdown
+    sched.end(b, lambda: None)  # still waiting
+    sched.end(a, lambda: None)  # running
+    sched.end(never_added, lambda: None)  # e.g. still in the engine's inbox at shutdown
     assert not sched.has_work()
     assert a.finished and b.finished and never_added.finished
 
@@ -164,7 +164,7 @@ def test_a_request_whose_pages_are_cached_goes_before_one_that_computes_everythi
     sched.add(warm)
     assert run_to_end(sched) == [warm, cold]
     assert warm.num_cached == cold.num_cached == 50  # both have every position (warm read 48 of them)
-    assert sched.cache_hits == 48
+    assert sched.kv.cache_hits == 48
 
 
 def test_without_cached_pages_admission_is_first_come_first_served():
@@ -204,4 +204,4 @@ def test_a_request_waits_to_read_the_pages_a_running_request_is_computing():
         sched.add(s)
     order = run_to_end(sched)
     assert order == [first, other, second]  # `other` went by while `first` computed the shared pages
-    assert sched.cache_hits == 48  # `second` read all three instead of computing any of them twice
+    assert sched.kv.cache_hits == 48  # `second` read all three instead of computing any of them twice
