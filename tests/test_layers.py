@@ -99,9 +99,9 @@ def test_no_import_circle_among_promptswaps_modules():
         seen[name] = 1
         for nxt in sorted(graph[name]):
             if seen.get(nxt) == 1:
-                raise AssertionError(f"import circle: {' -> '.join(path[path.index(nxt):] + [nxt])}")
+                raise AssertionError(f"import circle: {' -> '.join([*path[path.index(nxt):], nxt])}")
             if nxt not in seen:
-                visit(nxt, path + [nxt])
+                visit(nxt, [*path, nxt])
         seen[name] = 2
 
     for name in sorted(graph):

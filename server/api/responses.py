@@ -6,7 +6,7 @@ hangs up). With `stream` it waits for the first item before answering, so an err
 still gets its own status code; after that the status line is sent, and an error is an event in the stream.
 Leaving early (error, client gone) cancels the requests still running.
 
-A request of `n` samples has `n` handles, flattened request-major and sample-minor (streaming.submit_all): the
+A request of `n` samples has `n` handles (a SampleGroup), flattened request-major and sample-minor: the
 Reply sees each handle's index and maps it to its own numbering.
 """
 
@@ -65,7 +65,7 @@ async def answer(request: Request, handles: list[RequestHandle], metrics: Metric
     """`reply.full(results)`, or with `stream` a StreamingResponse of the reply's events.
 
     `name`: the requests are the entries of the body's list of that name (a failure names `name[i]`, i the entry
-    `owners` gives for the handle: streaming.owners_of); None: the one request of `handles` (its samples), its
+    `owners` gives for the handle: samples.owners); None: the one request of `handles` (its samples), its
     failure as it is. Several handles' streams interleave as items come.
     """
     if not stream:

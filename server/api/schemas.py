@@ -13,6 +13,7 @@ from server.engine.admission import check_encodable
 from server.engine.errors import InvalidParameter
 from server.engine.grammar import ResponseFormat
 from server.engine.results import ChoiceScores, Completion
+from server.engine.samples import SampleGroup
 from server.engine.sequence import (
     DEFAULT_MAX_NEW_TOKENS,
     MAX_CHOICES,
@@ -281,9 +282,8 @@ class SamplesResponse(BaseModel):
             one = GenerateResponse.of(c, tokenizer)
             outputs.append(SampleOut(index=i, text=one.text, token_ids=one.token_ids, finish_reason=one.finish_reason,
                                      logprobs=one.logprobs))
-        return cls(task=first.task, outputs=outputs,
-                   usage=UsageOut(prompt_tokens=first.usage.prompt_tokens, virtual_tokens=first.usage.virtual_tokens,
-                                  completion_tokens=sum(c.usage.completion_tokens for c in completions)))
+        usage = SampleGroup.usage([c.usage for c in completions])
+        return cls(task=first.task, outputs=outputs, usage=UsageOut.model_validate(usage, from_attributes=True))
 
 
 def response_of(results: list[Completion | ChoiceScores],

@@ -23,6 +23,7 @@ from server.engine.errors import InvalidParameter, RequestCancelled
 from server.engine.handle import RequestHandle
 from server.engine.loop import Engine, EngineRequest
 from server.engine.results import ChoiceScores, Completion, TokenDelta
+from server.engine.samples import SampleGroup, flatten
 from server.engine.sequence import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 
 T = TypeVar("T")
@@ -46,34 +47,28 @@ def sampling_params(cap: int, *, max_new_tokens: int | None, param_name: str = "
 
 
 async def submit_all(engine: Engine, metrics: Metrics, requests: list[EngineRequest],
-                     context_of: Any) -> list[RequestHandle]:
+                     context_of: Any) -> list[SampleGroup]:
     """Submit each request from a worker thread: tokenizing is CPU work, and the event loop
     must go on serving meanwhile. A refusal is counted, cancels the ones already submitted and is raised
-    in the context `context_of(i)` gives for entry i (None: as it is).
-
-    A request of `n` samples has `n` handles: the handles come flattened, request-major and sample-minor
-    (`owners_of` tells which request each belongs to)."""
+    in the context `context_of(i)` gives for entry i (None: as it is). One SampleGroup per request."""
     work = asyncio.ensure_future(run_in_threadpool(_submit_all, engine, metrics, requests, context_of))
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:  # the handler is cancelled mid-submission: cancel what got submitted
         with contextlib.suppress(Exception):
-            for handle in await work:
+            for handle in flatten(await work):
                 handle.cancel()
         raise
 
 
 def _submit_all(engine: Engine, metrics: Metrics, requests: list[EngineRequest],
-                context_of: Any) -> list[RequestHandle]:
-    handles: list[RequestHandle] = []
-    total = sum(r.n for r in requests if isinstance(r.n, int))
-    if total > max(len(requests), engine.capacity):  # its samples could never all be in flight: not a 503 to retry
-        raise InvalidParameter("n", f"at most {engine.capacity} samples over a request's entries (--max-running + "
-                               "--max-queue)", total)
+                context_of: Any) -> list[SampleGroup]:
+    groups: list[SampleGroup] = []
+    SampleGroup.check_fits(sum(r.n for r in requests if isinstance(r.n, int)), engine.capacity, entries=len(requests))
     try:
         for i, r in enumerate(requests):
             try:
-                handles.extend(engine.submit_samples(r))
+                groups.append(engine.submit_samples(r))
             except Exception as exc:
                 unknown = isinstance(exc, UnknownTask | InvalidTaskName)
                 outcome = outcome_of(exc)
@@ -84,24 +79,10 @@ def _submit_all(engine: Engine, metrics: Metrics, requests: list[EngineRequest],
                     raise
                 raise ErrorInContext(exc, context) from exc
     except BaseException:
-        for handle in handles:
+        for handle in flatten(groups):
             handle.cancel()
         raise
-    return handles
-
-
-def owners_of(requests: list[EngineRequest]) -> list[int]:
-    """The request each handle `submit_all` gave for `requests` belongs to (its index in `requests`)."""
-    return [i for i, r in enumerate(requests) for _ in range(r.n)]
-
-
-def by_request(items: list[T], requests: list[EngineRequest]) -> list[list[T]]:
-    """`submit_all`'s handles for `requests` (or their results, in the same order) as one list per request."""
-    out, start = [], 0
-    for r in requests:
-        out.append(items[start:start + r.n])
-        start += r.n
-    return out
+    return groups
 
 
 async def events(handle: RequestHandle, metrics: Metrics) -> AsyncGenerator[Event, None]:

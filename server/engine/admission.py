@@ -21,7 +21,7 @@ from server.engine.grammar import Grammars, ResponseFormat
 from server.engine.pages import PAGE_SIZE
 from server.engine.sampler import make_generator
 from server.engine.scoring import ChoiceScoring
-from server.engine.sequence import MAX_CHOICES, MAX_SAMPLES, MAX_SEED, SamplingParams, Sequence
+from server.engine.sequence import MAX_CHOICES, MAX_SEED, SamplingParams, Sequence
 
 if TYPE_CHECKING:
     from prompt_store.registry import PromptSnapshot
@@ -92,9 +92,7 @@ class Admission:
         """The request's `n` samples, ready to queue, the first first. The others wait until the first has
         computed the text (Sequence.after), then read its pages. A seeded request's sample i draws from seed + i,
         so every sample is repeatable; greedy samples are all the same."""
-        n = request.n
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
-            raise InvalidParameter("n", f"an integer in [1, {MAX_SAMPLES}]", n)
+        n = request.n  # checked by the engine (SampleGroup.check_n)
         if n > 1 and request.choices not in (None, False):
             raise InvalidParameter("n", "1 with choices (scoring has one answer)", n)
         first = self.admit(request)

@@ -31,6 +31,7 @@ from server.engine.memory import default_kv_budget
 from server.engine.model_loader import BaseModel
 from server.engine.pages import PAGE_SIZE
 from server.engine.runner import ModelRunner
+from server.engine.samples import SampleGroup
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence
 
@@ -149,12 +150,11 @@ class Engine:
         tokens; the checks of a generating request. Any thread."""
         return self.admission.tokenize(request)
 
-    def submit_samples(self, request: EngineRequest) -> list[RequestHandle]:
+    def submit_samples(self, request: EngineRequest) -> SampleGroup:
         """Check and queue a request's `n` samples, one handle each; all are queued or none is."""
         if not self._accepting:
             raise EngineStopped()
-        if isinstance(request.n, int) and request.n > self.capacity:  # would never fit: not a retry-later 503
-            raise InvalidParameter("n", f"at most {self.capacity} samples (--max-running + --max-queue)", request.n)
+        SampleGroup.check_fits(SampleGroup.check_n(request.n), self.capacity)
         samples = self.admission.admit_samples(request)
         with self._lock:
             if not self._accepting:
@@ -166,7 +166,7 @@ class Engine:
             self._in_flight += len(samples)
             self._inbox.extend(samples)
             self._lock.notify_all()
-        return [RequestHandle(seq) for seq in samples]
+        return SampleGroup(RequestHandle(seq) for seq in samples)
 
     def stats(self) -> EngineStats:
         kv = self.scheduler.kv

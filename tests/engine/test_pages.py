@@ -149,7 +149,8 @@ def test_a_full_pool_preempts_the_newest_and_it_resumes_by_recomputing(caching):
         assert s.finish_reason == "length" and len(s.output_ids) == 3 * PAGE_SIZE
         streamed = [t for item in s.output if isinstance(item, TokenDelta) for t in item.token_ids]
         assert streamed == s.output_ids  # nothing sent twice
-    assert sched.kv.pool.free + sched.kv.pool.idle_cached == sched.kv.pool.total and (sched.kv.pool.idle_cached > 0) == caching
+    pool = sched.kv.pool
+    assert pool.free + pool.idle_cached == pool.total and (pool.idle_cached > 0) == caching
     assert (read_on_resume > PAGE_SIZE) == caching  # with caching, a resumed request read pages of its own answer
 
 

@@ -73,3 +73,25 @@ def test_more_samples_than_could_ever_be_in_flight_is_a_422_not_a_503(make_engin
     with pytest.raises(InvalidParameter) as caught:
         engine.submit_samples(EngineRequest(TEXT, n=4))
     assert caught.value.param == "n" and "at most 3" in str(caught.value)
+
+
+def test_a_sample_group_counts_its_text_once_and_regroups_what_comes_flat():
+    from server.engine.results import Usage
+    from server.engine.samples import SampleGroup, flatten, owners, regroup
+
+    usage = SampleGroup.usage([Usage(10, 5, 3), Usage(10, 5, 4)])
+    assert usage == Usage(10, 5, 7)
+    groups = [SampleGroup(["a0", "a1"]), SampleGroup(["b0"]), SampleGroup(["c0", "c1", "c2"])]
+    assert flatten(groups) == ["a0", "a1", "b0", "c0", "c1", "c2"]
+    assert owners(groups) == [0, 0, 1, 2, 2, 2]
+    assert regroup([f"result of {h}" for h in flatten(groups)], groups)[2] == ["result of c0", "result of c1",
+                                                                              "result of c2"]
+    for samples, capacity, entries in ((17, 16, 1), (20, 16, 4)):
+        with pytest.raises(InvalidParameter) as caught:
+            SampleGroup.check_fits(samples, capacity, entries=entries)
+        assert caught.value.param == "n"
+    SampleGroup.check_fits(16, 16)
+    SampleGroup.check_fits(30, 16, entries=30)  # a batch of single requests: the batch's own limit decides
+    for bad in (0, 17, True, 2.0):
+        with pytest.raises(InvalidParameter):
+            SampleGroup.check_n(bad)

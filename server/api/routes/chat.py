@@ -47,10 +47,10 @@ async def chat_completions(body: ChatRequest, request: Request, engine: EngineDe
     submission = EngineRequest(task=task, params=params, sent=body.sent(),
                                max_new_tokens_cap=settings.max_new_tokens_cap, response_format=body.engine_format(),
                                n=body.n, conversation=conversation(body.messages))
-    handles = await streaming.submit_all(engine, metrics, [submission], lambda i: context)
+    [group] = await streaming.submit_all(engine, metrics, [submission], lambda i: context)
     reply = _ChatReply(body.model, engine.tokenizer, logprobs=body.logprobs,
                        usage=bool(body.stream_options and body.stream_options.include_usage), n=body.n)
-    return await answer(request, handles, metrics, reply, stream=body.stream)
+    return await answer(request, list(group), metrics, reply, stream=body.stream)
 
 
 def conversation(messages: list[ChatMessage], add_generation_prompt: bool = True) -> Conversation:

@@ -28,6 +28,7 @@ from server.api.streaming import Result, unless_disconnected
 from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter
 from server.engine.results import Completion, TokenDelta
+from server.engine.samples import flatten, owners, regroup
 
 router = APIRouter(tags=["generate"], route_class=JsonRoute)  # needs the API token (server/api/auth.py)
 
@@ -47,8 +48,8 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, m
                                        **body.sampling_kwargs())
     submission = EngineRequest(body.text, body.task, params, body.sent(), settings.max_new_tokens_cap, body.raw,
                                body.choices, response_format=body.engine_format(), n=body.n)
-    handles = await streaming.submit_all(engine, metrics, [submission], lambda i: None)
-    return await answer(request, handles, metrics, _Reply(engine.tokenizer, body.n), stream=body.stream)
+    [group] = await streaming.submit_all(engine, metrics, [submission], lambda i: None)
+    return await answer(request, list(group), metrics, _Reply(engine.tokenizer, body.n), stream=body.stream)
 
 
 def _check_choices_alone(body: GenerateParams) -> None:
@@ -113,9 +114,8 @@ async def generate_batch(body: BatchRequest, request: Request, engine: EngineDep
             raise ErrorInContext(exc, entry(i)) from exc
         submissions.append(EngineRequest(e.text, e.task, params, e.sent(), settings.max_new_tokens_cap, e.raw,
                                          e.choices, response_format=fmt, n=e.n))
-    handles = await streaming.submit_all(engine, metrics, submissions, entry)
+    groups = await streaming.submit_all(engine, metrics, submissions, entry)
     # They all joined the engine's continuous batch (each of an entry's samples too); wait for all, in order.
-    results = await unless_disconnected(request, streaming.all_results(handles, metrics, "requests",
-                                                                       streaming.owners_of(submissions)))
-    return BatchResponse(results=[response_of(mine, engine.tokenizer)
-                                  for mine in streaming.by_request(results, submissions)])
+    results = await unless_disconnected(request, streaming.all_results(flatten(groups), metrics, "requests",
+                                                                       owners(groups)))
+    return BatchResponse(results=[response_of(mine, engine.tokenizer) for mine in regroup(results, groups)])

@@ -28,6 +28,7 @@ from server.api.streaming import Result
 from server.engine.admission import EngineRequest
 from server.engine.errors import InvalidParameter
 from server.engine.results import Completion, TokenDelta, TokenLogprob
+from server.engine.samples import SampleGroup, flatten, owners
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=JsonRoute)  # needs the API token (server/api/auth.py)
 
@@ -87,12 +88,12 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     fmt = body.engine_format()
     submissions = [EngineRequest(str(text), task, params, body.sent(), settings.max_new_tokens_cap, body.raw,
                                  response_format=fmt, n=body.n) for text in prompts]
-    handles = await streaming.submit_all(engine, metrics, submissions, context)
+    groups = await streaming.submit_all(engine, metrics, submissions, context)
     reply = _Reply(body.model, engine.tokenizer, logprobs=body.logprobs is not None,
                    usage=bool(body.stream_options and body.stream_options.include_usage), n=body.n,
                    echo=[str(text) for text in prompts] if body.echo else None)
-    return await answer(request, handles, metrics, reply, stream=body.stream, name="prompt",
-                        owners=streaming.owners_of(submissions))
+    return await answer(request, flatten(groups), metrics, reply, stream=body.stream, name="prompt",
+                        owners=owners(groups))
 
 
 class OpenAIReply(Reply):
@@ -119,8 +120,10 @@ class OpenAIReply(Reply):
     def _usage(self, completions: list[Completion]) -> dict:
         """`completions` in the order of the choices. Each text counts once, as OpenAI counts it (its samples
         share its pages); every choice's tokens count."""
-        prompt = sum(c.usage.prompt_tokens for c in completions[::self.n])
-        completion = sum(c.usage.completion_tokens for c in completions)
+        texts = [SampleGroup.usage([c.usage for c in completions[i:i + self.n]])
+                 for i in range(0, len(completions), self.n)]
+        prompt = sum(u.prompt_tokens for u in texts)
+        completion = sum(u.completion_tokens for u in texts)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def closing(self, completions: list[Completion]) -> list[dict]:
