@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Mapping
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -31,19 +31,22 @@ Result = Completion | ChoiceScores
 Event = TokenDelta | Result
 
 
-def sampling_params(cap: int, *, max_new_tokens: int | None, param_name: str = "max_new_tokens",
+def sampling_params(cap: int, *, max_new_tokens: int | None, names: Mapping[str, str] | None = None,
                     **kw: Any) -> SamplingParams:
-    """SamplingParams under the server's cap on max_new_tokens; every range is checked by SamplingParams."""
+    """SamplingParams under the server's cap on max_new_tokens; every range is checked by SamplingParams, once,
+    and its error names the field as the body does (`names`: SamplingParams field -> the body's name)."""
+    names = names or {}
     if max_new_tokens is None:
         max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, cap)
     elif isinstance(max_new_tokens, int) and max_new_tokens > cap:
-        raise InvalidParameter(param_name, f"an integer in [1, {cap}] (the server's cap)", max_new_tokens)
+        raise InvalidParameter(names.get("max_new_tokens", "max_new_tokens"),
+                               f"an integer in [1, {cap}] (the server's cap)", max_new_tokens)
     try:
         return SamplingParams(max_new_tokens=max_new_tokens, **kw)
     except InvalidParameter as exc:
-        if param_name == "max_new_tokens":
+        if exc.param not in names:
             raise
-        raise ErrorInContext(exc, ErrorContext(rename={"max_new_tokens": param_name})) from exc
+        raise ErrorInContext(exc, ErrorContext(rename=dict(names))) from exc
 
 
 async def submit_all(engine: Engine, metrics: Metrics, requests: list[EngineRequest],

@@ -23,7 +23,6 @@ from server.api.streaming import Result
 from server.engine.admission import EngineRequest
 from server.engine.chat import Conversation
 from server.engine.results import Completion, TokenDelta
-from server.engine.sequence import MAX_LOGPROBS
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=JsonRoute)  # needs the API token (server/api/auth.py)
 
@@ -41,9 +40,10 @@ async def chat_completions(body: ChatRequest, request: Request, engine: EngineDe
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:  # OpenAI's default is "as long as it takes": the server's cap (and the context's end)
         max_tokens = settings.max_new_tokens_cap
+    max_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=max_tokens,
-                                       param_name="max_completion_tokens" if body.max_completion_tokens is not None
-                                       else "max_tokens", **body.sampling_kwargs())
+                                       names={"max_new_tokens": max_name, "logprobs": "top_logprobs"},
+                                       **body.sampling_kwargs())
     submission = EngineRequest(task=task, params=params, sent=body.sent(),
                                max_new_tokens_cap=settings.max_new_tokens_cap, response_format=body.engine_format(),
                                n=body.n, conversation=conversation(body.messages))
@@ -64,9 +64,6 @@ def _refuse_unsupported(body: ChatRequest) -> None:
         *body.unsupported(),
         ("top_logprobs", body.top_logprobs is None or body.logprobs, "absent unless logprobs is true",
          body.top_logprobs),
-        ("top_logprobs", body.top_logprobs is None or (isinstance(body.top_logprobs, int)
-                                                       and 0 <= body.top_logprobs <= MAX_LOGPROBS),
-         f"an integer in [0, {MAX_LOGPROBS}]", body.top_logprobs),
         ("tool_choice", body.tool_choice in (None, "none"), 'absent or "none" (tool calls are not supported)',
          body.tool_choice),
         ("functions", not body.functions, "absent (function calls are not supported)", body.functions),

@@ -77,7 +77,7 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     base = settings.model_name()
     task = None if body.model == base else body.model
     params = streaming.sampling_params(settings.max_new_tokens_cap, max_new_tokens=body.max_tokens,
-                                       param_name="max_tokens", **body.sampling_kwargs(),
+                                       names={"max_new_tokens": "max_tokens"}, **body.sampling_kwargs(),
                                        prompt_logprobs=body.echo and body.logprobs is not None)
 
     def context(i: int) -> ErrorContext:
