@@ -63,7 +63,9 @@ class ResponseFormat:
     @classmethod
     def json_schema(cls, schema: Any) -> ResponseFormat:
         try:
-            text = json.dumps(schema, sort_keys=True, ensure_ascii=False)  # one cache entry per distinct schema
+            # In the order declared: the output's properties follow it (OpenAI and vLLM keep it; a schema may put
+            # "reasoning" before "answer" on purpose). A schema with its keys in another order is another format.
+            text = json.dumps(schema, ensure_ascii=False)
         except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidParameter(PARAM, "a JSON schema", f"{type(exc).__name__}: {exc}") from None
         return cls("json_schema", text)

@@ -20,6 +20,19 @@ SCHEMA = {
 JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "review", "schema": SCHEMA, "strict": True}}
 
 
+def test_properties_keep_the_order_the_schema_declares(oa, llama_server):
+    schema = {"type": "object", "additionalProperties": False, "required": ["zeta", "alpha"],
+              "properties": {"zeta": {"enum": ["last letter"]}, "alpha": {"type": "object", "required": ["y", "b"],
+                                                                         "additionalProperties": False,
+                                                                         "properties": {"y": {"enum": [1]},
+                                                                                        "b": {"enum": [2]}}}}}
+    done = oa.chat.completions.create(
+        model=llama_server.settings.model_name(), messages=[{"role": "user", "content": "JSON please"}],
+        max_tokens=60, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "ordered", "schema": schema}})
+    parsed = json.loads(done.choices[0].message.content)
+    assert list(parsed) == ["zeta", "alpha"] and list(parsed["alpha"]) == ["y", "b"]
+
 
 @pytest.mark.parametrize("temperature", [0, 1.0])
 @pytest.mark.parametrize("stream", [False, True])

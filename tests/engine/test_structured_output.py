@@ -109,3 +109,15 @@ def test_a_schema_is_probed_once_and_each_request_has_a_matcher_of_its_own(make_
         jsonschema.validate(json.loads(handle.result(timeout=120).text), SCHEMA)
     assert probes == [fmt] and list(grammars._verdicts) == [fmt]
     assert len(matchers) == 3  # no budget shared between requests
+
+
+def test_properties_come_out_in_the_order_the_schema_declares_them_nested_too(make_engine):
+    engine = make_engine()
+    schema = {"type": "object", "additionalProperties": False, "required": ["zeta", "alpha", "mid"],
+              "properties": {"zeta": {"enum": ["z"]},
+                             "alpha": {"type": "object", "additionalProperties": False, "required": ["y", "b"],
+                                       "properties": {"y": {"enum": [1]}, "b": {"enum": [2]}}},
+                             "mid": {"enum": [True]}}}
+    done = run(engine, "pt8", ResponseFormat.json_schema(schema), SamplingParams(max_new_tokens=80))
+    parsed = json.loads(done.text)
+    assert list(parsed) == ["zeta", "alpha", "mid"] and list(parsed["alpha"]) == ["y", "b"], done.text
