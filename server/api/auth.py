@@ -78,6 +78,6 @@ class AuthMiddleware:
                 try:
                     check_bearer(Headers(scope=scope).get("authorization", ""), rule)
                 except Unauthorized as exc:
-                    await send_error(send, exc)
+                    await send_error(send, exc, scope["path"])
                     return
         await self.app(scope, receive, send)

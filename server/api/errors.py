@@ -237,9 +237,28 @@ def describe(exc: BaseException, context: ErrorContext | None = None) -> tuple[i
     return 500, error_payload("server_error", "internal error; see the server log", None), {}
 
 
-async def send_error(send: Send, exc: BaseException) -> None:
-    """Answer with `exc` straight from an ASGI middleware, before any route (or the body) is reached."""
+OPENAI_PATHS = "/v1/"
+
+
+def in_openai_shape(status: int, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """OpenAI's contract, for /v1/*: a request the client got wrong is a 400 (the openai client raises
+    BadRequestError), and the error object carries `code` (OpenAI's "model_not_found" for an unknown model)."""
+    error = dict(body["error"])
+    error["code"] = "model_not_found" if status == 404 and error.get("param") == "model" else None
+    return (400 if status == 422 else status), {"error": error}
+
+
+def describe_for(path: str, exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """`describe(exc)` as the API at `path` answers it: OpenAI's shape on /v1/*, promptswap's own elsewhere."""
     status, body, headers = describe(exc)
+    if path.startswith(OPENAI_PATHS):
+        status, body = in_openai_shape(status, body)
+    return status, body, headers
+
+
+async def send_error(send: Send, exc: BaseException, path: str = "") -> None:
+    """Answer with `exc` straight from an ASGI middleware, before any route (or the body) is reached."""
+    status, body, headers = describe_for(path, exc)
     raw = json.dumps(body).encode()
     header_list = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
     header_list += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
@@ -266,7 +285,7 @@ async def handle_error(request: Request, exc: Exception) -> Response:
         if request.method == "OPTIONS":
             return Response(status_code=204, headers=allow)
         exc = StarletteHTTPException(405, f"{request.method} is not allowed here; allowed: {allow['Allow']}", allow)
-    status, body, headers = describe(exc)
+    status, body, headers = describe_for(request.url.path, exc)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -323,7 +342,7 @@ class UnexpectedErrorMiddleware:
             await self.app(scope, receive, tracking_send)
         except Exception as exc:
             if not started:
-                await send_error(send, exc)  # describe() logs it, once
+                await send_error(send, exc, scope.get("path", ""))  # describe() logs it, once
                 return
             # Too late for a status: ending the body would pass a truncated answer off as whole, so
             # the response is left incomplete and uvicorn closes the connection.

@@ -35,7 +35,7 @@ class BodyLimitMiddleware:
         limit = self.limit_for(scope)
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await send_error(send, RequestBodyTooLarge(limit, declared, exact=True))
+            await send_error(send, RequestBodyTooLarge(limit, declared, exact=True), scope["path"])
             return
 
         received = 0

@@ -15,10 +15,11 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from server.api.auth import token_rule
+from server.api.errors import OPENAI_PATHS
 from server.api.schemas import ErrorResponse
 from server.config import Settings
 
-ERROR_DESCRIPTIONS = {
+ERROR_DESCRIPTIONS: dict[int | str, str] = {
     400: "Bad request: a body that cannot be parsed at all (not UTF-8, a malformed multipart form)",
     401: "The bearer token is missing or wrong; checked before the body is read",
     404: "Unknown task (or model)",
@@ -28,6 +29,8 @@ ERROR_DESCRIPTIONS = {
     415: "Unsupported media type; the message names the one to send",
     422: "A field is missing, of the wrong type or out of range, or a task name breaks the naming rules; "
          "`param` names it",
+    "openai-400": "Invalid request, in OpenAI's shape (the openai client raises BadRequestError): a field is "
+                  "missing, of the wrong type or out of range, or the body cannot be parsed; `param` names it",
     500: "Internal error; the details are in the server log",
     503: "Overloaded, still starting (the model is loading: `starting_error`) or shutting down (see Retry-After), "
          "or the prompt directory is read-only or unavailable",
@@ -81,10 +84,13 @@ def _complete(doc: dict[str, Any], settings: Settings) -> None:
             responses.setdefault("500", _error(500))
             if "422" in responses:
                 responses["422"] = _error(422)
+            if path.startswith(OPENAI_PATHS) and "422" in responses:  # OpenAI's contract: an invalid request is a 400
+                del responses["422"]
+                responses["400"] = _error("openai-400")
             operation["responses"] = dict(sorted(responses.items()))
     if secured:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
 
 
-def _error(status: int) -> dict[str, Any]:
+def _error(status: int | str) -> dict[str, Any]:
     return {"description": ERROR_DESCRIPTIONS[status], "content": {"application/json": {"schema": _ERROR_REF}}}

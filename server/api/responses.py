@@ -59,6 +59,10 @@ class Reply(ABC):
         """The events after every request's final one (`completions` in the order of the requests)."""
         return []
 
+    def error(self, exc: BaseException) -> dict:
+        """The event for an error once the stream has started (its status line is sent already)."""
+        return describe(exc)[1]
+
 
 async def answer(request: Request, handles: list[RequestHandle], metrics: Metrics, reply: Reply, *, stream: bool,
                  name: str | None = None, owners: list[int] | None = None) -> Any:
@@ -112,7 +116,7 @@ async def _events(reply: Reply, first: Item, items: AsyncGenerator[Item, None], 
         for data in reply.closing([finished[i] for i in sorted(finished)]):
             yield sse(data)
     except Exception as exc:  # the status line is sent already: report the error in the stream
-        yield sse(describe(exc)[1], event=reply.error_event)
+        yield sse(reply.error(exc), event=reply.error_event)
     finally:
         await items.aclose()
     if reply.done is not None:

@@ -371,6 +371,8 @@ class ErrorDetail(BaseModel):
     param: str | None = Field(description="The request field at fault (text, requests[2].text, task, ...), if any")
     current_version: int | None = Field(None, description="412 only: the task's version now (its ETag unquoted); "
                                                           "null when the task does not exist")
+    code: str | None = Field(None, description="/v1/* only, OpenAI's: model_not_found for an unknown model, else "
+                                               "null")
 
 
 class ErrorResponse(BaseModel):

@@ -197,3 +197,8 @@ def stream_in_background(open_stream) -> tuple[list[dict], threading.Event, thre
 def reference_greedy(llama_dir):
     """greedy(adapter_dir or None, text, n): the shared PEFT reference on the tiny Llama."""
     return PeftReference(llama_dir).greedy
+
+
+def invalid_status(path: str) -> int:
+    """What an invalid request gets: OpenAI's 400 on /v1/*, promptswap's own 422 elsewhere."""
+    return 400 if path.startswith("/v1/") else 422

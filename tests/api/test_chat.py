@@ -92,22 +92,22 @@ def test_chat_logprobs_in_openais_shape(oa, reference):
 
 
 def test_chat_refusals_name_the_field(oa, start_server, gpt2_dir):
-    with pytest.raises(openai.UnprocessableEntityError) as err:
+    with pytest.raises(openai.BadRequestError) as err:
         oa.chat.completions.create(model="chatty", messages=[{"role": "user", "content": "hi"}] * 257)
     assert err.value.body["param"] == "messages"
-    with pytest.raises(openai.UnprocessableEntityError) as err:
+    with pytest.raises(openai.BadRequestError) as err:
         oa.chat.completions.create(model="chatty", messages=MESSAGES, n=17)  # n > 1 is served (test_samples_http)
     assert err.value.body["param"] == "n"
     with pytest.raises(openai.NotFoundError):
         oa.chat.completions.create(model="no-such-task", messages=MESSAGES)
     for extra, param in (({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"tool_choice": "auto"},
                          "tool_choice"), ({"functions": [{"name": "f"}]}, "functions")):
-        with pytest.raises(openai.UnprocessableEntityError) as err:
+        with pytest.raises(openai.BadRequestError) as err:
             oa.chat.completions.create(model="chatty", messages=MESSAGES, extra_body=extra)
         assert err.value.body["param"] == param
     no_template = start_server(model=str(gpt2_dir))
     plain = openai.OpenAI(base_url=f"{no_template.url}/v1", api_key="unused")
-    with pytest.raises(openai.UnprocessableEntityError) as err:
+    with pytest.raises(openai.BadRequestError) as err:
         plain.chat.completions.create(model=no_template.settings.model_name(), messages=MESSAGES)
     assert err.value.body["param"] == "messages" and "chat template" in err.value.body["message"]
     no_template.stop()

@@ -321,6 +321,7 @@ def _builder(base: str, scratch: Path) -> tuple[list[str] | None, list[str]]:
     return None, reasons
 
 
+@pytest.mark.slow  # builds the image
 @pytest.mark.timeout(60 + 3 * PROBE_TIMEOUT_S + BUILD_TIMEOUT_S)
 def test_the_image_builds_where_a_builder_can(instructions, tmp_path):
     base = base_image(instructions)

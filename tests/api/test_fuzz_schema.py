@@ -24,6 +24,8 @@ from schemathesis.specs.openapi.checks import (
 from server.api.app import create_app
 from server.config import Settings
 
+pytestmark = pytest.mark.slow  # fuzzing: schemathesis over a live server
+
 API_TOKEN, ADMIN_TOKEN = "fuzz-api-token", "fuzz-admin-token"
 # Cases per operation with a token: 40 in CI; FUZZ_EXAMPLES=500 for a deeper run by hand.
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))

@@ -32,11 +32,11 @@ def test_text_that_cannot_be_encoded_is_a_422_naming_it(llama_server, path, body
 
 
 @pytest.mark.parametrize(("prompt", "param"), [('"x \\ud800"', "prompt"), ('["ok", "x \\udfff y"]', "prompt[1]")])
-def test_openai_prompts_that_cannot_be_encoded_are_a_422_naming_the_prompt(llama_server, prompt, param):
+def test_openai_prompts_that_cannot_be_encoded_are_a_400_naming_the_prompt(llama_server, prompt, param):
     model = llama_server.settings.model_name()
     with llama_server.client() as c:
         r = post_raw(c, "/v1/completions", f'{{"model": "{model}", "prompt": {prompt}, "max_tokens": 2}}')
-        assert r.status_code == 422 and r.json()["error"]["param"] == param
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
 
 
 class RecordingTokenizer:

@@ -85,26 +85,38 @@ def test_errors_reach_the_client_as_openai_errors(oa, task):
         oa.completions.create(model="no-such-task", prompt=TEXT, max_tokens=2)
     assert "no-such-task" in str(err.value)
     assert err.value.body["param"] == "model" and "`model` is a task name" in err.value.body["message"]
-    with pytest.raises(openai.UnprocessableEntityError) as err:
+    assert err.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as err:
         oa.completions.create(model=task, prompt=TEXT, max_tokens=2, n=17)  # n > 1 is served (test_samples_http)
-    assert err.value.body["param"] == "n"
-    with pytest.raises(openai.UnprocessableEntityError) as err:
+    assert err.value.status_code == 400 and set(err.value.body) == {"message", "type", "param", "code"}
+    assert err.value.body["param"] == "n" and err.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as err:
         oa.completions.create(model=task, prompt=TEXT, max_tokens=100_000)
     assert err.value.body["param"] == "max_tokens"
-    with pytest.raises(openai.UnprocessableEntityError) as err:
+    with pytest.raises(openai.BadRequestError) as err:
         oa.completions.create(model=task, prompt=TEXT, max_tokens=0)
     assert err.value.body["param"] == "max_tokens" and err.value.body["message"].startswith("max_tokens must be")
-    with pytest.raises(openai.UnprocessableEntityError):
+    with pytest.raises(openai.BadRequestError):
         oa.completions.create(model=task, prompt=[1, 2, 3], max_tokens=2)
-    with pytest.raises(openai.UnprocessableEntityError) as err:
+    with pytest.raises(openai.BadRequestError) as err:
         oa.completions.create(model=task, prompt=TEXT, max_tokens=2, logprobs=6)  # OpenAI's range is 0..5
     assert err.value.body["param"] == "logprobs"
-    with pytest.raises(openai.UnprocessableEntityError) as err:
+    with pytest.raises(openai.BadRequestError) as err:
         oa.completions.create(model=task, prompt=TEXT, max_tokens=2, echo=True, stream=True)
     assert err.value.body["param"] == "echo"
-    with pytest.raises(openai.UnprocessableEntityError) as err:
+    with pytest.raises(openai.BadRequestError) as err:
         oa.completions.create(model=task, prompt="", max_tokens=2)
     assert err.value.body["param"] == "prompt"  # the client's name for it, not the engine's `text`
-    with pytest.raises(openai.UnprocessableEntityError) as err:
+    with pytest.raises(openai.BadRequestError) as err:
         oa.completions.create(model=task, prompt=[TEXT, "the end " * 2000], max_tokens=2)
     assert err.value.body["param"] == "prompt[1]"
+
+
+def test_the_openapi_document_says_400_on_openais_endpoints_and_422_on_promptswaps(llama_server):
+    with llama_server.client() as c:
+        paths = c.get("/openapi.json").json()["paths"]
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = paths[path]["post"]["responses"]
+        assert "400" in responses and "422" not in responses, path
+        assert "OpenAI" in responses["400"]["description"]
+    assert "422" in paths["/generate"]["post"]["responses"]

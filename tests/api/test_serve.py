@@ -194,6 +194,7 @@ def test_random_demo_serves_two_tasks_offline(start_server, tmp_path):
         server.stop()
 
 
+@pytest.mark.slow  # a serve process
 def test_secrets_in_the_query_string_never_reach_the_access_log(llama_dir, tmp_path):
     proc, url = start_serve_process(llama_dir, tmp_path, "--log-level", "info", "--api-token", "api-secret")
     try:
@@ -207,6 +208,7 @@ def test_secrets_in_the_query_string_never_reach_the_access_log(llama_dir, tmp_p
     assert "access_token=[redacted]&x=1" in out and "token=[redacted]" in out  # the line itself is still there
 
 
+@pytest.mark.slow  # a serve process
 def test_sigterm_finishes_in_flight_streams_then_exits_zero(llama_dir, tmp_path):
     proc, url = start_serve_process(llama_dir, tmp_path, "--log-level", "warning")
     try:

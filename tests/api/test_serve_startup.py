@@ -21,6 +21,8 @@ import pytest
 
 from tests.serve_process import launch_serve_process, start_serve_process
 
+pytestmark = pytest.mark.slow  # every test starts a `promptswap serve` process
+
 GATE_HOOK = """
 import os, pathlib, time
 import server.model_source as source

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # most tests start a `promptswap serve` process
+
 
 def serve(*flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PROMPTSWAP_", "HF_HUB_OFFLINE"))}

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import pytest
 
+from tests.api.conftest import invalid_status
+
 
 @pytest.fixture
 def client(llama_server):
     with llama_server.client() as c:
         yield c
+
 
 
 BAD_NAME = "bad name!"  # breaks the naming rules: 422 everywhere; a well-formed unknown name is a 404
@@ -32,9 +35,9 @@ def test_no_coercion_between_json_types(client, body, param):
 def test_openai_fields_are_strict_too(client, llama_server):
     model = llama_server.settings.model_name()
     r = client.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": True})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "max_tokens"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"  # OpenAI's status for it
     r = client.post("/v1/completions", json={"model": model, "prompt": "hi", "echo": "no"})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "echo"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
 
 
 def test_openai_names_on_promptswap_endpoints_hint_at_promptswap_names(client, llama_server):
@@ -72,7 +75,8 @@ def test_a_malformed_task_name_is_422_naming_it_on_every_endpoint(client, llama_
         (client.get(f"/v1/models/{BAD_NAME}"), "model"),
     ]
     for r, param in checks:
-        assert r.status_code == 422 and r.json()["error"]["param"] == param, (r.request.url, r.text)
+        assert r.status_code == invalid_status(r.request.url.path), (r.request.url, r.text)
+        assert r.json()["error"]["param"] == param, (r.request.url, r.text)
     for r in (client.post("/generate", json={"task": "well-formed-unknown", "text": "hi"}),
               client.get("/prompts/well-formed-unknown"), client.get("/v1/models/well-formed-unknown")):
         assert r.status_code == 404, r.text
@@ -87,7 +91,7 @@ def test_every_list_has_a_cap(start_server, llama_dir):
             assert r.status_code == 422 and r.json()["error"]["param"] == "requests"
             assert "at most 3" in r.json()["error"]["message"]
             r = c.post("/v1/completions", json={"model": model, "prompt": ["a"] * 4, "max_tokens": 1})
-            assert r.status_code == 422 and r.json()["error"]["param"] == "prompt"
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
             assert c.post("/v1/completions", json={"model": model, "prompt": ["a"] * 3, "max_tokens": 1}).is_success
             r = c.post("/generate", json={"text": "a", "stop": ["x"] * 17})
             assert r.status_code == 422 and r.json()["error"]["param"] == "stop"

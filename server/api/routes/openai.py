@@ -18,7 +18,7 @@ from prompt_store.errors import PromptError
 from server.api import logprobs as logprob_format
 from server.api import streaming
 from server.api.deps import EngineDep, MetricsDep, RegistryDep, SettingsDep
-from server.api.errors import ErrorContext, ErrorInContext
+from server.api.errors import ErrorContext, ErrorInContext, describe, in_openai_shape
 from server.api.json_body import JsonRoute
 from server.api.limits import check_count
 from server.api.openapi import SSE_CONTENT, errors
@@ -128,6 +128,9 @@ class OpenAIReply(Reply):
 
     def closing(self, completions: list[Completion]) -> list[dict]:
         return [{**self._envelope(self.chunk, []), "usage": self._usage(completions)}] if self.include_usage else []
+
+    def error(self, exc: BaseException) -> dict:
+        return in_openai_shape(*describe(exc)[:2])[1]
 
 
 class _Reply(OpenAIReply):
