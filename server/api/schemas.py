@@ -12,7 +12,7 @@ from server.config import Settings
 from server.engine.admission import check_encodable
 from server.engine.errors import InvalidParameter
 from server.engine.grammar import ResponseFormat
-from server.engine.results import ChoiceScores, Completion
+from server.engine.results import ChoiceScores, Completion, Usage
 from server.engine.samples import SampleGroup
 from server.engine.sequence import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -188,6 +188,13 @@ class UsageOut(BaseModel):
     prompt_tokens: int
     virtual_tokens: int
     completion_tokens: int
+    cached_tokens: int = Field(0, description="Of prompt_tokens, those read from the prefix cache (computed by an "
+                                              "earlier request) instead of computed")
+
+    @classmethod
+    def of(cls, usage: Usage) -> UsageOut:
+        return cls(prompt_tokens=usage.prompt_tokens, virtual_tokens=usage.virtual_tokens,
+                   completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens)
 
 
 class AlternativeOut(BaseModel):
@@ -223,10 +230,7 @@ class GenerateResponse(_LogprobsWhenAsked):
     def of(cls, c: Completion, tokenizer: Any = None) -> GenerateResponse:
         return cls(
             task=c.task, text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
-            usage=UsageOut(
-                prompt_tokens=c.usage.prompt_tokens, virtual_tokens=c.usage.virtual_tokens,
-                completion_tokens=c.usage.completion_tokens,
-            ),
+            usage=UsageOut.of(c.usage),
             logprobs=[TokenLogprobOut(**e) for e in logprob_format.native(c.logprobs, tokenizer)]
             if c.logprobs is not None else None,
         )
@@ -253,8 +257,7 @@ class ChoicesResponse(BaseModel):
             task=s.task, best=s.best,
             choices=[ChoiceOut(text=c.text, logprob=c.logprob, mean_logprob=c.mean_logprob, num_tokens=c.num_tokens)
                      for c in s.choices],
-            usage=UsageOut(prompt_tokens=s.usage.prompt_tokens, virtual_tokens=s.usage.virtual_tokens,
-                           completion_tokens=s.usage.completion_tokens),
+            usage=UsageOut.of(s.usage),
         )
 
 
@@ -283,7 +286,7 @@ class SamplesResponse(BaseModel):
             outputs.append(SampleOut(index=i, text=one.text, token_ids=one.token_ids, finish_reason=one.finish_reason,
                                      logprobs=one.logprobs))
         usage = SampleGroup.usage([c.usage for c in completions])
-        return cls(task=first.task, outputs=outputs, usage=UsageOut.model_validate(usage, from_attributes=True))
+        return cls(task=first.task, outputs=outputs, usage=UsageOut.of(usage))
 
 
 def response_of(results: list[Completion | ChoiceScores],

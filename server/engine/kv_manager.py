@@ -114,6 +114,8 @@ class KVManager:
         if self.reads_cache(seq):
             self.cache_queries += seq.num_tokens
             self.cache_hits += len(cached) * PAGE_SIZE
+        if not seq.preemptions:  # what its usage reports: its text's tokens it did not compute
+            seq.cached_tokens = min(len(cached) * PAGE_SIZE, len(seq.prompt_ids))
         self.pool.share(cached)  # before anything is allocated: that could evict them
         seq.pages.extend(cached)
         seq.pages_registered = len(cached)

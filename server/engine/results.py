@@ -14,6 +14,7 @@ class Usage:
     prompt_tokens: int
     virtual_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of the prompt tokens, those read from the prefix cache instead of computed
 
 
 @dataclass(frozen=True, slots=True)

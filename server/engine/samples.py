@@ -63,7 +63,8 @@ class SampleGroup(TypingSequence[RequestHandle]):
         """One text's samples' usage: its prompt and virtual tokens once (they share its pages), every sample's
         generated tokens."""
         first = completions[0]
-        return Usage(first.prompt_tokens, first.virtual_tokens, sum(u.completion_tokens for u in completions))
+        return Usage(first.prompt_tokens, first.virtual_tokens, sum(u.completion_tokens for u in completions),
+                     first.cached_tokens)
 
 
 def flatten(groups: Iterable[SampleGroup]) -> list[RequestHandle]:

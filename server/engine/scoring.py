@@ -107,11 +107,11 @@ class ChoiceScoring:
 
     # -- the result -------------------------------------------------------------------------------
 
-    def result(self, task: str | None, prompt_tokens: int, virtual_tokens: int) -> ChoiceScores:
+    def result(self, task: str | None, prompt_tokens: int, virtual_tokens: int, cached_tokens: int) -> ChoiceScores:
         """Every choice with its log-probability, most likely first (ties keep the request's order)."""
         assert len(self.logprobs) == len(self.choices)
         scores = [ChoiceScore(text, sum(lps), sum(lps) / len(lps), len(lps))
                   for (text, _), lps in zip(self.choices, self.logprobs, strict=True)]
         scores.sort(key=lambda score: score.logprob, reverse=True)
-        usage = Usage(prompt_tokens, virtual_tokens, self.tokens + len(self.choices))
+        usage = Usage(prompt_tokens, virtual_tokens, self.tokens + len(self.choices), cached_tokens)
         return ChoiceScores(task, tuple(scores), usage)

@@ -163,6 +163,7 @@ class Sequence:
     pages_registered: int = 0  # leading pages of `pages` that are in the prefix cache
     prefix: SharedPrefix | None = None  # the task prefix's shared pages while it runs
     preemptions: int = 0
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache when it was first admitted (usage)
     overtaken: int = 0  # admissions of requests behind it while it was first in line (scheduler)
     cancelled: bool = False  # set by the caller's handle; the loop drops the request at its next step
     finish_reason: FinishReason | None = None
@@ -282,7 +283,7 @@ class Sequence:
         tail = text.finish() if text is not None else ""
         if tail:
             self.output.push(TokenDelta(tail, ()))
-        usage = Usage(len(self.prompt_ids), self.num_virtual, len(self.output_ids))
+        usage = Usage(len(self.prompt_ids), self.num_virtual, len(self.output_ids), self.cached_tokens)
         full_text = text.text if text is not None else ""
         asked = self.params.logprobs is not None
         self.output.complete(Completion(
@@ -297,7 +298,7 @@ class Sequence:
         assert self.scoring is not None
         self.status = Status.FINISHED
         self.finish_reason = "length"
-        self.output.complete(self.scoring.result(self.task, len(self.prompt_ids), self.num_virtual))
+        self.output.complete(self.scoring.result(self.task, len(self.prompt_ids), self.num_virtual, self.cached_tokens))
 
     def fail(self, error: BaseException) -> None:
         """End with an error (cancelled, failed, shut down): the caller gets it instead of a result."""

@@ -122,11 +122,12 @@ def test_a_long_system_message_is_computed_once_and_read_by_later_chats(oa, refe
     system = {"role": "system", "content": "You are the station's help desk. " * 12}
     with llama_server.client() as c:
         before = scrape_metrics(c)
-    answers = []
+    answers, cached = [], []
     for question in ("Where is the station?", "When does the last train leave?"):
         messages = [system, {"role": "user", "content": question}]
         done = oa.chat.completions.create(model="chatty", messages=messages, max_tokens=6, temperature=0,
                                           logprobs=True, extra_body={"ignore_eos": True})
+        cached.append(done.usage.prompt_tokens_details.cached_tokens)
         ids = list(tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
                              add_special_tokens=False)["input_ids"])
         assert [e.token for e in done.choices[0].logprobs.content] == [tokenizer.decode([t])
@@ -138,6 +139,7 @@ def test_a_long_system_message_is_computed_once_and_read_by_later_chats(oa, refe
     queries = (after[("promptswap_prefix_cache_queries_total", ())]
                - before.get(("promptswap_prefix_cache_queries_total", ()), 0))
     assert queries == sum(answers) and hits >= 4 * 16  # the system message's pages, read by the second
+    assert sum(cached) == hits and cached[1] >= 4 * 16  # OpenAI's usage says the same, request by request
 
 
 def test_a_task_may_carry_the_chat_system_message_its_conversations_get_when_they_bring_none(oa, llama_server):

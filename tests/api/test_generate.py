@@ -43,7 +43,7 @@ def test_base_model_response_shape_and_defaults(llama_server, client):
     assert len(body["token_ids"]) == 64  # the documented default max_new_tokens
     # The continuation only, tokenized exactly as tokenizer(text) does it.
     assert body["usage"] == {"prompt_tokens": len(llama_server.tokenizer(TEXT)["input_ids"]),
-                             "virtual_tokens": 0, "completion_tokens": 64}
+                             "virtual_tokens": 0, "completion_tokens": 64, "cached_tokens": 0}
     assert body["text"] == llama_server.tokenizer.decode(body["token_ids"])
 
 

@@ -255,6 +255,7 @@ def test_concurrent_streams_of_one_task_during_replace(llama_server, adapters):
     for events in results:
         assert events[-1]["finish_reason"] == "length"
         assert events[-1]["usage"] == {"prompt_tokens": events[-1]["usage"]["prompt_tokens"],
-                                       "virtual_tokens": 5, "completion_tokens": 40}
+                                       "virtual_tokens": 5, "completion_tokens": 40,
+                                       "cached_tokens": events[-1]["usage"]["cached_tokens"]}
         assert sum(len(e["token_ids"]) for e in events[:-1]) == 40
 

@@ -127,7 +127,8 @@ def test_generate_answers_every_sample_in_outputs(client, task):
         assert out == {"index": i, "text": single["text"], "token_ids": single["token_ids"],
                        "finish_reason": "length"}  # no logprobs unless asked
     assert answer["usage"] == {"prompt_tokens": singles[0]["usage"]["prompt_tokens"],
-                               "virtual_tokens": singles[0]["usage"]["virtual_tokens"], "completion_tokens": 10}
+                               "virtual_tokens": singles[0]["usage"]["virtual_tokens"], "completion_tokens": 10,
+                               "cached_tokens": answer["usage"]["cached_tokens"]}
     assert answer["usage"]["virtual_tokens"] == 3
     asked = client.post("/generate", json={**body, "n": 2, "logprobs": 1}).json()
     assert [len(o["logprobs"]) for o in asked["outputs"]] == [5, 5]

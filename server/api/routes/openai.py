@@ -124,7 +124,9 @@ class OpenAIReply(Reply):
                  for i in range(0, len(completions), self.n)]
         prompt = sum(u.prompt_tokens for u in texts)
         completion = sum(u.completion_tokens for u in texts)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = sum(u.cached_tokens for u in texts)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def closing(self, completions: list[Completion]) -> list[dict]:
         return [{**self._envelope(self.chunk, []), "usage": self._usage(completions)}] if self.include_usage else []
