@@ -84,8 +84,8 @@ def _complete(doc: dict[str, Any], settings: Settings) -> None:
             responses.setdefault("500", _error(500))
             if "422" in responses:
                 responses["422"] = _error(422)
-            if path.startswith(OPENAI_PATHS) and "422" in responses:  # OpenAI's contract: an invalid request is a 400
-                del responses["422"]
+            if path.startswith(OPENAI_PATHS):  # OpenAI's contract: an invalid request is a 400
+                responses.pop("422", None)
                 responses["400"] = _error("openai-400")
             operation["responses"] = dict(sorted(responses.items()))
     if secured:

@@ -8,6 +8,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from server.api import logprobs as logprob_format
+from server.api.errors import ErrorContext, ErrorInContext
 from server.config import Settings
 from server.engine.admission import check_encodable
 from server.engine.errors import InvalidParameter
@@ -17,6 +18,7 @@ from server.engine.samples import SampleGroup
 from server.engine.sequence import (
     DEFAULT_MAX_NEW_TOKENS,
     MAX_CHOICES,
+    MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_SAMPLES,
     MAX_STOP_CHARS,
@@ -114,6 +116,48 @@ class ResponseFormatBody(BaseModel):
         if not self.pattern:
             raise InvalidParameter("response_format.pattern", 'a regular expression with type "regex"', self.pattern)
         return ResponseFormat("regex", self.pattern)
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` (an extra body field): exactly one of json, regex, choice or grammar."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="A JSON schema (an object, or its "
+                                                                                "JSON text)")
+    regex: str | None = Field(None, description="A regular expression the whole output matches")
+    choice: list[str] | None = Field(None, description="The output is exactly one of these strings")
+    grammar: str | None = Field(None, description="A grammar the output follows: Lark, or GBNF/EBNF (`::=` rules)")
+    structural_tag: Any = Field(None, description="Not supported: refused")
+
+    def to_engine(self) -> tuple[str, ResponseFormat]:
+        """(the field's name for errors, the engine's ResponseFormat)."""
+        given = [name for name in ("json", "regex", "choice", "grammar", "structural_tag")
+                 if getattr(self, "json_" if name == "json" else name) is not None]
+        if len(given) != 1:
+            raise InvalidParameter("structured_outputs", "exactly one of json, regex, choice or grammar",
+                                   given or "none")
+        [name] = given
+        param = f"structured_outputs.{name}"
+        check_json_text(self.model_dump(by_alias=True, exclude_none=True), "structured_outputs")
+        try:
+            if name == "structural_tag":
+                raise InvalidParameter(param, "absent (structural tags are not supported; use json, regex, choice "
+                                       "or grammar)", "a structural tag")
+            if name == "json":
+                schema = self.json_
+                if isinstance(schema, str):
+                    try:
+                        schema = json.loads(schema)
+                    except ValueError as exc:
+                        raise InvalidParameter(param, "a JSON schema (an object, or its JSON text)",
+                                               str(exc)) from None
+                return param, ResponseFormat.json_schema(schema)
+            if name == "choice":
+                return param, ResponseFormat.choice(self.choice)
+            return param, ResponseFormat(name, getattr(self, name))  # type: ignore[arg-type]  # regex or grammar
+        except InvalidParameter as exc:
+            raise ErrorInContext(exc, ErrorContext(rename={"response_format": param})) from exc
 
 
 class StrictResponseFormatBody(ResponseFormatBody):
@@ -329,11 +373,16 @@ class _OpenAIBody(_Sampling, BaseModel):
     seed: int | None = None
     presence_penalty: float = Field(0.0, description=_PRESENCE_HELP)
     frequency_penalty: float = Field(0.0, description=_FREQUENCY_HELP)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(
+        None, description="OpenAI's: token id (as a string) -> a bias in [-100, 100] added to its logit, at most "
+                          f"{MAX_LOGIT_BIAS} tokens")
     user: str | None = None
     response_format: ResponseFormatBody | None = Field(
         None, description='Structured output: {"type": "text"} (the default), {"type": "json_object"} or '
         '{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}')
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's structured output (an extra body field): one of json (a schema), regex, choice (a "
+                          "list of strings) or grammar (Lark or GBNF); not with response_format")
     # Extensions, as vLLM names them.
     top_k: int = 0
     ignore_eos: bool = False
@@ -349,8 +398,30 @@ class _OpenAIBody(_Sampling, BaseModel):
     def unsupported(self) -> list[tuple[str, bool, str, object]]:
         """(field, holds, what it must be, what was sent) for what neither endpoint honours."""
         return [
-            ("logit_bias", not self.logit_bias, "absent (logit bias is not supported)", self.logit_bias),
+            ("structured_outputs", self.structured_outputs is None or self.response_format is None
+             or self.response_format.type == "text", "absent with a response_format", "both"),
         ]
+
+    def format_param(self) -> str:
+        """The field a format's error names: response_format, or the structured_outputs key used."""
+        if self.structured_outputs is None:
+            return "response_format"
+        return self.structured_outputs.to_engine()[0]
+
+    def engine_format(self) -> ResponseFormat | None:
+        if self.structured_outputs is not None:
+            return self.structured_outputs.to_engine()[1]
+        return super().engine_format()
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        kwargs = super().sampling_kwargs()
+        bias = []
+        for key, value in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise InvalidParameter("logit_bias", "token ids (as strings of digits) as keys", key)
+            bias.append((int(key), value))
+        kwargs["logit_bias"] = tuple(sorted(bias))
+        return kwargs
 
 
 class CompletionRequest(_OpenAIBody):

@@ -78,7 +78,8 @@ class Admission:
     """Checks a request against the model, its task and the KV budget; builds its Sequence."""
 
     def __init__(self, tokenizer: Any, tasks: TaskSource, max_context: int, scheduler: Scheduler,
-                 grammars: Grammars) -> None:
+                 grammars: Grammars, vocab_size: int) -> None:
+        self.vocab_size = vocab_size  # the model's logits: what a logit bias may name
         self.tokenizer = tokenizer
         self.tasks = tasks
         self.max_context = max_context
@@ -114,6 +115,10 @@ class Admission:
         snapshot = self.tasks.get(request.task) if request.task is not None else None  # UnknownTask
         params = with_task_defaults(request.params, snapshot.defaults if snapshot is not None else None,
                                     request.sent, request.max_new_tokens_cap)
+        for token, _ in params.logit_bias:
+            if token >= self.vocab_size:
+                raise InvalidParameter("logit_bias", f"token ids below the model's vocabulary size {self.vocab_size}",
+                                       token)
         text = self.text_ids(request, snapshot)
         num_virtual, prompt_ids = text.virtual_tokens, text.ids
         used = num_virtual + len(prompt_ids)

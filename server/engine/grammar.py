@@ -38,7 +38,7 @@ import torch
 
 from server.engine.errors import InvalidParameter, check_encodable
 
-FormatKind = Literal["json_object", "json_schema", "regex"]
+FormatKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
 MAX_SPEC_CHARS = 64 * 1024  # a schema or pattern longer than this is refused before it is compiled
 COMPILE_WORKERS = 2  # formats compiled at once; more wait their turn (each is bounded by llguidance's limits)
 PROBE_STEPS = 4  # masks the probe computes along one path before a format is accepted
@@ -50,12 +50,14 @@ INITIAL_LEXER_FUEL = 200_000
 # cannot wander into newlines forever). A schema's own "x-guidance" options still win.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 PARAM = "response_format"
+MAX_FORMAT_CHOICES = 1024
 
 
 @dataclass(frozen=True, slots=True)
 class ResponseFormat:
-    """What a request's output must match: any JSON object, JSON valid for `spec` (a schema, as JSON text), or
-    the regular expression `spec`."""
+    """What a request's output must match: any JSON object, JSON valid for `spec` (a schema, as JSON text), the
+    regular expression `spec`, one of the strings of `spec` (a JSON list: vLLM's `choice`), or the grammar `spec`
+    (Lark, or GBNF/EBNF with `::=` rules: vLLM's `grammar`)."""
 
     kind: FormatKind
     spec: str = ""
@@ -80,9 +82,17 @@ class ResponseFormat:
     def nbytes(self) -> int:
         return len(self.spec.encode())
 
+    @classmethod
+    def choice(cls, choices: Any) -> ResponseFormat:
+        if (not isinstance(choices, list) or not choices or len(choices) > MAX_FORMAT_CHOICES
+                or not all(isinstance(c, str) and c for c in choices)):
+            raise InvalidParameter(PARAM, f"a list of 1..{MAX_FORMAT_CHOICES} non-empty strings", choices)
+        return cls("choice", json.dumps(choices, ensure_ascii=False))
+
     @property
     def what(self) -> str:
-        return {"regex": "a regular expression", "json_schema": "a JSON schema"}.get(self.kind, "a format")
+        return {"regex": "a regular expression", "json_schema": "a JSON schema", "grammar": "a grammar (Lark or GBNF)",
+                "choice": "a list of choices"}.get(self.kind, "a format")
 
 
 class FormatBroken(InvalidParameter):
@@ -230,6 +240,15 @@ class Grammars:
 
         if fmt.kind == "regex":
             return str(LLMatcher.grammar_from_regex(fmt.spec))
+        if fmt.kind == "choice":  # each choice a string literal of a one-rule grammar (JSON's escapes are Lark's)
+            return str(LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in json.loads(fmt.spec))))
+        if fmt.kind == "grammar":
+            from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+
+            try:
+                return str(LLMatcher.grammar_from_lark(any_to_lark(fmt.spec)))
+            except (GbnfToLarkError, ValueError) as exc:
+                raise InvalidParameter(PARAM, fmt.what, str(exc)[:1000]) from None
         schema = json.loads(fmt.spec) if fmt.kind == "json_schema" else {"type": "object"}
         if not isinstance(schema, dict):
             raise InvalidParameter(PARAM, "a JSON schema (an object)", type(schema).__name__)

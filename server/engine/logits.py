@@ -92,7 +92,7 @@ def _shaped(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
     Repetition: transformers' RepetitionPenaltyLogitsProcessor over the text's and the generated tokens (a
     positive logit divided by the penalty, a negative one multiplied). Presence and frequency: OpenAI's and
     vLLM's, over the generated tokens only (each seen token's logit lowered by presence, and by frequency times
-    its count)."""
+    its count). Logit bias: OpenAI's, each listed token's logit raised or lowered by its bias."""
     p = seq.params
     if not p.penalized and seq.grammar is None:
         return row
@@ -105,6 +105,9 @@ def _shaped(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
         counts = torch.bincount(torch.tensor(seq.output_ids, device=out.device), minlength=out.shape[-1])
         counts = counts[:out.shape[-1]].to(out.dtype)
         out -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(out.dtype)
+    if p.logit_bias:  # OpenAI's: added to the token's logit (ids past the model's logits checked at admission)
+        ids, values = zip(*p.logit_bias, strict=True)
+        out[torch.tensor(ids, device=out.device)] += torch.tensor(values, dtype=out.dtype, device=out.device)
     if seq.grammar is not None:
         seq.grammar.mask(out)
     return out

@@ -93,7 +93,7 @@ class Engine:
         grammars = Grammars(self.tokenizer, vocab_size, self.scheduler.eos_ids,
                             cache_bytes=self.config.format_cache_bytes,
                             compile_timeout_s=self.config.format_compile_timeout_s)
-        self.admission = Admission(self.tokenizer, tasks, self.max_context, self.scheduler, grammars)
+        self.admission = Admission(self.tokenizer, tasks, self.max_context, self.scheduler, grammars, vocab_size)
         self._inbox: list[Sequence] = []  # submitted, not yet seen by the loop (guarded by _lock)
         # Submitted and not yet finished, wherever they are (inbox, waiting, running); guarded by _lock.
         # Admission counts this one number: the loop moves requests between its queues without the lock.

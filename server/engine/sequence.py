@@ -38,6 +38,7 @@ MAX_SEED = 2**63 - 1
 MAX_CHOICES = 64  # choices one request may score
 MAX_LOGPROBS = 20  # alternatives reported per token
 MAX_SAMPLES = 16  # n: samples of one text
+MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI's cap)
 # A sane positive range (transformers asks a positive float, vLLM > 0): a logit divided by at most 100 or
 # multiplied by at most 10 stays finite in float32, where penalties are applied; 1e-38 overflowed to inf.
 MIN_REPETITION_PENALTY = 0.01
@@ -71,6 +72,8 @@ class SamplingParams:
     # OpenAI's and vLLM's, over the generated tokens: logit - presence * [seen] - frequency * count (0: none)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # OpenAI's logit_bias: (token id, bias in [-100, 100]) added to the token's logit before sampling
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, 1, None)
@@ -100,6 +103,16 @@ class SamplingParams:
             value = getattr(self, name)
             if not _is_number(value) or not (-2.0 <= value <= 2.0):
                 raise InvalidParameter(name, "a number in [-2, 2]", value)
+        bias = self.logit_bias
+        if not isinstance(bias, tuple) or len(bias) > MAX_LOGIT_BIAS:
+            raise InvalidParameter("logit_bias", f"at most {MAX_LOGIT_BIAS} token ids with a bias each",
+                                   len(bias) if isinstance(bias, tuple) else bias)
+        for entry in bias:
+            token, value = entry if isinstance(entry, tuple) and len(entry) == 2 else (None, None)
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise InvalidParameter("logit_bias", "token ids (integers >= 0) as keys", token)
+            if not _is_number(value) or not -100.0 <= value <= 100.0:
+                raise InvalidParameter(f"logit_bias.{token}", "a number in [-100, 100]", value)
         if self.prompt_logprobs and self.logprobs is None:
             raise InvalidParameter("logprobs", "a number of alternatives when prompt log-probabilities are asked",
                                    None)
@@ -110,7 +123,8 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+        return (self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+                or bool(self.logit_bias))
 
 
 def _is_number(value: object) -> bool:

@@ -23,6 +23,9 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+GENERATE = "operations-generate-generate_generate_post"  # Swagger UI's id of POST /generate's block
+LIVE = ".live-responses-table tr.response"  # the answer Swagger UI got
+
 
 @pytest.fixture
 def browser():
@@ -56,7 +59,7 @@ def requested_hosts(driver) -> set[str]:
 def test_swagger_ui_renders_and_try_it_out_runs_generate(browser, llama_server):
     browser.get(f"{llama_server.url}/docs")
     wait = WebDriverWait(browser, 60)
-    block = wait.until(expected_conditions.presence_of_element_located((By.ID, "operations-generate-generate_generate_post")))
+    block = wait.until(expected_conditions.presence_of_element_located((By.ID, GENERATE)))
     operations = browser.find_elements(By.CSS_SELECTOR, ".opblock")
     assert len(operations) >= 10  # every operation rendered
     block.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
@@ -65,9 +68,9 @@ def test_swagger_ui_renders_and_try_it_out_runs_generate(browser, llama_server):
     body.clear()
     body.send_keys(json.dumps({"text": "Hello from the docs page", "max_new_tokens": 4}))
     block.find_element(By.CSS_SELECTOR, ".execute").click()
-    status = wait.until(lambda _: block.find_elements(By.CSS_SELECTOR, ".live-responses-table tr.response .response-col_status"))
+    status = wait.until(lambda _: block.find_elements(By.CSS_SELECTOR, f"{LIVE} .response-col_status"))
     assert status[0].text.strip().startswith("200"), status[0].text
-    answer = block.find_element(By.CSS_SELECTOR, ".live-responses-table tr.response .response-col_description pre").text
+    answer = block.find_element(By.CSS_SELECTOR, f"{LIVE} .response-col_description pre").text
     assert json.loads(answer)["usage"]["completion_tokens"] == 4
     assert requested_hosts(browser) == {urlparse(llama_server.url).netloc}  # nothing off the server
 

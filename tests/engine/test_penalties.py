@@ -71,3 +71,41 @@ def test_penalties_are_range_checked(field, value):
     with pytest.raises(InvalidParameter) as caught:
         SamplingParams(**{field: value})
     assert caught.value.param == field
+
+
+@pytest.mark.parametrize("task", [None, "pt8", "prefix16"])
+def test_logit_bias_greedy_tokens_equal_peft_with_the_bias_added_and_neighbours_are_untouched(make_engine, reference,
+                                                                                              task):
+    peft = reference.peft
+    model = peft.model(None if task is None else reference.adapter_dirs[task])
+    ids = list(peft.tokenizer(TEXT)["input_ids"])
+    plain = greedy(model, ids, STEPS)
+    bias = ((plain[0], -100.0), (plain[1], -5.0), (7, 3.5))  # the first pick banned: the answer must change
+
+    def biased(x, logits, out):
+        for token, value in bias:
+            logits[0, token] += value
+        return logits
+
+    engine = make_engine(max_running=8)
+    handle = engine.submit(EngineRequest(TEXT, task=task, params=SamplingParams(
+        max_new_tokens=STEPS, ignore_eos=True, logit_bias=bias)))
+    beside = engine.submit(EngineRequest(TEXT, task=task, params=SamplingParams(max_new_tokens=STEPS,
+                                                                                ignore_eos=True)))
+    got = list(handle.result(timeout=120).token_ids)
+    assert got == greedy(model, ids, STEPS, biased) and got[0] != plain[0]
+    assert list(beside.result(timeout=120).token_ids) == plain
+
+
+@pytest.mark.parametrize(("bias", "param"), [(((1, 101.0),), "logit_bias.1"), (((-1, 1.0),), "logit_bias"),
+                                             (tuple((i, 1.0) for i in range(301)), "logit_bias")])
+def test_logit_bias_is_checked(bias, param):
+    with pytest.raises(InvalidParameter) as caught:
+        SamplingParams(logit_bias=bias)
+    assert caught.value.param == param
+
+
+def test_a_logit_bias_past_the_vocabulary_is_refused_at_admission(make_engine):
+    engine = make_engine()
+    with pytest.raises(InvalidParameter, match="vocabulary size"):
+        engine.submit(EngineRequest(TEXT, params=SamplingParams(logit_bias=((10**6, 1.0),))))

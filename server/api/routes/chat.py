@@ -26,7 +26,7 @@ from server.engine.results import Completion, TokenDelta
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=JsonRoute)  # needs the API token (server/api/auth.py)
 
-@router.post("/chat/completions", responses={**errors(404, 415, 422, 503), 200: {
+@router.post("/chat/completions", responses={**errors(400, 404, 415, 503), 200: {
     "description": "OpenAI's chat.completion object; with `stream: true`, chat.completion.chunk server-sent "
                    "events ending in `data: [DONE]`",
     "content": {"application/json": {"schema": {"type": "object"}}, **SSE_CONTENT}}})
@@ -35,7 +35,8 @@ async def chat_completions(body: ChatRequest, request: Request, engine: EngineDe
     _refuse_unsupported(body)
     base = settings.model_name()
     task = None if body.model == base else body.model
-    context = ErrorContext(rename={"task": "model", "text": "messages"},
+    fmt = body.engine_format()
+    context = ErrorContext(rename={"task": "model", "text": "messages", "response_format": body.format_param()},
                            hints={"model": f"`model` is a task name or {base!r} for the base model"})
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:  # OpenAI's default is "as long as it takes": the server's cap (and the context's end)
@@ -45,7 +46,7 @@ async def chat_completions(body: ChatRequest, request: Request, engine: EngineDe
                                        names={"max_new_tokens": max_name, "logprobs": "top_logprobs"},
                                        **body.sampling_kwargs())
     submission = EngineRequest(task=task, params=params, sent=body.sent(),
-                               max_new_tokens_cap=settings.max_new_tokens_cap, response_format=body.engine_format(),
+                               max_new_tokens_cap=settings.max_new_tokens_cap, response_format=fmt,
                                n=body.n, conversation=conversation(body.messages))
     [group] = await streaming.submit_all(engine, metrics, [submission], lambda i: context)
     reply = _ChatReply(body.model, engine.tokenizer, logprobs=body.logprobs,

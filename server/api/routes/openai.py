@@ -53,7 +53,7 @@ def list_models(request: Request, settings: SettingsDep, registry: RegistryDep) 
     return {"object": "list", "data": cards}
 
 
-@router.get("/models/{model}", responses=errors(404, 422))
+@router.get("/models/{model}", responses=errors(400, 404))
 def get_model(model: str, request: Request, settings: SettingsDep, registry: RegistryDep) -> dict:
     base = settings.model_name()
     if model == base:
@@ -65,7 +65,7 @@ def get_model(model: str, request: Request, settings: SettingsDep, registry: Reg
     return _model_card(model, desc.created_at, base, desc)
 
 
-@router.post("/completions", responses={**errors(404, 415, 422, 503), 200: {
+@router.post("/completions", responses={**errors(400, 404, 415, 503), 200: {
     "description": "OpenAI's text_completion object; with `stream: true`, server-sent events ending in "
                    "`data: [DONE]`",
     "content": {"application/json": {"schema": {"type": "object"}}, **SSE_CONTENT}}})
@@ -80,12 +80,14 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
                                        names={"max_new_tokens": "max_tokens"}, **body.sampling_kwargs(),
                                        prompt_logprobs=body.echo and body.logprobs is not None)
 
+    fmt = body.engine_format()
+
     def context(i: int) -> ErrorContext:
         # OpenAI's names for the engine's: the task is the `model`, the text is the prompt.
-        return ErrorContext(rename={"task": "model", "text": f"prompt[{i}]" if len(prompts) > 1 else "prompt"},
+        return ErrorContext(rename={"task": "model", "text": f"prompt[{i}]" if len(prompts) > 1 else "prompt",
+                                    "response_format": body.format_param()},
                             hints={"model": f"`model` is a task name or {base!r} for the base model"})
 
-    fmt = body.engine_format()
     submissions = [EngineRequest(str(text), task, params, body.sent(), settings.max_new_tokens_cap, body.raw,
                                  response_format=fmt, n=body.n) for text in prompts]
     groups = await streaming.submit_all(engine, metrics, submissions, context)
