@@ -101,6 +101,7 @@ class Engine:
         self._lock = threading.Condition()
         self._accepting = True
         self._stop = False
+        self.steps = 0  # steps run so far (benchmarks count them)
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -220,6 +221,7 @@ class Engine:
     def step(self) -> None:
         """One step: schedule -> run -> process the logits -> postprocess (then, idle, give storage back). What
         fails for one request (its prefix, its forward pass, its logits) ends that request alone."""
+        self.steps += 1
         scheduled = self.scheduler.schedule()
         output = self.executor.run(scheduled)
         self.scheduler.postprocess(logits.process(output))
