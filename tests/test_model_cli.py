@@ -15,6 +15,7 @@ def no_model_from_the_environment(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.mark.slow  # builds and loads the random demo
 def test_it_prints_the_random_demos_directory_which_transformers_loads(tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -49,6 +49,7 @@ def test_every_file_parses_and_kustomize_lists_them(docs):
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "Secret"} <= set(docs)
 
 
+@pytest.mark.slow  # a live server
 def test_probes_use_the_real_endpoints_on_the_served_port(container):
     env = {e["name"]: e.get("value") for e in container["env"]}
     (port,) = container["ports"]

@@ -21,6 +21,8 @@ from server.engine.model_loader import load_base_model
 from server.engine.sequence import SamplingParams
 from tests.peft_reference import greedy, load_reference
 
+pytestmark = pytest.mark.slow  # eight more architectures; the quick tier keeps the tiny Llama
+
 SHAPE = dict(vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=512, initializer_range=0.2)
 GQA = dict(num_key_value_heads=2)

@@ -86,6 +86,7 @@ def test_a_new_upload_of_the_same_weights_recomputes_nothing(make_engine, regist
     assert engine.stats().prompt_cache_misses == 1 and engine.stats().prompt_cache_hits == 2
 
 
+@pytest.mark.slow
 def test_a_long_request_no_longer_throttles_short_ones(make_engine):
     # Budget for about 3 requests at their maximum (the old rule), but all 8 run at once.
     probe = make_engine()
@@ -108,6 +109,7 @@ def test_a_budget_below_one_page_is_refused_naming_the_setting(make_engine):
     assert make_engine(kv_cache_bytes=2 * page).stats().kv_pages_total == 1
 
 
+@pytest.mark.slow
 def test_what_a_page_held_before_never_reaches_its_next_owner(make_engine, reference):
     engine = make_engine()
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)

@@ -115,6 +115,7 @@ def test_threads_for_gives_the_threads_back():
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_the_interop_pool_is_sized_once_before_torch_works():
     # A fresh process: torch allows it once per process, and this one's pool may have started already.
     code = ("import torch; from server.engine.threads import limit_interop_threads as limit; "

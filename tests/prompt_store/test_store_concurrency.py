@@ -6,6 +6,7 @@ import hashlib
 import random
 import threading
 
+import pytest
 import torch
 
 from prompt_store import PromptRegistry, UnknownTask
@@ -15,6 +16,7 @@ def _sha(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_threads_hammer_one_task(tiny_geometry, make_file, tmp_path):
     registry = PromptRegistry(tiny_geometry, tmp_path)
     bystander, _ = registry.put("bystander", make_file(torch.full((2, 64), -1.0)))

@@ -12,6 +12,7 @@ import tempfile
 import tracemalloc
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -19,6 +20,8 @@ from hypothesis import strategies as st
 from prompt_store import PromptError, PromptRegistry
 from prompt_store.format import read_prompt
 from tests.prompt_store.conftest import TINY
+
+pytestmark = pytest.mark.slow  # fuzzing: hypothesis
 
 FLOAT_CODES = {"F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2)}
 ODD_CODES = ["F64", "I8", "U8", "I64", "BOOL", "F8_E4M3", "C64", "", "f32", "F32 "]

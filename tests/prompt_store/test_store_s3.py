@@ -15,6 +15,8 @@ from prompt_store import PreconditionFailed, Preconditions, PromptRegistry, Stor
 from prompt_store.backends.s3 import CHANGES, TOMBSTONES, ObjectStore, parse_url
 from tests.object_store import TcpProxy, moto_in_process, new_bucket, s3_client
 
+pytestmark = pytest.mark.slow  # a real S3 server (moto), and processes
+
 pytest.importorskip("boto3")
 
 
