@@ -184,13 +184,20 @@ class Engine:
     # -- the loop (engine thread only) ---------------------------------------------------------
 
     def _loop(self, ready: threading.Event) -> None:
+        adaptive = None
         try:
             taken = threads.take_threads(self.config.threads)
             log.info("engine: %d CPU threads for the model (%s)", taken, "--threads" if self.config.threads else
-                     "the cores this process may use, affinity and cgroup quota; --threads sets it")
+                     "the cores this process may use, affinity and cgroup quota, fewer while other processes "
+                     "use them; --threads sets it")
+            if self.config.threads is None and self.base.device.type == "cpu":
+                adaptive = threads.AdaptiveThreads(taken)
         finally:
             ready.set()  # start() waits for this; never leave it hanging
         while True:
+            if adaptive is not None and (count := adaptive.adjust()) is not None:
+                log.info("engine: %d CPU thread(s) now: other processes use this process's cores",
+                         threads.take_threads(count))
             with self._lock:
                 while not self._stop and not self._inbox and not self.scheduler.has_work():
                     self._lock.wait()

@@ -122,3 +122,64 @@ def test_the_interop_pool_is_sized_once_before_torch_works():
             "assert limit(1) and torch.get_num_interop_threads() == 1; assert not limit(2)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_engine_gives_up_a_core_per_core_other_processes_take():
+    from server.engine.threads import AdaptiveThreads
+
+    adaptive = AdaptiveThreads(limit=8, watch=FakeWatch([]))
+    assert [adaptive.target(others) for others in (0.0, 0.4, 0.6, 1.4, 1.6, 3.2, 7.9, 20)] == [8, 8, 7, 7, 6, 5, 1, 1]
+    assert AdaptiveThreads(limit=2, watch=FakeWatch([])).target(2.0) == 1
+
+
+class FakeWatch:
+    def __init__(self, readings):
+        self.readings = list(readings)
+
+    def others_busy(self):
+        return self.readings.pop(0) if self.readings else None
+
+
+def test_it_changes_the_count_only_when_the_load_does_and_at_most_once_a_period(monkeypatch):
+    from server.engine import threads
+
+    clock = [100.0]
+    monkeypatch.setattr(threads.time, "monotonic", lambda: clock[0])
+    adaptive = threads.AdaptiveThreads(limit=2, watch=FakeWatch([2.0, 1.9, 0.1, None]), every_s=1.0,
+                                       first_look_s=1.0)
+    assert adaptive.adjust() is None  # not yet a period
+    clock[0] += 1.0
+    assert adaptive.adjust() == 1  # both cores busy with others: one thread
+    assert adaptive.adjust() is None  # within the period: not looked at
+    clock[0] += 1.0
+    assert adaptive.adjust() is None  # still busy: unchanged
+    clock[0] += 1.0
+    assert adaptive.adjust() == 2  # quiet again
+    clock[0] += 1.0
+    assert adaptive.adjust() is None  # unreadable: as it was
+
+
+def test_the_core_watch_reads_other_processes_from_the_kernels_counters(tmp_path, monkeypatch):
+    from server.engine import threads
+
+    clock = [50.0]
+    monkeypatch.setattr(threads.time, "monotonic", lambda: clock[0])
+    (tmp_path / "self").mkdir()
+    allowed = sorted(os.sched_getaffinity(0))
+
+    def write(busy_ticks: int, own_ticks: int) -> None:
+        lines = ["cpu  1 2 3 4 5 6 7 8 0 0"]  # the machine's total: not read
+        lines += [f"cpu{c} {busy_ticks if c in allowed else 10**6} 0 0 1000 7 0 0 0 0 0" for c in range(512)]
+        (tmp_path / "stat").write_text("\n".join(lines) + "\n")
+        # a process name with spaces and parentheses, as /proc/self/stat may show it
+        (tmp_path / "self" / "stat").write_text(f"1 (a (b) c) S {' '.join(['0'] * 10)} {own_ticks} 0 0\n")
+
+    write(0, 0)
+    watch = threads.CoreWatch(tmp_path)
+    watch.ticks = 100
+    write(50, 30)  # each allowed CPU 0.5 s busier in one second, 0.3 s of it ours
+    clock[0] += 1.0
+    assert watch.others_busy() == pytest.approx(0.5 * len(allowed) - 0.3)
+    clock[0] += 1.0
+    assert watch.others_busy() == 0.0  # nothing moved: an idle machine
+    assert threads.CoreWatch(tmp_path / "absent").others_busy() is None  # not Linux: nothing to say
