@@ -471,7 +471,7 @@ class Health(BaseModel):
 
 
 MAX_MESSAGES = 256  # messages in one chat request (the body's byte limit applies too)
-_ROLES = Literal["system", "developer", "user", "assistant"]
+_ROLES = Literal["system", "developer", "user", "assistant", "tool"]
 
 
 class ContentPart(BaseModel):
@@ -481,12 +481,33 @@ class ContentPart(BaseModel):
     text: str
 
 
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str
+    arguments: str | dict[str, Any] = Field(description="The call's arguments: their JSON text (OpenAI's), or an "
+                                                          "object")
+
+
+class ToolCallIn(BaseModel):
+    """A call an earlier assistant message made, as an answer's `tool_calls` gave it."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: _ROLES
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, description="An assistant message's calls (as an answer gave "
+                                                                  "them)")
+    tool_call_id: str | None = Field(None, description='With role "tool": the id of the call this is the result of')
 
     def text(self) -> str:
         if self.content is None:
@@ -494,6 +515,28 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+MAX_TOOLS = 128  # OpenAI's limit
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str = Field(description="1-64 letters, digits, underscores or dashes; unique among the tools")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON schema of an object (absent: no "
+                                                                "parameters): a call's arguments are valid for it")
+    strict: bool | None = Field(None, description="Accepted: constrained calls always follow the schema")
+
+
+class ChatTool(BaseModel):
+    """OpenAI's tool: a function the model may call."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class ChatRequest(_OpenAIBody):
@@ -505,8 +548,14 @@ class ChatRequest(_OpenAIBody):
     max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, description=f"0..{MAX_LOGPROBS} alternatives per token, with logprobs")
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ChatTool] | None = Field(None, description=f"Functions the model may call, at most {MAX_TOOLS}: "
+                                         "the chat template renders them (where it supports tools)")
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description='"none" (tools rendered, never called), "auto" (the default with tools: the model '
+        'chooses; its text is parsed for a call), "required" (the answer is a call of one of the tools, by '
+        'grammar) or {"type": "function", "function": {"name": ...}} (a call of that one)')
+    parallel_tool_calls: bool | None = Field(None, description="false: an answer has one call at most (a "
+                                                               "constrained answer always has one)")
     functions: list[Any] | None = None  # OpenAI's older name for tools
 
     def sampling_kwargs(self) -> dict[str, Any]:
