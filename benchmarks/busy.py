@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from server.engine.threads import usable_cpus
+from server.machine.threads import usable_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,12 +36,12 @@ def one_run(threads: int | None, requests: int, new_tokens: int, cache: str) -> 
     from prompt_store import ModelGeometry, PromptRegistry
     from server.demo import smollm2
     from server.demo.tiny_models import build_model_from_config
-    from server.engine import threads as cpu_threads
     from server.engine.admission import EngineRequest
     from server.engine.config import EngineConfig
     from server.engine.loop import Engine
-    from server.engine.model_loader import load_base_model
     from server.engine.sequence import SamplingParams
+    from server.machine import threads as cpu_threads
+    from server.model.model_loader import load_base_model
 
     cpu_threads.single_threaded_here()
     if smollm2.available():

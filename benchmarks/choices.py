@@ -31,8 +31,8 @@ def measure(model_path: str, rounds: int, threads: int | None = None) -> dict:
     from server.engine.admission import EngineRequest
     from server.engine.config import EngineConfig
     from server.engine.loop import Engine
-    from server.engine.model_loader import load_base_model
     from server.engine.sequence import SamplingParams
+    from server.model.model_loader import load_base_model
 
     base = load_base_model(model_path)
     registry = PromptRegistry(base.geometry, dtype=base.dtype)
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     from server.config import Settings
-    from server.model_source import model_source
+    from server.model.model_source import model_source
 
     result = measure(model_source(Settings(model=args.model)), args.rounds, args.threads)
     print(f"model {result['model']}, {result['rounds']} rounds, one request at a time")

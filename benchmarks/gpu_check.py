@@ -102,8 +102,8 @@ def check_fidelity(shape: str, root: Path, device: str, requests: int, steps: in
     from server.engine.admission import EngineRequest
     from server.engine.config import EngineConfig
     from server.engine.loop import Engine
-    from server.engine.model_loader import load_base_model
     from server.engine.sequence import SamplingParams
+    from server.model.model_loader import load_base_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -146,8 +146,8 @@ def throughput(shape: str, root: Path, device: str, concurrencies: list[int], ne
     from server.engine.admission import EngineRequest
     from server.engine.config import EngineConfig
     from server.engine.loop import Engine
-    from server.engine.model_loader import load_base_model
     from server.engine.sequence import SamplingParams
+    from server.model.model_loader import load_base_model
 
     model_dir = root / f"qwen2-{shape}"
     if not model_dir.exists():

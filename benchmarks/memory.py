@@ -136,7 +136,7 @@ class Systems:
     """One workload's systems, measured one after another for one table."""
 
     args: argparse.Namespace  # run.py's options
-    base: object  # the engine's model (server.engine.model_loader.BaseModel)
+    base: object  # the engine's model (server.model.model_loader.BaseModel)
     model_path: str
     log: Callable[[str], None]
     results: dict[str, list[RequestResult]] = field(default_factory=dict)

@@ -193,7 +193,7 @@ def run(args) -> dict:
     from benchmarks.threads import in_worker
     from benchmarks.throughput import warmup_workload
     from benchmarks.workload import WorkloadSpec, embedding_std, make_workload
-    from server.engine.model_loader import load_base_model
+    from server.model.model_loader import load_base_model
 
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     model_path = resolve_model(args.model, args.out)
@@ -282,7 +282,7 @@ def _environment(threads: int | None) -> dict:
     import torch
     import transformers
 
-    from server.engine import threads as cpu_threads
+    from server.machine import threads as cpu_threads
 
     try:
         from importlib.metadata import version
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from benchmarks import threads
     from benchmarks.report import write_json
-    from server.logs import quiet_optional_libraries
+    from server.process.logs import quiet_optional_libraries
 
     quiet_optional_libraries()  # before torch and torchao are imported
     threads.configure(args.threads)  # before any model loads

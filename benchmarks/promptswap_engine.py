@@ -15,7 +15,7 @@ from benchmarks.workload import Request, Workload
 
 
 def load_base(model_path: str, device: str | None, dtype: str | None):
-    from server.engine.model_loader import load_base_model
+    from server.model.model_loader import load_base_model
 
     return load_base_model(model_path, device=device, dtype=dtype)
 

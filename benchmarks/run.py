@@ -106,7 +106,7 @@ def load_hf(model_path: str, device: str, dtype: str):
     """The baselines' own copy of the model, with transformers' default attention: what users run."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from server.engine.model_loader import resolve_device, resolve_dtype
+    from server.model.model_loader import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype, dev))
@@ -119,8 +119,8 @@ def environment(model_path: str, device: str, dtype: str) -> dict:
     import transformers
 
     from benchmarks import threads
-    from server.engine import threads as cpu_threads
-    from server.engine.model_loader import resolve_device, resolve_dtype
+    from server.machine import threads as cpu_threads
+    from server.model.model_loader import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     return {
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         print(problem, file=sys.stderr)
         return 2
     from benchmarks import threads
-    from server.logs import quiet_optional_libraries
+    from server.process.logs import quiet_optional_libraries
 
     quiet_optional_libraries()  # torchao's import noise, where the quantize extra is installed
     threads.configure(args.threads)  # before any model loads
@@ -336,7 +336,7 @@ def _llama_cpp_runner(args, tokenizer):
     from benchmarks.models import REAL_MODEL
     from benchmarks.threads import engine_threads
     from server.demo import smollm2
-    from server.engine import threads as cpu_threads
+    from server.machine import threads as cpu_threads
 
     gguf = smollm2.gguf_path() if args.model == REAL_MODEL else None
     if gguf is None:

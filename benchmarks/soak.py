@@ -171,7 +171,7 @@ def run(args: argparse.Namespace, model_path: str, log: Callable[[str], None]) -
     from benchmarks.threads import engine_threads
     from server.engine.config import EngineConfig
     from server.engine.loop import Engine
-    from server.engine.model_loader import load_base_model
+    from server.model.model_loader import load_base_model
 
     start = time.perf_counter()
     spec = spec_from(args)

@@ -1,6 +1,6 @@
 """Torch's CPU threads in a benchmark run: every system computes in a thread of its own.
 
-promptswap's engine owns the process's one OpenMP pool while it runs (server/engine/threads.py says
+promptswap's engine owns the process's one OpenMP pool while it runs (server/machine/threads.py says
 why: a second pool slows every step). To keep the comparison fair, the main thread runs torch on
 one thread and each transformers baseline runs in a fresh thread holding the same number of
 threads as the engine; that thread's pool ends with it, before the next system starts.
@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from server.engine import threads as cpu_threads
+from server.machine import threads as cpu_threads
 
 T = TypeVar("T")
 

@@ -24,10 +24,9 @@ from prompt_store.dtypes import DtypeName
 from server.demo import RANDOM_DEMO, Demo, choose_demo
 from server.engine.config import EngineConfig
 from server.engine.errors import InvalidConfig
-from server.engine.gguf import is_gguf
-from server.engine.quantize import LIBRARY as QUANTIZE_LIBRARY
-from server.engine.quantize import QuantizeName
-from server.logs import LogFormat
+from server.model.gguf import is_gguf
+from server.model.quantize import LIBRARY as QUANTIZE_LIBRARY
+from server.model.quantize import QuantizeName
 
 MiB = 1024 * 1024
 
@@ -35,6 +34,8 @@ MiB = 1024 * 1024
 ENGINE_FIELDS = tuple(f.name for f in fields(EngineConfig))
 
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's
+
+LogFormat = Literal["text", "json"]  # --log-format: human-readable lines, or one JSON object a line
 
 
 def _default_cache_dir() -> Path:

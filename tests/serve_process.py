@@ -44,7 +44,7 @@ def launch_serve_process(model_dir, tmp_path, *flags: str, prompt_dir=None, env=
     store = [] if "--prompt-store" in flags else ["--prompt-dir", str(prompt_dir or tmp_path / "prompts")]
     out = open(log_path, "w") if log_path else subprocess.PIPE  # noqa: SIM115 -- the process holds it
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", *(["--model", str(model_dir)] if model_dir else []),
+        [sys.executable, "-m", "server.process.cli", "serve", *(["--model", str(model_dir)] if model_dir else []),
          "--port", str(port), *store, *flags],
         env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
     )

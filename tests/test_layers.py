@@ -13,12 +13,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Lower layers first; a module may import its own layer and the ones below it, never one above.
+# The folders show the parts: what the machine gives (server/machine), the step core (server/engine), loading the
+# model (server/model), the HTTP service and training (server/api, server/train), the process's start
+# (server/process: the command line, serve, logs).
 LAYERS = [
-    ("prompt_store",),
+    ("prompt_store", "server.machine"),
     ("server.engine",),
-    ("server.config", "server.demo", "server.logs", "server.model_source"),
+    ("server.config", "server.demo", "server.model"),
     ("server.api", "server.train"),
-    ("server.serve", "server.startup", "server.cli", "server.model_cli"),
+    ("server.process",),
 ]
 
 

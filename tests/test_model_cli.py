@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.cli import main
 from server.demo.random_demo import ensure_demo_model
+from server.process.cli import main
 
 
 @pytest.fixture(autouse=True)

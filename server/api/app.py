@@ -38,11 +38,12 @@ from server.api.openapi import install_openapi
 from server.api.request_id import RequestIdMiddleware
 from server.api.routes import chat, generate, openai, ops, prompts, tokenize
 from server.config import MiB, Settings
+from server.engine.base_model import BaseModel
 from server.engine.errors import InvalidParameter, ModelNotSupported
 from server.engine.loop import Engine
-from server.engine.model_loader import BaseModel, load_base_model
 from server.engine.sequence import SamplingParams
-from server.model_source import model_source
+from server.model.model_loader import load_base_model
+from server.model.model_source import model_source
 
 log = logging.getLogger("promptswap")
 

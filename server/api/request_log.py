@@ -2,7 +2,7 @@
 
 Each line carries the request id, the task and its prompt version, the token counts (prompt, virtual,
 completion), the time to the first token and in all, and how it ended (finish reason, or the error's
-type). Never the text. The fields travel in the record's `fields` attribute; server/logs.py writes
+type). Never the text. The fields travel in the record's `fields` attribute; server/process/logs.py writes
 them as `key=value` pairs or as JSON (`--log-format`).
 """
 

@@ -16,7 +16,7 @@ from server.demo import random_demo, smollm2
 
 if TYPE_CHECKING:  # torch-free at import: settings choose the demo before anything loads
     from prompt_store.registry import PromptRegistry
-    from server.engine.model_loader import BaseModel
+    from server.engine.base_model import BaseModel
 
 RANDOM_DEMO = "random-demo"  # --model value that asks for the random-weight demo explicitly
 

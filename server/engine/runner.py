@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.attention import LAYOUT_KWARG, DecodeGroup, PageList, PrefillChunk, StepLayout, page_views
+from server.engine.base_model import BaseModel
 from server.engine.kv import PagedKV
 from server.engine.kv_manager import StoragePlan
-from server.engine.model_loader import BaseModel
 from server.engine.pages import SharedPrefix, row_list
 from server.engine.scheduler import Batch
 from server.engine.sequence import Sequence

@@ -122,8 +122,8 @@ def run_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from server.config import Settings
-    from server.engine.threads import limit_interop_threads, threads_for
-    from server.model_source import model_source
+    from server.machine.threads import limit_interop_threads, threads_for
+    from server.model.model_source import model_source
     from server.train.data import DataError
     from server.train.run import TrainOptions, train
 

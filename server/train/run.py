@@ -106,9 +106,9 @@ def train(opts: TrainOptions) -> TrainSummary:
 
 def fit(opts: TrainOptions) -> tuple[Any, TrainSummary]:
     """train(), also returning the trained PeftModel (tests look at its frozen base)."""
-    from server.engine.threads import threads_for
+    from server.machine.threads import threads_for
 
-    # As the engine counts them (server/engine/threads.py): torch's own default ignores a cgroup's CPU quota.
+    # As the engine counts them (server/machine/threads.py): torch's own default ignores a cgroup's CPU quota.
     with threads_for(opts.threads), quiet_deprecations():
         return _fit(opts)
 
@@ -132,7 +132,7 @@ def _fit(opts: TrainOptions) -> tuple[Any, TrainSummary]:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from prompt_store.dtypes import torch_dtype
-    from server.engine.model_loader import resolve_device
+    from server.model.model_loader import resolve_device
 
     started = time.monotonic()
     # Deprecation notices of transformers/PEFT internals and checkpoint bookkeeping say nothing to a user.

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from server.api.app import create_app
-from server.cli import build_parser
 from server.config import Settings
+from server.process.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 KNOWN = {"FROM", "ARG", "ENV", "WORKDIR", "COPY", "RUN", "USER", "VOLUME", "EXPOSE", "HEALTHCHECK", "CMD",
@@ -218,7 +218,7 @@ def test_prompts_and_model_cache_are_volumes(instructions):
 def test_cmd_is_the_installed_console_script(instructions):
     cmd = json.loads(args_of(instructions, "CMD")[-1])
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert cmd[0] in scripts and scripts[cmd[0]] == "server.cli:main"
+    assert cmd[0] in scripts and scripts[cmd[0]] == "server.process.cli:main"
     args = build_parser().parse_args(cmd[1:])  # the sub-command and its flags exist
     assert args.run is not None
 

@@ -98,7 +98,7 @@ def make_engine_for_llama(llama_dir, tmp_path):
     from prompt_store import PromptRegistry
     from server.engine.config import EngineConfig
     from server.engine.loop import Engine
-    from server.engine.model_loader import load_base_model
+    from server.model.model_loader import load_base_model
 
     base = load_base_model(llama_dir)
     engine = Engine(base, PromptRegistry(base.geometry, tmp_path / "prompts"), EngineConfig(max_context=64))

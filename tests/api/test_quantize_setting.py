@@ -10,10 +10,10 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from server import startup
-from server.cli import build_parser
 from server.config import Settings, explain
-from server.engine import quantize
+from server.model import quantize
+from server.process import startup
+from server.process.cli import build_parser
 
 
 def test_the_default_is_no_quantization(monkeypatch):
@@ -44,8 +44,8 @@ def test_the_flag_offers_its_choices(capsys):
 
 def test_a_bad_environment_value_stops_serve_in_one_line():
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTSWAP_")} | {"PROMPTSWAP_QUANTIZE": "int4"}
-    done = subprocess.run([sys.executable, "-m", "server.cli", "serve"], capture_output=True, text=True, timeout=120,
-                          env=env)
+    done = subprocess.run([sys.executable, "-m", "server.process.cli", "serve"], capture_output=True, text=True,
+                          timeout=120, env=env)
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == ["promptswap serve: invalid settings:",
                                         "--quantize / PROMPTSWAP_QUANTIZE: Input should be 'none' or "

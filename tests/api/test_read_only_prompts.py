@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save
 
 from server.config import Settings
-from server.startup import StartupError, check_readable_prompt_dir
+from server.process.startup import StartupError, check_readable_prompt_dir
 
 
 def test_a_fixed_task_set_is_served_and_writes_are_refused(start_server, llama_dir, tmp_path):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from server.logs import JsonFormatter, TextFormatter
+from server.process.logs import JsonFormatter, TextFormatter
 from tests.api.conftest import scrape_metrics, upload_multipart
 
 SECRET_TEXT = "the secret input text"

@@ -12,10 +12,10 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from server.cli import build_parser, main
 from server.config import ENGINE_FIELDS, Settings
 from server.demo.random_demo import DEMO_TASKS, SOFT_PROMPT_TEXT
 from server.engine.config import EngineConfig, describe_default
+from server.process.cli import build_parser, main
 from tests.api.conftest import stream_in_background
 from tests.serve_process import start_serve_process
 
@@ -69,7 +69,7 @@ class Wider(engine_config.EngineConfig):
     max_widgets: int = dataclasses.field(default=3, metadata={"help": "Most widgets at once (engine)."})
 
 engine_config.EngineConfig = Wider  # as if EngineConfig had gained the field, before the settings are made
-from server.cli import main
+from server.process.cli import main
 from server.config import Settings
 
 out = io.StringIO()
@@ -92,7 +92,7 @@ def test_a_field_added_to_engine_config_is_a_setting_with_no_other_edit():
 
 HELP_WITHOUT_TORCH = """
 import contextlib, io, sys
-from server.cli import main
+from server.process.cli import main
 for argv in (["--help"], ["serve", "--help"], ["prompts", "--help"], ["prompts", "inspect", "--help"],
              ["prompts", "convert", "--help"], ["train", "--help"], ["model", "--help"], ["model", "path", "--help"],
              []):
@@ -132,7 +132,7 @@ def test_flags_override_the_environment(monkeypatch):
 
 def test_threads_default_to_the_cores_this_process_may_use(capsys, monkeypatch):
     """--threads sets the engine's torch threads; unset, the engine takes usable_cpus(), which --help shows."""
-    from server.engine.threads import usable_cpus
+    from server.machine.threads import usable_cpus
 
     monkeypatch.delenv("PROMPTSWAP_THREADS", raising=False)
     args = build_parser().parse_args(["serve", "--threads", "3"])

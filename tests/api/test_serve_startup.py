@@ -4,7 +4,7 @@ fails ends the process with one `cannot start:` line and exit status 3; and a fi
 GGUF file with `--log-format json` writes nothing but JSON lines.
 
 The load is held back without touching the server's code: a `sitecustomize` module on PYTHONPATH (Python
-imports it at startup) wraps `server.model_source.model_source`, the load's first step, so that it waits
+imports it at startup) wraps `server.model.model_source.model_source`, the load's first step, so that it waits
 until the test creates a gate file.
 """
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow  # every test starts a `promptswap serve` process
 
 GATE_HOOK = """
 import os, pathlib, time
-import server.model_source as source
+import server.model.model_source as source
 
 _original = source.model_source
 _gate = pathlib.Path(os.environ["TEST_LOAD_GATE"])

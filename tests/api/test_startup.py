@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow  # most tests start a `promptswap serve` process
 
 def serve(*flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PROMPTSWAP_", "HF_HUB_OFFLINE"))}
-    return subprocess.run([sys.executable, "-m", "server.cli", "serve", *flags], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "server.process.cli", "serve", *flags], capture_output=True, text=True,
                           timeout=120, env={**base, **(env or {})})
 
 
@@ -77,7 +77,7 @@ def test_an_unsupported_architecture_is_one_clear_line(tmp_path, model_type):
 
 
 def test_a_second_server_on_the_same_port_fails_at_its_own_check():
-    from server.startup import StartupError, bind
+    from server.process.startup import StartupError, bind
 
     first = bind("127.0.0.1", 0)
     try:
@@ -99,7 +99,7 @@ def test_gguf_quantization_suffixes_are_not_part_of_the_models_name():
 
 
 def test_a_failed_start_takes_back_only_the_empty_directories_it_made(tmp_path):
-    from server.startup import check_prompt_dir, remove_if_empty
+    from server.process.startup import check_prompt_dir, remove_if_empty
 
     target = tmp_path / "a" / "b" / "prompts"
     made = check_prompt_dir(target)

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from prompt_store import ModelGeometry, PromptRegistry
 from server.engine.config import EngineConfig
 from server.engine.loop import Engine
-from server.engine.model_loader import load_base_model
+from server.model.model_loader import load_base_model
 from tests.peft_reference import PeftReference
 
 # task name -> PEFT config; num_virtual_tokens spans 1..64, every method, prefixes with and without projection

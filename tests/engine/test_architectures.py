@@ -17,8 +17,8 @@ from server.demo.tiny_models import build_tokenizer
 from server.engine.admission import EngineRequest
 from server.engine.config import EngineConfig
 from server.engine.loop import Engine
-from server.engine.model_loader import load_base_model
 from server.engine.sequence import SamplingParams
+from server.model.model_loader import load_base_model
 from tests.peft_reference import greedy, load_reference
 
 pytestmark = pytest.mark.slow  # eight more architectures; the quick tier keeps the tiny Llama

@@ -1,4 +1,4 @@
-"""--cpu-linear onednn (server/engine/cpu_linear.py): the default on the CPU, the same greedy tokens as torch's own
+"""--cpu-linear onednn (server/model/cpu_linear.py): the default on the CPU, the same greedy tokens as torch's own
 kernels and PEFT's (tests/engine/test_fidelity.py runs on it), and left off, with the reason logged, wherever a
 probe finds it unusable. No timing is asserted (benchmarks/llama_cpp.py's comparison measures it)."""
 
@@ -15,10 +15,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from server.cli import build_parser
 from server.config import Settings, explain
-from server.engine import cpu_linear
-from server.engine.cpu_linear import (
+from server.model import cpu_linear
+from server.model.cpu_linear import (
     CACHE_CAPACITY,
     PackedLinear,
     cap_primitive_caches,
@@ -26,7 +25,8 @@ from server.engine.cpu_linear import (
     padded_rows,
     unusable_reason,
 )
-from server.engine.model_loader import load_base_model
+from server.model.model_loader import load_base_model
+from server.process.cli import build_parser
 
 CPU = torch.device("cpu")
 
@@ -88,7 +88,7 @@ def test_where_it_cannot_serve_it_says_why_and_leaves_the_model_alone(llama_dir,
         raise RuntimeError("mkldnn::_linear_pointwise() is not available")
 
     monkeypatch.setattr(cpu_linear.PackedLinear, "forward", refused)
-    with caplog.at_level(logging.INFO, logger="server.engine.cpu_linear"):
+    with caplog.at_level(logging.INFO, logger="server.model.cpu_linear"):
         base = load_base_model(llama_dir)
     assert linears(base.model, torch.nn.Linear) and not linears(base.model, PackedLinear)
     assert "Linear layers on torch's own kernels: oneDNN's packed linear is not usable here" in caplog.text
@@ -119,7 +119,7 @@ def test_a_model_whose_code_reads_a_layer_weight_keeps_torch_layers(llama_dir, c
         return reads_weight(*args, **kwargs)
 
     model.model.forward = forward
-    with caplog.at_level(logging.INFO, logger="server.engine.cpu_linear"):
+    with caplog.at_level(logging.INFO, logger="server.model.cpu_linear"):
         assert pack_linears(model, CPU, torch.float32) == 0
     assert "this model's code does not run on packed layers (AttributeError" in caplog.text
     assert not linears(model, PackedLinear)
@@ -185,8 +185,8 @@ def test_the_caches_capacity_is_set_unless_the_environment_sets_it():
 
 _EVICTION_PROBE = """
 import ctypes, sys, torch
-from server.engine.model_loader import load_base_model  # as the service imports it: cpu_linear sets the capacity
-from server.engine.cpu_linear import PackedLinear
+from server.model.model_loader import load_base_model  # as the service imports it: cpu_linear sets the capacity
+from server.model.cpu_linear import PackedLinear
 
 layer = PackedLinear(torch.nn.Linear(8, 8))
 

@@ -10,8 +10,8 @@ import torch
 from server.engine.admission import EngineRequest
 from server.engine.config import EngineConfig
 from server.engine.loop import Engine
-from server.engine.model_loader import load_base_model
 from server.engine.sequence import SamplingParams
+from server.model.model_loader import load_base_model
 
 
 def half_on_disk(model_dir) -> dict[str, str]:

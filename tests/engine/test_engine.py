@@ -11,9 +11,9 @@ from server.engine.admission import EngineRequest
 from server.engine.config import EngineConfig
 from server.engine.errors import QueueFull, RequestCancelled, RequestFailed, RequestTooLong
 from server.engine.loop import Engine
-from server.engine.model_loader import load_base_model
 from server.engine.results import TokenDelta
 from server.engine.sequence import SamplingParams
+from server.model.model_loader import load_base_model
 
 GREEDY8 = SamplingParams(max_new_tokens=8, ignore_eos=True)
 

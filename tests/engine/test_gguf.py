@@ -12,12 +12,12 @@ from transformers import AutoModelForCausalLM
 
 from prompt_store import PromptRegistry
 from server.engine.admission import EngineRequest
-from server.engine.build_once import COMPLETE_MARKER
 from server.engine.config import EngineConfig
-from server.engine.gguf import converted_dir
 from server.engine.loop import Engine
-from server.engine.model_loader import load_base_model
 from server.engine.sequence import SamplingParams
+from server.model.build_once import COMPLETE_MARKER
+from server.model.gguf import converted_dir
+from server.model.model_loader import load_base_model
 from tests.gguf_files import write_tiny_qwen2_gguf
 from tests.peft_reference import PeftReference
 

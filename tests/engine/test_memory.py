@@ -9,8 +9,8 @@ from server.engine.admission import EngineRequest
 from server.engine.config import EngineConfig
 from server.engine.errors import InvalidConfig
 from server.engine.loop import Engine
-from server.engine.memory import CPU_SHARE, _available_ram, default_kv_budget
 from server.engine.sequence import SamplingParams
+from server.machine.memory import CPU_SHARE, _available_ram, default_kv_budget
 
 
 def test_on_the_cpu_it_is_a_share_of_the_available_ram():

@@ -1,4 +1,4 @@
-"""--quantize int8-weight-only (server/engine/quantize.py): opt-in, served through every task kind, never the default.
+"""--quantize int8-weight-only (server/model/quantize.py): opt-in, served through every task kind, never the default.
 
 No timing is asserted here (benchmarks/precision.py measures speed and agreement on the real demo weights)."""
 
@@ -9,13 +9,13 @@ import torch
 
 from prompt_store import PromptRegistry
 from server.demo.tiny_models import build_tiny_model
-from server.engine import quantize
 from server.engine.admission import EngineRequest
 from server.engine.config import EngineConfig
 from server.engine.errors import ModelNotSupported
 from server.engine.loop import Engine
-from server.engine.model_loader import load_base_model
 from server.engine.sequence import SamplingParams
+from server.model import quantize
+from server.model.model_loader import load_base_model
 from tests.engine.conftest import ADAPTERS, make_adapter
 
 INT8 = "int8-weight-only"

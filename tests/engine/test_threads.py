@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from server.engine import threads as cpu_threads
+from server.machine import threads as cpu_threads
 
 
 def test_a_thread_that_took_threads_keeps_them_when_others_drop_to_one():
@@ -118,14 +118,14 @@ def test_threads_for_gives_the_threads_back():
 @pytest.mark.slow  # a fresh interpreter
 def test_the_interop_pool_is_sized_once_before_torch_works():
     # A fresh process: torch allows it once per process, and this one's pool may have started already.
-    code = ("import torch; from server.engine.threads import limit_interop_threads as limit; "
+    code = ("import torch; from server.machine.threads import limit_interop_threads as limit; "
             "assert limit(1) and torch.get_num_interop_threads() == 1; assert not limit(2)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
 
 
 def test_the_engine_gives_up_a_core_per_core_other_processes_take():
-    from server.engine.threads import AdaptiveThreads
+    from server.machine.threads import AdaptiveThreads
 
     adaptive = AdaptiveThreads(limit=8, watch=FakeWatch([]))
     assert [adaptive.target(others) for others in (0.0, 0.4, 0.6, 1.4, 1.6, 3.2, 7.9, 20)] == [8, 8, 7, 7, 6, 5, 1, 1]
@@ -141,7 +141,7 @@ class FakeWatch:
 
 
 def test_it_changes_the_count_only_when_the_load_does_and_at_most_once_a_period(monkeypatch):
-    from server.engine import threads
+    from server.machine import threads
 
     clock = [100.0]
     monkeypatch.setattr(threads.time, "monotonic", lambda: clock[0])
@@ -160,7 +160,7 @@ def test_it_changes_the_count_only_when_the_load_does_and_at_most_once_a_period(
 
 
 def test_the_core_watch_reads_other_processes_from_the_kernels_counters(tmp_path, monkeypatch):
-    from server.engine import threads
+    from server.machine import threads
 
     clock = [50.0]
     monkeypatch.setattr(threads.time, "monotonic", lambda: clock[0])

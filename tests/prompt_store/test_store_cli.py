@@ -1,4 +1,4 @@
-"""`promptswap prompts inspect|convert` through the real entry point, server.cli.main."""
+"""`promptswap prompts inspect|convert` through the real entry point, server.process.cli.main."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prompt_store import PromptRegistry, read_prompt
-from server.cli import main
+from server.process.cli import main
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -184,7 +184,7 @@ def test_a_missing_bucket_is_named(tiny_geometry, make_file, endpoint):
 
 
 def test_nothing_imports_boto3_unless_an_object_store_is_used():
-    ours = ("import sys, server.cli, server.config, prompt_store.registry, prompt_store.sync; "
+    ours = ("import sys, server.process.cli, server.config, prompt_store.registry, prompt_store.sync; "
             "assert 'boto3' not in sys.modules, 'boto3 imported'")
     subprocess.run([sys.executable, "-c", ours], check=True)
     # transformers imports accelerate, which imports boto3 on its own when it is installed; our backend

@@ -21,8 +21,8 @@ from server.demo.smollm2 import chat_turn
 from server.engine.admission import EngineRequest
 from server.engine.config import EngineConfig
 from server.engine.loop import Engine
-from server.engine.model_loader import load_base_model
 from server.engine.sequence import SamplingParams
+from server.model.model_loader import load_base_model
 from tests.peft_reference import PeftReference
 
 NEW_TOKENS = 8

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.cli import main
 from server.config import Settings
+from server.process.cli import main
 from server.train.upload import check_server
 from tests.api.conftest import LiveServer
 from tests.serve_process import _free_port

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from prompt_store.template import apply_template
-from server.cli import main
+from server.process.cli import main
 from server.train.data import DataError, encode, read_examples
 from server.train.run import TrainOptions, fit
 from tests.peft_reference import PeftReference
@@ -193,7 +193,7 @@ def test_outputs_too_long_to_be_labels_record_no_choices(tmp_path, llama_dir):
 
 
 def test_the_threads_flag_reaches_training_and_the_interop_pool(tmp_path, llama_dir, monkeypatch, capsys):
-    from server.engine import threads as cpu_threads
+    from server.machine import threads as cpu_threads
     from server.train import run
 
     seen: dict[str, list] = {"train": [], "interop": []}
@@ -218,7 +218,7 @@ def test_training_runs_on_the_cores_this_process_may_use(tmp_path, llama_dir, mo
     """fit() takes usable_cpus() threads (as the engine does) while training, and gives the count back after."""
     from transformers import Trainer
 
-    from server.engine import threads as cpu_threads
+    from server.machine import threads as cpu_threads
 
     monkeypatch.setattr(cpu_threads, "usable_cpus", lambda: 1)
     during: list[int] = []

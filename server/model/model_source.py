@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from server.config import Settings
-from server.engine.gguf import converted_dir
+from server.model.gguf import converted_dir
 
 log = logging.getLogger("promptswap")
 

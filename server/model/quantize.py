@@ -63,7 +63,7 @@ def quantize_model(model: torch.nn.Module, method: str | None) -> int:
     if not available(method):
         raise QuantizerMissing(method)
     import torch
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_  # its import noise: server/logs.py
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_  # its import noise: server/process/logs.py
 
     tied = _tied_output_head(model)
     chosen: list[str] = []

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from pydantic import SecretStr, ValidationError
 
-from server import startup
 from server.config import ENGINE_FIELDS, Settings, explain
 from server.engine.config import describe_default
-from server.logs import adopt_library_loggers, configure_logging
+from server.process import startup
+from server.process.logs import adopt_library_loggers, configure_logging
 
 log = logging.getLogger("promptswap")
 
@@ -121,7 +121,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from uvicorn.config import STARTUP_FAILURE
 
     from server.api.app import create_app  # imports torch: after the checks, which need none of it
-    from server.engine import threads as cpu_threads
+    from server.machine import threads as cpu_threads
 
     adopt_library_loggers()  # transformers is imported now: its log lines in our format too
     # Before anything loads: the engine thread is to be the only one with an OpenMP pool.
@@ -131,7 +131,7 @@ def run_serve(args: argparse.Namespace) -> int:
                      on_load_failure=lambda exc: setattr(server, "should_exit", True))
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        log_config=None,  # uvicorn's loggers go through ours (server/logs.py): one format for every line
+        log_config=None,  # uvicorn's loggers go through ours (server/process/logs.py): one format for every line
         # On SIGTERM uvicorn stops accepting, waits this long for open responses (streams included),
         # then our lifespan drains the engine.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),

@@ -14,9 +14,9 @@ import json
 import logging
 import os
 import time
-from typing import Any, Literal
+from typing import Any
 
-LogFormat = Literal["text", "json"]
+from server.config import LogFormat
 
 
 def _timestamp(record: logging.LogRecord) -> str:

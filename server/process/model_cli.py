@@ -19,9 +19,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from server import startup
 from server.config import Settings, explain
-from server.model_source import model_source
+from server.model.model_source import model_source
+from server.process import startup
 
 log = logging.getLogger("promptswap")
 
@@ -69,7 +69,8 @@ def run_model_path(args: argparse.Namespace) -> int:
 
 
 def _is_hub_id(settings: Settings, model: str) -> bool:
-    """As serve tells them apart (server/startup.py): not a demo, a GGUF file, an existing path or a path's shape."""
+    """As serve tells them apart (process/startup.py): not a demo, a GGUF file, an existing path or a path's
+    shape."""
     return (not settings.demo and settings.gguf_path() is None and not Path(model).exists()
             and not startup._looks_like_a_path(model))
 

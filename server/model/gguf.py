@@ -14,7 +14,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from server.engine.build_once import build_once
+from server.model.build_once import build_once
 
 log = logging.getLogger(__name__)
 

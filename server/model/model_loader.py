@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,27 +11,12 @@ import torch
 from prompt_store.dtypes import torch_dtype
 from prompt_store.geometry import ModelGeometry
 from server.engine.attention import ATTN_IMPLEMENTATION
-from server.engine.cpu_linear import pack_linears
+from server.engine.base_model import BaseModel
 from server.engine.errors import ModelNotSupported
-from server.engine.quantize import check_method, quantize_model
+from server.model.cpu_linear import pack_linears
+from server.model.quantize import check_method, quantize_model
 
 log = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class BaseModel:
-    model: torch.nn.Module
-    tokenizer: Any  # a transformers tokenizer
-    geometry: ModelGeometry
-    name: str
-    device: torch.device  # where inputs go: the input embeddings' device
-    dtype: torch.dtype
-    max_context: int
-    layer_devices: tuple[torch.device, ...] = ()  # where each decoder layer computes (empty: all on `device`)
-    quantize: str = "none"  # server/engine/quantize.py: how its Linear weights are stored
-
-    def devices_of_layers(self) -> list[torch.device]:
-        return list(self.layer_devices) or [self.device] * self.geometry.num_layers
-
 
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "", "auto"):
@@ -76,8 +60,8 @@ def load_base_model(name_or_path: str | Path, device: str | None = None,
     """Load a decoder-only causal LM frozen, in eval mode, with promptswap's attention plugged in.
 
     `quantize` ("int8-weight-only"; None or "none": as loaded) quantizes its Linear weights once loaded
-    (server/engine/quantize.py); QuantizerMissing when its library is not installed. Otherwise, on the CPU,
-    `onednn_linears` packs them for oneDNN (server/engine/cpu_linear.py; `--cpu-linear onednn`).
+    (server/model/quantize.py); QuantizerMissing when its library is not installed. Otherwise, on the CPU,
+    `onednn_linears` packs them for oneDNN (server/model/cpu_linear.py; `--cpu-linear onednn`).
 
     `device_map` ("auto", "balanced", "sequential", or {module name: device}) spreads the model over the
     visible GPUs, the CPU and `offload_dir` ("disk") with accelerate; each layer's KV pages then live on

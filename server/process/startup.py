@@ -73,7 +73,7 @@ def check_object_store_client() -> None:
 
 def check_quantizer(settings: Settings) -> None:
     """--quantize's library is installed (found without importing it: torch is not loaded yet)."""
-    from server.engine import quantize
+    from server.model import quantize
 
     if not quantize.available(settings.quantize):
         raise StartupError(f"--quantize {settings.quantize} needs {quantize.LIBRARY}, which is not installed",
@@ -122,7 +122,7 @@ def check_model(settings: Settings) -> None:
         _check_hub_id(model)
         source = model
     from server.engine.errors import ModelNotSupported
-    from server.engine.model_loader import check_architecture
+    from server.model.model_loader import check_architecture
 
     try:
         check_architecture(source)

@@ -12,8 +12,8 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from prompt_store.cli import add_prompts_command
-from server.model_cli import add_model_command
-from server.serve import add_serve_command
+from server.process.model_cli import add_model_command
+from server.process.serve import add_serve_command
 from server.train.cli import add_train_command
 
 
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from server.logs import quiet_optional_libraries
+    from server.process.logs import quiet_optional_libraries
 
     quiet_optional_libraries()  # before any command imports transformers, which imports torchao when installed
     parser = build_parser()
