@@ -1,0 +1,36 @@
+"""Every ```python block of README.md and docs/*.md compiles, every ```bash block passes `bash -n`, and every block
+either runs against a real server (tests/docs/test_examples_run.py) or says why not (tests/docs/examples.py)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.docs.examples import ROOT, all_examples
+
+EXAMPLES = all_examples()
+
+
+def test_the_pages_have_examples():
+    pages = {example.page.name for example in EXAMPLES}
+    assert {"README.md", "getting-started.md", "api.md", "structured-output-and-tools.md"} <= pages
+    assert sum(example.runs for example in EXAMPLES) >= 10
+
+
+@pytest.mark.parametrize("example", [e for e in EXAMPLES if e.lang == "python"], ids=lambda e: e.id)
+def test_python_examples_compile(example):
+    compile(example.code, example.id, "exec")
+
+
+@pytest.mark.parametrize("example", [e for e in EXAMPLES if e.lang == "bash"], ids=lambda e: e.id)
+def test_bash_examples_parse(example):
+    result = subprocess.run(["bash", "-n"], input=example.code, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.id)
+def test_every_example_runs_or_says_why_not(example):
+    assert example.talks_to_server or example.not_run, (
+        f"{example.id} neither talks to the server nor says why it is not run: put "
+        "`<!-- not run: <why> -->` on the line before its fence")
