@@ -3,6 +3,7 @@ either runs against a real server (tests/docs/test_examples_run.py) or says why 
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -34,3 +35,22 @@ def test_every_example_runs_or_says_why_not(example):
     assert example.talks_to_server or example.not_run, (
         f"{example.id} neither talks to the server nor says why it is not run: put "
         "`<!-- not run: <why> -->` on the line before its fence")
+
+
+def _slugs(page) -> set[str]:
+    """The anchors of a page's headings, as GitHub and mkdocs write them."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+def test_the_readmes_links_lead_somewhere():
+    """mkdocs checks the docs pages' links (`mkdocs build --strict`); the README is not one of them, so here."""
+    readme = ROOT / "README.md"
+    for target in re.findall(r"\]\(([^)\s]+)\)", readme.read_text()):
+        if target.startswith(("http://", "https://")):
+            continue
+        path, _, anchor = target.partition("#")
+        page = (ROOT / path) if path else readme
+        assert page.exists(), target
+        if anchor:
+            assert anchor in _slugs(page), target
