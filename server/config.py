@@ -101,8 +101,8 @@ class _ServiceSettings(BaseSettings):
     quantize: QuantizeName = Field(
         "none", description="Quantize the base model's weights once loaded (opt-in): int8-weight-only stores the "
         f"decoder's Linear weights as int8 ({QUANTIZE_LIBRARY}; needs promptswap[quantize]) and computes in --dtype. "
-        "Greedy tokens then differ from float32's for some requests: README, 'Faster on CPU', has the measured "
-        "agreement and speed. Not with --device-map.",
+        "Greedy tokens then differ from float32's for some requests: docs/performance.md, 'Faster on CPU', has the "
+        "measured agreement and speed. Not with --device-map.",
     )
     cpu_linear: Literal["onednn", "torch"] = Field(
         "onednn", description="On the CPU in float32 or bfloat16: onednn packs the model's Linear weights once for "

@@ -5,10 +5,10 @@
 stay in the model's dtype (`--dtype`). The input embeddings, which a soft prompt's virtual tokens are
 concatenated with, are no Linear and stay as they are; so does an output head tied to them: quantizing
 it too gives it a second, int8 copy of the embedding table, and on SmolLM2 that measured slower, further
-from float32's tokens and larger (README, "Faster on CPU"). An untied head is quantized with the rest.
+from float32's tokens and larger (docs/performance.md, "Faster on CPU"). An untied head is quantized with the rest.
 
 Greedy tokens differ from float32's for some requests: benchmarks/precision.py measures how many, and
-whether it is faster at all on this machine (README, "Faster on CPU").
+whether it is faster at all on this machine (docs/performance.md, "Faster on CPU").
 
 Torch-free at import: the settings read the names without loading torch.
 """
