@@ -95,7 +95,7 @@ def measure(threads: int | None, busy: bool, args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.busy", description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=4, help="requests served together (1: the first-request case)")
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--cache", default=os.environ.get("PROMPTSWAP_BENCH_CACHE",
                                                      str(Path.home() / ".cache" / "promptswap-bench")))
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one run in this process
