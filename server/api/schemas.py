@@ -20,9 +20,11 @@ from server.engine.sequence import (
     MAX_CHOICES,
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
+    MAX_REPETITION_PENALTY,
     MAX_SAMPLES,
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
+    MIN_REPETITION_PENALTY,
     SamplingParams,
 )
 
@@ -45,7 +47,8 @@ _RAW_HELP = ("Send the text as it is: without the task's text template (a task t
              "--template` has one; GET /prompts/{task} shows it).")
 # promptswap's own API takes the engine's defaults as they are: written once, in SamplingParams.
 _ENGINE = SamplingParams()
-_REPETITION_HELP = ("[0.01, 10]; 1: none. transformers' repetition penalty over the text's and the generated tokens: a "
+_REPETITION_HELP = (f"[{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}]; 1: none. transformers' repetition "
+                    "penalty over the text's and the generated tokens: a "
                     "seen token's positive logit is divided by it, a negative one multiplied.")
 _PRESENCE_HELP = "[-2, 2]; 0: none. Lowers the logit of every token generated so far by this much (OpenAI's)."
 _FREQUENCY_HELP = "[-2, 2]; 0: none. Lowers each generated token's logit by this much per time it came (OpenAI's)."
