@@ -2,10 +2,18 @@
 
 Every ```python and ```bash block is an example. One that talks to a server (it names `localhost:8000` or
 `127.0.0.1:8000`, or a python block that uses `client.`) runs against a real `promptswap serve`
-(tests/docs/test_examples_run.py); every other block, and any block that cannot run, carries a marker on the
-line before its fence that says why:
+(tests/docs/test_examples_run.py), and so do a `promptswap train` command on the demo model (shortened: a few of
+its examples, one epoch) and a block that works on the adapters the docs' examples make (it names one of their
+directories, ADAPTERS); every other block, and any block that cannot run, carries a marker on the line before its
+fence that says why:
 
     <!-- not run: needs docker -->
+
+Blocks run in a reader's working directory: the adapters the docs' own examples make are there, made the same way
+by the tests. A block that uses a task an earlier block uploads says which on the line before its
+fence, and the tests upload it from those adapters first:
+
+    <!-- uses tasks: reviews, topics -->
 
 Every block compiles (python) or passes `bash -n` (bash) either way (tests/docs/test_examples_compile.py).
 
@@ -29,8 +37,17 @@ LANGUAGES = {"python", "bash"}
 
 FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w-]*)\s*$")
 NOT_RUN = re.compile(r"^\s*<!--\s*not run:\s*(?P<why>\S.*?)\s*-->\s*$")
+USES_TASKS = re.compile(r"^\s*<!--\s*uses tasks:\s*(?P<tasks>[\w-]+(?:\s*,\s*[\w-]+)*)\s*-->\s*$")
 SERVER = re.compile(r"(?:localhost|127\.0\.0\.1):8000\b")
 USES_CLIENT = re.compile(r"\bclient\.")
+
+# The adapters the docs' own examples make, as a reader's working directory then holds them: the task each is
+# uploaded as -> (its directory, the page whose example makes it). The tests make each from that example, quickly.
+ADAPTERS = {
+    "reviews": ("adapters/reviews", "tasks-and-prompts.md"),
+    "topics": ("adapters/topics", "tasks-and-prompts.md"),
+    "sentiment": ("sentiment-adapter", "getting-started.md"),
+}
 
 
 @dataclass(frozen=True)
@@ -40,6 +57,8 @@ class Example:
     lang: str
     code: str
     not_run: str | None  # the marker's reason
+    uses_tasks: tuple[str, ...] = ()  # the tasks of a `uses tasks:` marker
+    output: str | None = None  # a plain ``` block right after it: what it printed, as documented
 
     @property
     def id(self) -> str:
@@ -50,8 +69,26 @@ class Example:
         return bool(SERVER.search(self.code) or (self.lang == "python" and USES_CLIENT.search(self.code)))
 
     @property
+    def trains(self) -> bool:
+        """One `promptswap train` command on the demo model (no `--model`), continued lines joined, and nothing else."""
+        commands = [line for line in self.code.replace("\\\n", " ").split("\n")
+                    if line.strip() and not line.lstrip().startswith("#")]
+        return (self.lang == "bash" and len(commands) == 1 and commands[0].split()[:2] == ["promptswap", "train"]
+                and "--model" not in commands[0].split())
+
+    @property
     def runs(self) -> bool:
-        return self.talks_to_server and self.not_run is None
+        return (self.talks_to_server or self.trains or self.uses_adapters) and self.not_run is None
+
+    def makes(self, directory: str) -> bool:
+        """It writes that adapter directory: a training's `--out`, or PEFT's `save_pretrained`."""
+        if self.trains:
+            return re.search(rf"--out\s+{re.escape(directory)}(?:\s|$)", self.code) is not None
+        return self.lang == "python" and f'save_pretrained("{directory}")' in self.code
+
+    @property
+    def uses_adapters(self) -> bool:
+        return bool(self.uses_tasks) or any(directory in self.code for directory, _ in ADAPTERS.values())
 
 
 def read_examples(page: Path) -> list[Example]:
@@ -69,11 +106,23 @@ def read_examples(page: Path) -> list[Example]:
         assert end < len(lines), f"{page}:{i + 1}: a code block that never closes"
         if lang in LANGUAGES:
             before = next((line for line in reversed(lines[:i]) if line.strip()), "")
-            marker = NOT_RUN.match(before)
+            marker, uses = NOT_RUN.match(before), USES_TASKS.match(before)
             code = "\n".join(line.removeprefix(indent) for line in lines[i + 1:end]) + "\n"
-            examples.append(Example(page, i + 1, lang, code, marker["why"] if marker else None))
+            tasks = tuple(task.strip() for task in uses["tasks"].split(",")) if uses else ()
+            examples.append(Example(page, i + 1, lang, code, marker["why"] if marker else None, tasks,
+                                    _output_after(lines, end, indent)))
         i = end + 1
     return examples
+
+
+def _output_after(lines: list[str], end: int, indent: str) -> str | None:
+    """The plain ``` block that follows the block closing at `end` (blank lines between), if one does."""
+    start = next((j for j in range(end + 1, len(lines)) if lines[j].strip()), None)
+    if start is None or lines[start].rstrip() != f"{indent}```":
+        return None
+    close = next((j for j in range(start + 1, len(lines)) if lines[j].rstrip() == f"{indent}```"), None)
+    assert close is not None, f"line {start + 1}: a code block that never closes"
+    return "\n".join(line.removeprefix(indent) for line in lines[start + 1:close]) + "\n"
 
 
 def all_examples() -> list[Example]:

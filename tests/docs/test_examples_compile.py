@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.docs.examples import ROOT, all_examples
+from tests.docs.examples import ADAPTERS, ROOT, all_examples
 
 EXAMPLES = all_examples()
 
@@ -16,7 +16,7 @@ EXAMPLES = all_examples()
 def test_the_pages_have_examples():
     pages = {example.page.name for example in EXAMPLES}
     assert {"README.md", "getting-started.md", "api.md", "structured-output-and-tools.md"} <= pages
-    assert sum(example.runs for example in EXAMPLES) >= 10
+    assert sum(example.runs for example in EXAMPLES) >= 25
 
 
 @pytest.mark.parametrize("example", [e for e in EXAMPLES if e.lang == "python"], ids=lambda e: e.id)
@@ -32,9 +32,14 @@ def test_bash_examples_parse(example):
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.id)
 def test_every_example_runs_or_says_why_not(example):
-    assert example.talks_to_server or example.not_run, (
-        f"{example.id} neither talks to the server nor says why it is not run: put "
-        "`<!-- not run: <why> -->` on the line before its fence")
+    assert example.runs or example.not_run, (
+        f"{example.id} neither talks to the server, trains nor uses the docs' adapters, and does not say why it is "
+        "not run: put `<!-- not run: <why> -->` on the line before its fence")
+
+
+@pytest.mark.parametrize("example", [e for e in EXAMPLES if e.uses_tasks], ids=lambda e: e.id)
+def test_the_tasks_a_block_uses_are_ones_the_docs_train(example):
+    assert set(example.uses_tasks) <= ADAPTERS.keys(), f"{example.id}: the tests make only {sorted(ADAPTERS)}"
 
 
 def _slugs(page) -> set[str]:
