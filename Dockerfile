@@ -50,6 +50,12 @@ RUN if [ -n "${EXTRA_CA_CERT}" ]; then \
         && pip config --global set global.cert /etc/ssl/certs/ca-certificates.crt; \
     fi
 
+# The compiled step (--compile, the default) builds its CPU kernels with a C++ compiler at run time; the slim
+# image has none. Without it the server serves eagerly and says why in one line.
+RUN apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ >/dev/null \
+    && rm -rf /var/lib/apt/lists/*
+
 # Dependencies in their own layer, before the code: only a change to pyproject.toml reinstalls torch.
 COPY pyproject.toml ./
 # The object-store extra (boto3) too: the image is what replicas sharing an s3:// prompt store run.
@@ -75,6 +81,7 @@ ENV PROMPTSWAP_HOST=0.0.0.0 \
     PROMPTSWAP_PORT=8000 \
     PROMPTSWAP_PROMPT_DIR=/data/prompts \
     PROMPTSWAP_CACHE_DIR=/data/cache \
+    PROMPTSWAP_COMPILE_CACHE_DIR=/data/cache/compile \
     HF_HOME=/data/cache/huggingface
 VOLUME ["/data/prompts", "/data/cache"]
 

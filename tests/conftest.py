@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from server.demo.tiny_models import build_tiny_model
+from server.engine import compiled
+
+# The compiled step (server/engine/compiled.py) compiles the model an engine serves, at its start: seconds to a
+# minute a model on this machine kind, for hundreds of engines. So the suite serves eagerly: server processes it
+# starts get PROMPTSWAP_COMPILE=false, engines in this process the fixture below; the engines of
+# tests/engine/test_compiled.py compile. PROMPTSWAP_TEST_COMPILE=1 runs the whole suite compiled instead.
+COMPILE_ALL = os.environ.get("PROMPTSWAP_TEST_COMPILE") == "1"
+if not COMPILE_ALL:
+    os.environ.setdefault("PROMPTSWAP_COMPILE", "false")
+REAL_UNUSABLE_REASON = compiled.unusable_reason  # the `compiling` fixture of test_compiled.py puts it back
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _eager_engines():
+    """Engines built in this process serve eagerly (see above), session fixtures' included."""
+    if COMPILE_ALL:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compiled, "unusable_reason", lambda *_: "the test suite serves eagerly (tests/conftest.py)")
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -11,12 +11,17 @@ A gathered row need not be the position it holds: the prefix's last page may be 
 view therefore carries `positions`, the position every gathered row holds (-1 where none), and the
 masks are written in positions, so causality and sliding windows mean what they mean in the model.
 
-Without a `promptswap_layout` keyword (e.g. a plain `model(ids)` call) it falls back to sdpa.
+The runner names the step's layout with `StepLayout.active()`; the model's attention layers reach it through
+one opaque op, `torch.ops.promptswap.attend`, so a compiled forward pass (server/engine/compiled.py) holds the
+attention as a single call whose inputs are tensors, and never traces the layout's Python. Without a
+`promptswap_layout` keyword (e.g. a plain `model(ids)` call) attention falls back to sdpa.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +33,7 @@ from server.engine.kv import PagedKV
 from server.engine.pages import NULL_PAGE, PAGE_SIZE
 
 ATTN_IMPLEMENTATION = "promptswap"
-LAYOUT_KWARG = "promptswap_layout"
+LAYOUT_KWARG = "promptswap_layout"  # True in the model call of a step: attention goes through the step's layout
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +172,17 @@ class StepLayout:
     prefills: list[PrefillChunk]
     _elsewhere: dict = field(default_factory=dict)  # device -> this layout's tensors there
 
+    @contextmanager
+    def active(self) -> Iterator[StepLayout]:
+        """This layout is the one the attention op reads while the step's forward pass runs."""
+        if _ACTIVE:
+            raise RuntimeError("a step's layout is already active: steps do not nest")
+        _ACTIVE.append(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.clear()
+
     def on(self, device: torch.device) -> StepLayout:
         """This layout with its tensors on `device`: a model split over devices runs each layer on its own."""
         if device == self.rows.device:
@@ -215,9 +231,31 @@ class UnsupportedAttention(RuntimeError):
     """The model asked for an attention feature promptswap does not implement."""
 
 
+# The layout of the step running now (one engine thread runs steps, one at a time): a module-level list rather
+# than an argument, so that the compiled graph passes tensors only.
+_ACTIVE: list[StepLayout] = []
+
+
+@torch.library.custom_op("promptswap::attend", mutates_args=())
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float | None,
+           window: int | None, softcap: float | None) -> torch.Tensor:
+    """Write this layer's new keys and values into their pages and attend every query to its request's pages,
+    as the active layout says. query [1, heads, T, hd]; key/value [1, kv_heads, T, hd]; out [1, T, heads, hd].
+    Its KV writes are a side effect on the pool, which no other op of the graph reads, so no order is lost."""
+    if not _ACTIVE:
+        raise RuntimeError("promptswap.attend ran outside a step (no active StepLayout)")
+    return _ACTIVE[0].attend(layer, query, key, value, scaling, window, softcap)
+
+
+@attend.register_fake
+def _(query, key, value, layer, scaling, window, softcap):
+    _, heads, total, hd = query.shape
+    return query.new_empty(1, total, heads, hd)
+
+
 def promptswap_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    layout: StepLayout | None = kwargs.pop(LAYOUT_KWARG, None)
-    if layout is None:
+    in_step = kwargs.pop(LAYOUT_KWARG, False)
+    if not in_step:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     for unsupported in ("s_aux", "sinks", "position_bias"):
@@ -226,7 +264,10 @@ def promptswap_attention(module, query, key, value, attention_mask, scaling=None
     layer = getattr(module, "layer_idx", None)
     if layer is None:
         raise UnsupportedAttention(f"{type(module).__name__} has no layer_idx; cannot map it to a KV layer")
-    out = layout.attend(layer, query, key, value, scaling, kwargs.get("sliding_window"), kwargs.get("softcap"))
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    out = torch.ops.promptswap.attend(query, key, value, layer, None if scaling is None else float(scaling),
+                                      None if window is None else int(window),
+                                      None if softcap is None else float(softcap))
     return out, None
 
 

@@ -44,6 +44,13 @@ class EngineConfig:
     format_compile_timeout_s: float = field(default=10.0, metadata={
         "help": "Longest a response format may take to compile and pass its probe (a 422 naming response_format "
                 "past it; the format is refused from then on)."})
+    compile: bool = field(default=True, metadata={
+        "help": "Capture the model's forward pass with torch.compile at start (kernels cached on disk, reused by a "
+                "restart); where it cannot run (no C++ compiler, a model spread over devices) the engine serves "
+                "eagerly and logs why (engine)."})
+    compile_cache_dir: str | None = field(default=None, metadata={
+        "help": "Where compiled kernels are kept across restarts (engine).",
+        "unset": "$TORCHINDUCTOR_CACHE_DIR, else ~/.cache/promptswap/compile"})
     # Once the engine starts, every other thread of the process runs torch on one thread; see
     # server/machine/threads.py.
     threads: int | None = field(default=None, metadata={

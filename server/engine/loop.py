@@ -7,15 +7,18 @@ task and kind share the step; a request that fails gets its own error while the 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
-from server.engine import logits
+from server.engine import compiled, logits
 from server.engine.admission import Admission, EngineRequest, TaskSource, TokenizedText
 from server.engine.base_model import BaseModel
+from server.engine.compiled import CompiledForward
 from server.engine.config import EngineConfig
 from server.engine.errors import (
     EngineStopped,
@@ -32,7 +35,7 @@ from server.engine.pages import PAGE_SIZE
 from server.engine.runner import ModelRunner
 from server.engine.samples import SampleGroup
 from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.engine.sequence import Sequence
+from server.engine.sequence import SamplingParams, Sequence
 from server.machine import threads
 from server.machine.memory import default_kv_budget
 
@@ -83,6 +86,7 @@ class Engine:
                                 f"a page is {self.page_bytes} bytes: {PAGE_SIZE} positions of every layer's keys "
                                 "and values)", self.kv_budget_bytes)
         self.runner = ModelRunner(base, total_pages=total_pages + 1)
+        self.compiled = self._compiled_forward()
         scheduler_config = SchedulerConfig(self.config.max_running, self.config.max_tokens_per_step, total_pages,
                                            self.config.prompt_cache_bytes // self.page_bytes,
                                            self.config.prefix_caching)
@@ -114,6 +118,43 @@ class Engine:
             self._thread.start()
             ready.wait()
             threads.single_threaded_here()  # the engine thread alone owns an OpenMP pool
+            if self.compiled is not None:
+                self._warm_up(self.compiled)
+
+    def _compiled_forward(self) -> CompiledForward | None:
+        """The compiled forward pass the runner calls, or None (eager) where --no-compile or it cannot run."""
+        if not self.config.compile:
+            log.info("compiled step off (--no-compile): every step runs eagerly")
+            return None
+        reason = compiled.unusable_reason(self.base.model, self.base.device, bool(self.base.layer_devices))
+        if reason is not None:
+            log.info("compiled step off: %s; every step runs eagerly", reason)
+            return None
+        cache = self.config.compile_cache_dir
+        compiled.use_cache_dir(Path(cache) if cache else Path.home() / ".cache" / "promptswap" / "compile")
+        forward = CompiledForward(self.base.model)
+        self.runner.forward = forward
+        return forward
+
+    def _warm_up(self, forward: CompiledForward) -> None:
+        """Compile the step for the shapes it takes (compiled.py): a request alone (a prefill, then single decodes),
+        then two together (batched rows). Runs before the engine serves anyone; if compiling fails, eager it is."""
+        params = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
+
+        def run() -> None:
+            self.submit(EngineRequest("The compiled step warms up.", params=params)).result()
+            for handle in [self.submit(EngineRequest(text, params=params)) for text in ("One.", "And two more.")]:
+                handle.result()
+
+        seconds = forward.warm_up(run)
+        if forward.failure is not None:
+            log.warning("compiled step off: compiling the forward pass failed (%s); every step runs eagerly",
+                        forward.failure)
+            self.runner.forward = self.base.model
+            self.compiled = None
+            return
+        log.info("compiled step ready in %.1f s (%d threads; kernels cached in %s)", seconds, forward.threads,
+                 os.environ.get(compiled.CACHE_VARIABLE, "torch's default place"))
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop accepting, let in-flight requests finish for up to `timeout_s`, end the rest, stop."""

@@ -55,6 +55,7 @@ class ModelRunner:
     def __init__(self, base: BaseModel, *, total_pages: int) -> None:
         self.base = base
         self.model = base.model
+        self.forward = base.model  # how a step calls the model: the model itself, or its compiled graph (compiled.py)
         self.device = base.device
         g = base.geometry
         self.kv = PagedKV(g.num_layers, g.num_kv_heads, g.head_dim, dtype=base.dtype,
@@ -154,8 +155,9 @@ class ModelRunner:
         if embeddings:  # the text's embeddings after the virtual tokens', as PEFT feeds a soft prompt
             text = self.model.get_input_embeddings()(inputs["input_ids"])[0] if ids else None
             inputs = {"inputs_embeds": torch.cat([*embeddings, *([text] if text is not None else [])])[None]}
-        out = self.model(**inputs, position_ids=torch.tensor([positions], device=dev), logits_to_keep=keep,
-                         use_cache=False, **{LAYOUT_KWARG: layout})
+        with layout.active():
+            out = self.forward(**inputs, position_ids=torch.tensor([positions], device=dev), logits_to_keep=keep,
+                             use_cache=False, **{LAYOUT_KWARG: True})
         logits = out.logits[0].float()  # [k, vocab]
         return StepOutput(logits if sample_at else logits[:0], requests)
 

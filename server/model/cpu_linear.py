@@ -78,6 +78,27 @@ def padded_rows(rows: int) -> int:
     return -(-rows // step) * step
 
 
+@torch.library.custom_op("promptswap::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear` on a weight packed by `mkldnn._reorder_linear_weight`, its rows padded (see the module's
+    docstring). One opaque op, so a compiled forward pass calls it as it is: the compiler's own oneDNN lowering
+    wants weights it froze itself."""
+    out_features, in_features = packed_weight.shape
+    rows = x.numel() // in_features if in_features else 0
+    padded = padded_rows(rows)
+    if padded == rows:
+        return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+    # One of a few shapes: zero rows below, their outputs dropped.
+    flat = torch.nn.functional.pad(x.reshape(rows, in_features), (0, 0, 0, padded - rows))
+    out = torch.ops.mkldnn._linear_pointwise(flat, packed_weight, bias, "none", [], "")
+    return out[:rows].reshape(*x.shape[:-1], out_features)
+
+
+@packed_linear.register_fake
+def _(x, packed_weight, bias):
+    return x.new_empty(*x.shape[:-1], packed_weight.shape[0])
+
+
 class PackedLinear(torch.nn.Module):
     """`torch.nn.Linear`'s forward on a weight packed once for oneDNN."""
 
@@ -90,14 +111,7 @@ class PackedLinear(torch.nn.Module):
         self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features if self.in_features else 0
-        padded = padded_rows(rows)
-        if padded == rows:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
-        # One of a few shapes (see the module's docstring): zero rows below, their outputs dropped.
-        flat = torch.nn.functional.pad(x.reshape(rows, self.in_features), (0, 0, 0, padded - rows))
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed_weight, self.bias, "none", [], "")
-        return out[:rows].view(*x.shape[:-1], self.out_features)
+        return torch.ops.promptswap.packed_linear(x, self.packed_weight, self.bias)
 
     def unpacked(self) -> torch.nn.Linear:
         """A torch Linear holding the same weight (in torch's own layout again)."""

@@ -1,0 +1,109 @@
+"""The model's forward pass captured by torch.compile (`--compile`, the default): a step is a few calls into
+generated kernels instead of thousands of small eager ops.
+
+What is captured: the whole model (embeddings, norms, rotary, MLPs, head) with the two ops promptswap owns
+left opaque, `promptswap::attend` (attention over the KV pages, server/engine/attention.py) and
+`promptswap::packed_linear` (server/model/cpu_linear.py). The number of tokens in a step is dynamic, so one
+graph serves every step; torch specializes the sizes 0 and 1, so the warm-up (`Engine.start`) runs the shapes
+a step can have: one token alone (a single decode), many with one kept row (a prefill), many with many kept
+rows (a batch). After the warm-up nothing compiles any more: a call that would need a new graph (a shape or
+state the warm-up did not see) runs eagerly instead, logged once, so a request never waits for a compiler.
+
+Compiled code is specialized to the thread count it was compiled under; when the engine gives up threads on
+a busy machine (server/machine/threads.py), steps run eagerly until it has its own count back. Compiled
+kernels are cached on disk (`--compile-cache-dir`), so a restart reuses them. Where compilation cannot run
+(no C++ compiler on the CPU, a model spread over devices, torch's dynamo disabled), the engine serves eagerly
+and one line says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"  # where inductor keeps its compiled kernels and graphs
+
+
+def unusable_reason(model: torch.nn.Module, device: torch.device, spread: bool) -> str | None:
+    """Why the forward pass cannot be compiled here, or None."""
+    if torch._dynamo.config.disable:
+        return "torch's dynamo is disabled (TORCH_COMPILE_DISABLE)"
+    if spread:
+        return "the model is spread over several devices"
+    if device.type == "cpu" and not _cxx_compiler():
+        return "no C++ compiler found (inductor needs one on the CPU: install g++, or set CXX)"
+    return None
+
+
+def _cxx_compiler() -> str | None:
+    wanted = os.environ.get("CXX")
+    if wanted:
+        return shutil.which(wanted)
+    return next((found for name in ("g++", "c++", "clang++") if (found := shutil.which(name))), None)
+
+
+def use_cache_dir(path: Path | None) -> None:
+    """Keep compiled kernels under `path` (made if missing), unless the environment names a place already."""
+    if path is None or os.environ.get(CACHE_VARIABLE):
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ[CACHE_VARIABLE] = str(path)
+
+
+class CompiledForward:
+    """Calls the model the way `ModelRunner.run` does, through its compiled graph where one is ready."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.compiled = torch.compile(model, dynamic=True)
+        self.threads: int | None = None  # the thread count the graphs were compiled under (set by the warm-up)
+        self.warming = False
+        self.failure: str | None = None  # why compiling failed during the warm-up (then the engine serves eagerly)
+        self.eager_calls = 0  # calls that ran eagerly after the warm-up (a shape or thread count not compiled)
+        self._warned = False
+
+    def __call__(self, **inputs: Any) -> Any:
+        if self.warming and "inputs_embeds" not in inputs:
+            if self.failure is None:
+                self.threads = torch.get_num_threads()
+                try:
+                    return self.compiled(**inputs)
+                except Exception as exc:  # e.g. the C++ compiler failed: the same step runs eagerly
+                    log.debug("compiling the forward pass failed", exc_info=True)
+                    self.failure = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return self.model(**inputs)
+        if "inputs_embeds" in inputs:  # a soft prompt's virtual tokens, computed once per task version: eager
+            return self.model(**inputs)
+        if self.threads is None or torch.get_num_threads() != self.threads:
+            self.eager_calls += 1
+            return self.model(**inputs)
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                return self.compiled(**inputs)
+        except torch._dynamo.exc.RecompileError as exc:  # raised by the guards, before anything ran
+            self.eager_calls += 1
+            if not self._warned:
+                self._warned = True
+                log.warning("compiled step: a step needed a graph the warm-up did not make; such steps run eagerly "
+                            "(%s)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return self.model(**inputs)
+
+    def warm_up(self, run: Any) -> float:
+        """Compile by running `run()` (steps of the shapes to serve) with compilation allowed; seconds taken."""
+        start = time.perf_counter()
+        self.warming = True
+        try:
+            run()
+        except Exception as exc:  # a warm-up request failed: whatever the cause, do not trust the graphs
+            self.failure = self.failure or f"a warm-up request failed: {exc}"
+        finally:
+            self.warming = False
+        return time.perf_counter() - start

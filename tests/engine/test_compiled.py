@@ -1,0 +1,63 @@
+"""The compiled step (server/engine/compiled.py): PEFT's tokens with compilation on, and the eager fallback.
+
+The rest of the suite serves eagerly (tests/conftest.py says why); these engines compile, each in its own
+inductor cache folder, so what a test sees is compiled here and not read from an earlier run.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from server.engine import compiled
+from server.engine.admission import EngineRequest
+from server.engine.sequence import SamplingParams
+from tests.conftest import REAL_UNUSABLE_REASON
+from tests.engine.conftest import random_text
+
+pytestmark = pytest.mark.slow  # each engine compiles its model
+
+TASKS = [None, "pt8", "ptune5", "prefix16", "prefix64proj", "pt64", "prefix1", None]
+
+
+@pytest.fixture
+def compiling(monkeypatch, tmp_path):
+    monkeypatch.setattr(compiled, "unusable_reason", REAL_UNUSABLE_REASON)  # tests/conftest.py turned it off
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()  # no graph of an earlier test's engine
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_engine_gives_peft_tokens_for_every_kind_in_one_batch(compiling, make_engine, reference, caplog):
+    caplog.set_level(logging.INFO, logger="server.engine")
+    engine = make_engine(threads=torch.get_num_threads())  # fixed: a thread change would run steps eagerly
+    assert engine.compiled is not None, caplog.text
+    assert "compiled step ready in" in caplog.text
+    rng = random.Random(7)
+    cases = [(task, random_text(rng, rng.randint(2, 14))) for task in TASKS]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    with ThreadPoolExecutor(len(cases)) as pool:  # submitted together: they share steps
+        handles = list(pool.map(lambda c: engine.submit(EngineRequest(c[1], task=c[0], params=params)), cases))
+    for (task, text), handle in zip(cases, handles, strict=True):
+        assert list(handle.result(timeout=120).token_ids) == reference.greedy(task, text, 10), (task, text)
+    # Every step after the warm-up ran a graph it made: none needed a new one (which would have run eagerly).
+    assert engine.compiled.eager_calls == 0
+
+
+def test_without_a_cxx_compiler_the_engine_serves_eagerly_and_says_why(compiling, monkeypatch, make_engine,
+                                                                         reference, caplog):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    caplog.set_level(logging.INFO, logger="server.engine")
+    engine = make_engine()
+    assert engine.compiled is None
+    [line] = [r.getMessage() for r in caplog.records if "compiled step off" in r.getMessage()]
+    assert "no C++ compiler found" in line
+    text = "the quick brown fox"
+    result = engine.submit(EngineRequest(text, task="prefix16", params=SamplingParams(max_new_tokens=6,
+                                                                                      ignore_eos=True)))
+    assert list(result.result(timeout=60).token_ids) == reference.greedy("prefix16", text, 6)
