@@ -25,8 +25,7 @@ from server.demo import RANDOM_DEMO, Demo, choose_demo
 from server.engine.config import EngineConfig
 from server.engine.errors import InvalidConfig
 from server.model.gguf import is_gguf
-from server.model.quantize import LIBRARY as QUANTIZE_LIBRARY
-from server.model.quantize import QuantizeName
+from server.model.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, QuantizeCompute, QuantizeName
 
 MiB = 1024 * 1024
 
@@ -99,10 +98,22 @@ class _ServiceSettings(BaseSettings):
         None, description="Model dtype (default: bfloat16 on cuda, float32 on cpu)."
     )
     quantize: QuantizeName = Field(
-        "none", description="Quantize the base model's weights once loaded (opt-in): int8-weight-only stores the "
-        f"decoder's Linear weights as int8 ({QUANTIZE_LIBRARY}; needs promptswap[quantize]) and computes in --dtype. "
-        "Greedy tokens then differ from float32's for some requests: docs/performance.md, 'Faster on CPU', has the "
-        "measured agreement and speed. Not with --device-map.",
+        "none", description="Keep the base model's Linear weights quantized (opt-in), on torch's weight-only kernels: "
+        "int8-weight-only (int8, a scale per output row), int4-weight-only (4-bit groups of --quantize-group-size), "
+        "gguf (a model converted from a GGUF file, as the demo's, keeps the file's Q4_1 blocks as they are; other "
+        "types, the demo's Q8_0 embedding and head among them, stay float32). Greedy tokens then differ from "
+        "float32's for some requests: docs/performance.md, 'Quantized weights', has the measured agreement, speed and "
+        "size of each. Not with --device-map.",
+    )
+    quantize_group_size: int = Field(
+        DEFAULT_GROUP_SIZE, description=f"int4-weight-only: weights per group (one scale and zero each), one of "
+        f"{', '.join(map(str, GROUP_SIZES))}; it must divide every quantized layer's input width.",
+    )
+    quantize_compute: QuantizeCompute = Field(
+        "served", description="The dtype the quantized layers' kernels compute in: served (--dtype) or bfloat16 (a "
+        "float32 model's Linear inputs rounded to bfloat16 for the kernel, scales and zeros too, so gguf's weights are "
+        "no longer the file's exactly; the rest stays float32). torch's CPU kernels are fast in bfloat16 only: in "
+        "float32 they measured 5-20x slower than float32 itself (docs/performance.md, 'Quantized weights').",
     )
     cpu_linear: Literal["onednn", "torch"] = Field(
         "onednn", description="On the CPU in float32 or bfloat16: onednn packs the model's Linear weights once for "
@@ -211,6 +222,13 @@ class Settings(_EngineSettings):
             raise ValueError(f"{setting_source('prompt_store')} must be s3://bucket/prefix (a local directory "
                              f"is --prompt-dir), got {self.prompt_store!r}")
         return self
+
+    @field_validator("quantize_group_size")
+    @classmethod
+    def _group_size_is_known(cls, value: int) -> int:
+        if value not in GROUP_SIZES:
+            raise ValueError(f"must be one of {', '.join(map(str, GROUP_SIZES))}")
+        return value
 
     @model_validator(mode="after")
     def _device_map_is_valid(self) -> Settings:

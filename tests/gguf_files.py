@@ -11,8 +11,10 @@ import torch
 from server.demo.tiny_models import build_tokenizer
 
 
-def write_tiny_qwen2_gguf(out_dir: Path, seed: int = 0) -> tuple[Path, torch.nn.Module]:
-    """A 2-layer Qwen2 (q/k/v biases, GQA) as float32 GGUF with its BPE tokenizer; returns (file, the model)."""
+def write_tiny_qwen2_gguf(out_dir: Path, seed: int = 0, q4_1: bool = False) -> tuple[Path, torch.nn.Module]:
+    """A 2-layer Qwen2 (q/k/v biases, GQA) as float32 GGUF with its BPE tokenizer; returns (file, the model).
+    With `q4_1`, the decoder layers' matrices are stored as Q4_1 blocks (gguf's own quantizer), llama.cpp's usual
+    4-bit type; the returned model then holds float32 weights, not the file's."""
     import gguf
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -27,7 +29,7 @@ def write_tiny_qwen2_gguf(out_dir: Path, seed: int = 0) -> tuple[Path, torch.nn.
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
 
-    path = out_dir / f"tiny-qwen2-{seed}.gguf"
+    path = out_dir / f"tiny-qwen2-{seed}{'-q4_1' if q4_1 else ''}.gguf"
     writer = gguf.GGUFWriter(str(path), "qwen2")
     writer.add_name("tiny-qwen2")
     writer.add_context_length(config.max_position_embeddings)
@@ -50,7 +52,12 @@ def write_tiny_qwen2_gguf(out_dir: Path, seed: int = 0) -> tuple[Path, torch.nn.
     writer.add_pad_token_id(eos)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, config.num_hidden_layers)
     for name, tensor in model.state_dict().items():
-        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.float().numpy())
+        gguf_name, data = names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.float().numpy()
+        if q4_1 and name.startswith("model.layers.") and data.ndim == 2:
+            kind = gguf.GGMLQuantizationType.Q4_1
+            writer.add_tensor(gguf_name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(gguf_name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -175,7 +175,8 @@ def _load_in_background(state: State) -> None:
 def _build_engine(settings: Settings) -> tuple[BaseModel, PromptRegistry, Engine]:
     base = load_base_model(model_source(settings), device=settings.device, dtype=settings.dtype,
                            device_map=settings.device_map_value(), offload_dir=settings.offload_dir(),
-                           quantize=settings.quantize, onednn_linears=settings.cpu_linear == "onednn")
+                           quantize=settings.quantize, quantize_group_size=settings.quantize_group_size,
+                           quantize_compute=settings.quantize_compute, onednn_linears=settings.cpu_linear == "onednn")
     limits = RegistryLimits(max_virtual_tokens=settings.max_virtual_tokens, max_bytes=settings.max_prompt_bytes)
     backend = open_backend(settings.prompt_store or settings.resolved_prompt_dir(),
                            endpoint_url=settings.s3_endpoint_url, timeout_s=settings.s3_timeout_s)

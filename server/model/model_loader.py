@@ -14,7 +14,7 @@ from server.engine.attention import ATTN_IMPLEMENTATION
 from server.engine.base_model import BaseModel
 from server.engine.errors import ModelNotSupported
 from server.model.cpu_linear import pack_linears
-from server.model.quantize import check_method, quantize_model
+from server.model.quantize import DEFAULT_GROUP_SIZE, check_method, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,15 @@ def check_architecture(name_or_path: str | Path) -> Any:
 def load_base_model(name_or_path: str | Path, device: str | None = None,
                     dtype: str | torch.dtype | None = None, *, device_map: str | dict | None = None,
                     offload_dir: str | Path | None = None, quantize: str | None = None,
+                    quantize_group_size: int = DEFAULT_GROUP_SIZE, quantize_compute: str = "served",
                     onednn_linears: bool = True) -> BaseModel:
     """Load a decoder-only causal LM frozen, in eval mode, with promptswap's attention plugged in.
 
-    `quantize` ("int8-weight-only"; None or "none": as loaded) quantizes its Linear weights once loaded
-    (server/model/quantize.py); QuantizerMissing when its library is not installed. Otherwise, on the CPU,
-    `onednn_linears` packs them for oneDNN (server/model/cpu_linear.py; `--cpu-linear onednn`).
+    `quantize` ("int8-weight-only", "int4-weight-only" in groups of `quantize_group_size`, "gguf"; None or
+    "none": as loaded) replaces its Linear layers by weight-only ones computing in `quantize_compute`
+    (server/model/quantize.py); KernelMissing when the kernel does not run here. Otherwise, on the CPU,
+    `onednn_linears` packs them for oneDNN (server/model/cpu_linear.py; `--cpu-linear onednn`): not a quantized
+    model's tied head, whose packed copy would add the float32 table's bytes again for ~10% of its matmul's time.
 
     `device_map` ("auto", "balanced", "sequential", or {module name: device}) spreads the model over the
     visible GPUs, the CPU and `offload_dir` ("disk") with accelerate; each layer's KV pages then live on
@@ -88,7 +91,8 @@ def load_base_model(name_or_path: str | Path, device: str | None = None,
     if device_map is None:
         model.to(dev)
     model.eval().requires_grad_(False)
-    quantize_model(model, quantize)  # after the move: the int8 weights are made where they compute
+    # after the move: the quantized weights are made where they compute
+    quantize_model(model, quantize, group_size=quantize_group_size, compute=quantize_compute, source=name_or_path)
     if onednn_linears and quantize == "none" and device_map is None:
         pack_linears(model, dev, torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)

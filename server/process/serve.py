@@ -112,7 +112,6 @@ def run_serve(args: argparse.Namespace) -> int:
             made = startup.check_prompt_dir(settings.resolved_prompt_dir())
         else:
             startup.check_object_store_client()
-        startup.check_quantizer(settings)
         startup.check_model(settings)
     except startup.StartupError as exc:
         startup.remove_if_empty(made)

@@ -71,15 +71,6 @@ def check_object_store_client() -> None:
                            'install the extra: pip install "promptswap[s3]"')
 
 
-def check_quantizer(settings: Settings) -> None:
-    """--quantize's library is installed (found without importing it: torch is not loaded yet)."""
-    from server.model import quantize
-
-    if not quantize.available(settings.quantize):
-        raise StartupError(f"--quantize {settings.quantize} needs {quantize.LIBRARY}, which is not installed",
-                           f"install the extra: {quantize.INSTALL_HINT}, or leave --quantize unset")
-
-
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on host:port, bound as uvicorn binds (IPv6 for an address with a colon), or
     StartupError if the address is taken or not this machine's. Listening at once, so a second server
