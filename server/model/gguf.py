@@ -59,8 +59,12 @@ def converted_dir(gguf_path: str | Path, cache_dir: str | Path) -> Path:
     source = target / SOURCE_FILE
     if not source.is_file() or source.read_text().strip() != str(path.resolve()):  # converted before, or moved
         tmp = target / f".{SOURCE_FILE}.{os.getpid()}"
-        tmp.write_text(f"{path.resolve()}\n")
-        os.replace(tmp, source)
+        try:
+            tmp.write_text(f"{path.resolve()}\n")
+            os.replace(tmp, source)
+        except OSError as exc:  # a read-only cache serves as it is; only --quantize gguf needs the name
+            log.info("cannot record %s as the source of %s (%s); --quantize gguf will not find it", path, target,
+                     exc)
     return target
 
 

@@ -71,7 +71,7 @@ def configure_logging(level: str, log_format: LogFormat) -> None:
     adopt_library_loggers()
 
 
-# Once installed (promptswap[quantize]), torchao is imported by transformers' own import, quantizing or not, and
+# Once installed (--quantize no longer needs it), torchao is imported by transformers' own import, and it
 # logs warnings no user can act on: its CUDA kernels that a CPU-only torch cannot load, no triton, and torch's
 # deprecation of how it registers two enums (through torch's own handler, in torch's format: a JSON log would
 # get a line that is not JSON). Errors still pass.

@@ -79,3 +79,22 @@ def test_a_converted_gguf_serves_soft_prompts_and_prefixes_like_peft(tiny_gguf, 
     reference = PeftReference(model_dir)
     for (task, text), tokens in got.items():
         assert tokens == reference.greedy(None if task is None else tmp_path / task, text, 6), (task, text)
+
+
+def test_the_converted_directory_names_its_file_and_a_read_only_one_still_serves(tiny_gguf, tmp_path, monkeypatch):
+    from server.model import gguf as gguf_module
+
+    path, _ = tiny_gguf
+    model_dir = converted_dir(path, tmp_path)
+    assert gguf_module.source_of(model_dir) == path.resolve()  # what --quantize gguf reads the blocks from
+    moved = tmp_path / "elsewhere" / path.name  # the same name and bytes: the same directory
+    moved.parent.mkdir()
+    shutil.copy(path, moved)
+    assert converted_dir(moved, tmp_path) == model_dir and gguf_module.source_of(model_dir) == moved.resolve()
+
+    def read_only(*args):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(gguf_module.os, "replace", read_only)
+    assert converted_dir(path, tmp_path) == model_dir  # served as it is; the name stays the last one written
+    assert gguf_module.source_of(model_dir) == moved.resolve()
