@@ -121,6 +121,59 @@ def profile_in_engine_thread(engine, timer: PhaseTimer, trace: Path | None, with
     return state, done
 
 
+# The ops that do a step's arithmetic and memory work (matrix products, attention, the KV pages' copies) and the
+# compiled graphs' own kernels: a step's profiler self time outside them is host time (Python, dispatch, guards,
+# small eager ops). An approximation: a compiled graph's call also holds its wrapper's few Python lines.
+KERNEL_OPS = ("_linear_pointwise", "scaled_dot_product", "flash_attention", "aten::mm", "aten::bmm", "aten::addmm",
+              "aten::index_select", "aten::index_put", "_weight_int", "CompiledFxGraph")
+
+
+def host_ms_per_step(prof, steps: int) -> tuple[float, float]:
+    """(host ms, kernel ms) per step from the profiler's per-op self times."""
+    kernel = host = 0.0
+    for event in prof.key_averages():
+        if event.key.startswith("engine.step") or event.key.startswith("runner.") or event.key.startswith(
+                ("scheduler.", "executor.", "logits.")):
+            continue  # the phase labels (record_function): their time is their children's
+        if any(op in event.key for op in KERNEL_OPS):
+            kernel += event.self_cpu_time_total
+        else:
+            host += event.self_cpu_time_total
+    return host / 1000 / max(steps, 1), kernel / 1000 / max(steps, 1)
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes a decode step reads in full: every matrix product's weight (packed or not)."""
+    import torch
+
+    total = 0
+    for module in model.modules():
+        weight = getattr(module, "packed_weight", None)
+        if weight is None and isinstance(module, torch.nn.Linear):
+            weight = module.weight
+        if weight is not None:
+            total += weight.numel() * weight.element_size()
+    return total
+
+
+def read_rate(threads: int, size_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Bytes per second this machine's memory gives a sum over `size_bytes` of float32, best of `repeats`."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        data = torch.ones(size_bytes // 4)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            data.sum()
+            best = min(best, time.perf_counter() - start)
+        return size_bytes / best
+    finally:
+        torch.set_num_threads(previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_engine", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m-random")
@@ -132,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens-per-step", type=int, default=512)
     p.add_argument("--no-tasks", action="store_true", help="the same texts with no task")
     p.add_argument("--no-torch-profiler", action="store_true", help="phase split only (lower overhead)")
+    p.add_argument("--no-compile", action="store_true", help="the eager step (server/engine/compiled.py)")
+    p.add_argument("--threads", type=int, default=None, help="the engine's threads (default: the machine's cores)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -145,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.throughput import warmup_workload
     from benchmarks.workload import WorkloadSpec, embedding_std, make_workload
 
-    threads.configure(None)  # before any model loads: the engine thread alone gets torch's threads
+    threads.configure(args.threads)  # before any model loads: the engine thread alone gets torch's threads
 
     model_path = resolve_model(args.model, args.out)
     base = pe.load_base(model_path, args.device, args.dtype)
@@ -154,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     workload = make_workload(spec, base.geometry, embedding_std(base.model), base.tokenizer)
     if args.no_tasks:
         workload = workload.without_tasks()
-    engine = pe.start_engine(base, pe.make_registry(base, workload), args.concurrency[0], args.max_tokens_per_step)
+    engine = pe.start_engine(base, pe.make_registry(base, workload), args.concurrency[0], args.max_tokens_per_step,
+                             compile=not args.no_compile)
+    print(f"step: {'compiled' if engine.compiled is not None else 'eager'}")
     try:
         pe.run_engine(engine, warmup_workload(workload))
         timer, shapes = PhaseTimer(), StepShapes()
@@ -174,10 +231,28 @@ def main(argv: list[str] | None = None) -> int:
           f"({1000 * wall / max(state['steps'], 1):.1f} ms/step)")
     print(timer.table(wall))
     print(shapes.table())
+    weights, rate = weight_bytes_per_step(base.model), read_rate(engine_threads_used(engine))
+    floor_ms = 1000 * weights / rate
+    print(f"floor of a decode step: {weights / 1e6:.0f} MB of weights read at {rate / 1e9:.1f} GB/s (measured: a sum "
+          f"over 512 MiB) = {floor_ms:.1f} ms/step, {1000 / floor_ms:.1f} tok/s at one request")
     if state["prof"] is not None:
         print(state["prof"].key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
         print(f"wrote {trace}")
+        host, kernel = host_ms_per_step(state["prof"], state["steps"])
+        print(f"host time per step: {host:.2f} ms (kernels and copies {kernel:.2f} ms; profiler self times, "
+              f"{'compiled' if engine.compiled is not None else 'eager'} step, {state['steps']} steps)")
     return 0
+
+
+def engine_threads_used(engine) -> int:
+    """The engine's thread count: what its compiled step was compiled for, else --threads, else every core."""
+    from benchmarks import threads
+    from server.machine.threads import usable_cpus
+
+    compiled = engine.compiled
+    if compiled is not None and compiled.threads:
+        return compiled.threads
+    return threads.engine_threads() or usable_cpus()
 
 
 if __name__ == "__main__":

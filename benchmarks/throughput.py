@@ -25,6 +25,7 @@ LLAMA_CPP = tuple(LLAMA_CPP_SYSTEMS)  # another process, another engine (benchma
 # Order matters only for the table: ours first, then the ceilings, then what users do today.
 SYSTEMS = (
     "promptswap",
+    "promptswap-eager",  # --no-compile: the same engine without its compiled step (server/engine/compiled.py)
     "promptswap-http",
     "promptswap-no-prompts",
     *LLAMA_CPP,
@@ -66,8 +67,9 @@ def run_system(bench: Bench, name: str, concurrency: int) -> list[RequestResult]
         return baselines.run_grouped_by_task(bench.hf, wl, concurrency)
     if name == "static-no-prompts":
         return baselines.run_static_no_prompts(bench.hf, wl, concurrency)
-    if name in ("promptswap", "promptswap-no-prompts"):
-        return _run_engine(bench, wl if name == "promptswap" else wl.without_tasks(), concurrency)
+    if name in ("promptswap", "promptswap-eager", "promptswap-no-prompts"):
+        return _run_engine(bench, wl.without_tasks() if name == "promptswap-no-prompts" else wl, concurrency,
+                           compile=name != "promptswap-eager")
     if name in LLAMA_CPP:
         if bench.llama_cpp is None:
             raise RuntimeError("llama.cpp serves the demo's GGUF file: use --model smollm2-135m-instruct")
@@ -79,13 +81,13 @@ def run_system(bench: Bench, name: str, concurrency: int) -> list[RequestResult]
     raise ValueError(f"unknown system {name!r}; expected one of {SYSTEMS}")
 
 
-def _run_engine(bench: Bench, workload: Workload, concurrency: int) -> list[RequestResult]:
+def _run_engine(bench: Bench, workload: Workload, concurrency: int, compile: bool = True) -> list[RequestResult]:
     from benchmarks import promptswap_engine as pe
 
     # A fresh engine per run: its prompt cache starts cold, so computing each task's prefix once
-    # is part of what is measured.
+    # is part of what is measured. Its compiled step is made at its start (outside the measurement).
     engine = pe.start_engine(bench.base, pe.make_registry(bench.base, workload), concurrency,
-                             bench.max_tokens_per_step)
+                             bench.max_tokens_per_step, compile=compile)
     try:
         pe.run_engine(engine, warmup_workload(workload))  # first-call costs out of the measurement
         return pe.run_engine(engine, workload)

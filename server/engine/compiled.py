@@ -50,12 +50,17 @@ def _cxx_compiler() -> str | None:
     return next((found for name in ("g++", "c++", "clang++") if (found := shutil.which(name))), None)
 
 
-def use_cache_dir(path: Path | None) -> None:
-    """Keep compiled kernels under `path` (made if missing), unless the environment names a place already."""
-    if path is None or os.environ.get(CACHE_VARIABLE):
-        return
-    path.mkdir(parents=True, exist_ok=True)
-    os.environ[CACHE_VARIABLE] = str(path)
+def use_cache_dir(path: Path, chosen: bool) -> str:
+    """Keep compiled kernels under `path`: always when it was `chosen` (--compile-cache-dir), else unless the
+    environment names a place (torch writes its own default, under /tmp, into the variable once it has looked:
+    that one is not a choice). Returns the place in effect."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get(CACHE_VARIABLE)
+    if chosen or current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ[CACHE_VARIABLE] = str(path)
+    return os.environ[CACHE_VARIABLE]
 
 
 class CompiledForward:
@@ -71,6 +76,7 @@ class CompiledForward:
         self._warned = False
 
     def __call__(self, **inputs: Any) -> Any:
+        _any_size(inputs)
         if self.warming and "inputs_embeds" not in inputs:
             if self.failure is None:
                 self.threads = torch.get_num_threads()
@@ -107,3 +113,12 @@ class CompiledForward:
         finally:
             self.warming = False
         return time.perf_counter() - start
+
+
+def _any_size(inputs: dict[str, Any]) -> None:
+    """The token count and the kept rows may be any size, 1 included: one graph for every step, where torch would
+    otherwise make separate ones for size 1 (and trace the model again for each at start)."""
+    for name, dim in (("input_ids", 1), ("position_ids", 1), ("logits_to_keep", 0)):
+        value = inputs.get(name)
+        if isinstance(value, torch.Tensor):
+            torch._dynamo.decorators.mark_unbacked(value, dim)

@@ -51,6 +51,11 @@ class KVManager:
         self.cache_queries = 0  # text tokens looked up in the prefix cache at admission
         self.cache_hits = 0  # of those, the tokens found computed already
 
+    def forget_history(self) -> None:
+        """Counts from zero and no idle cached page: after the compiled step's warm-up, whose texts are nobody's."""
+        self.cache_queries = self.cache_hits = 0
+        self.pool.evict_idle_cached()
+
     # -- what the prefix cache holds for a request ------------------------------------------------
 
     def reads_cache(self, seq: Sequence) -> bool:

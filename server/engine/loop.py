@@ -131,7 +131,8 @@ class Engine:
             log.info("compiled step off: %s; every step runs eagerly", reason)
             return None
         cache = self.config.compile_cache_dir
-        compiled.use_cache_dir(Path(cache) if cache else Path.home() / ".cache" / "promptswap" / "compile")
+        compiled.use_cache_dir(Path(cache) if cache else Path.home() / ".cache" / "promptswap" / "compile",
+                               chosen=bool(cache))
         forward = CompiledForward(self.base.model)
         self.runner.forward = forward
         return forward
@@ -147,6 +148,10 @@ class Engine:
                 handle.result()
 
         seconds = forward.warm_up(run)
+        # Still inside start(): nothing else is submitted yet, and the engine thread waits for work.
+        self.scheduler.forget_history()
+        self.executor.settle()  # the warm-up's storage back
+        self.steps = 0
         if forward.failure is not None:
             log.warning("compiled step off: compiling the forward pass failed (%s); every step runs eagerly",
                         forward.failure)

@@ -189,6 +189,11 @@ class PagePool:
         """Cached pages nobody holds."""
         return len(self._idle_cached)
 
+    def evict_idle_cached(self) -> None:
+        """Evict every cached page nobody holds."""
+        while self._idle_cached:
+            self._evict_cached(next(iter(self._idle_cached)))
+
     def _evict_cached(self, page: int) -> None:
         del self._idle_cached[page]
         del self._cached[self._digest_of.pop(page)]

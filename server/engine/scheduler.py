@@ -91,6 +91,12 @@ class Scheduler:
         self.preemptions = 0
         self.peak_running = 0
 
+    def forget_history(self) -> None:
+        """As if nothing had run (after the compiled step's warm-up: what it ran is not what was served)."""
+        self.preemptions = 0
+        self.peak_running = 0
+        self.kv.forget_history()
+
     def fits_alone(self, seq: Sequence) -> bool:
         return self.kv.fits_alone(seq)
 

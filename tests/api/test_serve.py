@@ -37,6 +37,13 @@ def test_help_documents_every_setting(capsys):
     assert "engine's own" not in flat
 
 
+@pytest.fixture(autouse=True)
+def _a_users_environment(monkeypatch):
+    """The settings read the environment as a user's shell has it: without the suite's PROMPTSWAP_COMPILE=false
+    (tests/conftest.py)."""
+    monkeypatch.delenv("PROMPTSWAP_COMPILE", raising=False)
+
+
 def test_every_engine_setting_is_a_setting_and_a_flag_with_its_help(capsys, monkeypatch):
     """EngineConfig declares them once: each field is a Settings field (unset: the engine's default), a
     PROMPTSWAP_* variable and a `serve` flag, with the field's help and its default as describe_default says."""
