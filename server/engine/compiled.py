@@ -3,7 +3,9 @@ generated kernels instead of thousands of small eager ops.
 
 What is captured: the whole model (embeddings, norms, rotary, MLPs, head) with the two ops promptswap owns
 left opaque, `promptswap::attend` (attention over the KV pages, server/engine/attention.py) and
-`promptswap::packed_linear` (server/model/cpu_linear.py). The number of tokens in a step is dynamic, so one
+`promptswap::packed_linear` (server/model/cpu_linear.py). While the compiled step runs, decode attention over
+large groups reads the KV pages in place, through a compiled reader of its own (attention.py's
+`_decode_in_place`) instead of gathering them into a copy. The number of tokens in a step is dynamic, so one
 graph serves every step; torch specializes the sizes 0 and 1, so the warm-up (`Engine.start`) runs the shapes
 a step can have: one token alone (a single decode), many with one kept row (a prefill), many with many kept
 rows (a batch). After the warm-up nothing compiles any more: a call that would need a new graph (a shape or
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from server.engine.attention import in_place_attention
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +76,7 @@ class CompiledForward:
         self.threads: int | None = None  # the thread count the graphs were compiled under (set by the warm-up)
         self.warming = False
         self.failure: str | None = None  # why compiling failed during the warm-up (then the engine serves eagerly)
-        self.eager_calls = 0  # calls that ran eagerly after the warm-up (a shape or thread count not compiled)
-        self._warned = False
+        self.eager_calls = 0  # calls that ran eagerly after the warm-up because of the thread count
 
     def __call__(self, **inputs: Any) -> Any:
         _any_size(inputs)
@@ -81,7 +84,8 @@ class CompiledForward:
             if self.failure is None:
                 self.threads = torch.get_num_threads()
                 try:
-                    return self.compiled(**inputs)
+                    with in_place_attention(min_rows=0):
+                        return self.compiled(**inputs)
                 except Exception as exc:  # e.g. the C++ compiler failed: the same step runs eagerly
                     log.debug("compiling the forward pass failed", exc_info=True)
                     self.failure = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -91,16 +95,10 @@ class CompiledForward:
         if self.threads is None or torch.get_num_threads() != self.threads:
             self.eager_calls += 1
             return self.model(**inputs)
-        try:
-            with torch.compiler.set_stance("fail_on_recompile"):
-                return self.compiled(**inputs)
-        except torch._dynamo.exc.RecompileError as exc:  # raised by the guards, before anything ran
-            self.eager_calls += 1
-            if not self._warned:
-                self._warned = True
-                log.warning("compiled step: a step needed a graph the warm-up did not make; such steps run eagerly "
-                            "(%s)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            return self.model(**inputs)
+        # A step the graph does not cover (its guards fail) runs eagerly rather than compiling: no request waits for
+        # a compiler, and the same goes for the in-place attention reader (attention.py).
+        with torch.compiler.set_stance("eager_on_recompile"), in_place_attention():
+            return self.compiled(**inputs)
 
     def warm_up(self, run: Any) -> float:
         """Compile by running `run()` (steps of the shapes to serve) with compilation allowed; seconds taken."""

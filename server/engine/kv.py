@@ -155,6 +155,11 @@ class PagedKV:
         values = self._gather_into("values", values_store, flat).view(shape).transpose(-3, -2)
         return keys, values
 
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's whole storage, keys' and values', `[pages, PAGE_SIZE, kv_heads, head_dim]`: read in place."""
+        assert self._keys, "read before ensure"
+        return self._layer_keys[layer], self._layer_values[layer]
+
     def _gather_into(self, name: str, source: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
         numel = pages.numel() * source[0].numel()
         buffer = self._scratch.get((name, source.device))

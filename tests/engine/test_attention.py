@@ -1,9 +1,18 @@
 """The attention masks and the packed attention itself, against plain causal attention."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from server.engine.attention import DecodeGroup, PageList, PrefillChunk, StepLayout, page_views
+from server.engine.attention import (
+    DecodeGroup,
+    PageList,
+    PrefillChunk,
+    StepLayout,
+    _attend,
+    _attend_in_place,
+    page_views,
+)
 from server.engine.kv import PagedKV
 from server.engine.pages import PAGE_SIZE
 
@@ -79,3 +88,26 @@ def test_packed_step_matches_causal_attention_per_request():
     a_values = torch.cat([prefix_v, own_v, v[0, :, :1]], dim=1)
     assert torch.allclose(out[:1], reference(q[0, :, :1], a_keys, a_values), atol=1e-5)
     assert torch.allclose(out[1:], reference(q[0, :, 1:], k[0, :, 1:], v[0, :, 1:]), atol=1e-5)
+
+
+@pytest.mark.slow  # compiles the reader: seconds
+@pytest.mark.parametrize("window,softcap", [(None, None), (7, None), (None, 20.0), (5, 30.0)])
+def test_decode_reading_pages_in_place_equals_the_gathered_attention(window, softcap):
+    """The compiled step's decode reader (pages read through the page table) against gather + attention."""
+    g = torch.Generator().manual_seed(3)
+    kv_heads, groups, hd, total = 2, 3, 16, 12
+    kv = PagedKV(1, kv_heads, hd, dtype=torch.float32, device=torch.device("cpu"), total_pages=total)
+    kv.ensure(total)
+    rows = torch.arange(PAGE_SIZE, total * PAGE_SIZE)  # every page but the null page
+    kv.write(0, torch.randn(kv_heads, len(rows), hd, generator=g), torch.randn(kv_heads, len(rows), hd, generator=g),
+             rows)
+    requests = [PageList.of([4, 9], [2], virtual=5), PageList.of([7]), PageList.of([1, 3, 11])]
+    pages, positions = page_views(requests, torch.device("cpu"))
+    last = torch.tensor([5 + 2 * PAGE_SIZE - 3, 9, 3 * PAGE_SIZE - 1])
+    q = torch.randn(len(requests), kv_heads, groups, hd, generator=g)
+    group = DecodeGroup(torch.arange(len(requests)), pages, positions, last)
+    keys, values = kv.gather(0, pages)
+    expected = _attend(q, keys, values, group.bias(window, q.dtype), None, softcap)
+    key_pages, value_pages = kv.layer(0)
+    got = _attend_in_place(q, key_pages, value_pages, pages, positions, last, hd ** -0.5, window, softcap)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

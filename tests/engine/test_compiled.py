@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from server.engine import compiled
+from server.engine import attention, compiled
 from server.engine.admission import EngineRequest
 from server.engine.sequence import SamplingParams
 from tests.conftest import REAL_UNUSABLE_REASON
@@ -33,7 +33,11 @@ def compiling(monkeypatch, tmp_path):
     torch._dynamo.reset()
 
 
-def test_compiled_engine_gives_peft_tokens_for_every_kind_in_one_batch(compiling, make_engine, reference, caplog):
+@pytest.mark.parametrize("in_place_from", [0, attention.IN_PLACE_MIN_ROWS], ids=["in-place", "gathered"])
+def test_compiled_engine_gives_peft_tokens_for_every_kind_in_one_batch(compiling, make_engine, reference, caplog,
+                                                                      monkeypatch, in_place_from):
+    # Decode groups this small are gathered by default: 0 makes every one read its pages in place.
+    monkeypatch.setattr(attention, "IN_PLACE_MIN_ROWS", in_place_from)
     caplog.set_level(logging.INFO, logger="server.engine")
     engine = make_engine(threads=torch.get_num_threads())  # fixed: a thread change would run steps eagerly
     assert engine.compiled is not None, caplog.text
@@ -45,8 +49,7 @@ def test_compiled_engine_gives_peft_tokens_for_every_kind_in_one_batch(compiling
         handles = list(pool.map(lambda c: engine.submit(EngineRequest(c[1], task=c[0], params=params)), cases))
     for (task, text), handle in zip(cases, handles, strict=True):
         assert list(handle.result(timeout=120).token_ids) == reference.greedy(task, text, 10), (task, text)
-    # Every step after the warm-up ran a graph it made: none needed a new one (which would have run eagerly).
-    assert engine.compiled.eager_calls == 0
+    assert engine.compiled.eager_calls == 0  # every step ran at the thread count its graph was compiled for
 
 
 def test_without_a_cxx_compiler_the_engine_serves_eagerly_and_says_why(compiling, monkeypatch, make_engine,
