@@ -35,6 +35,14 @@ log = logging.getLogger(__name__)
 
 CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"  # where inductor keeps its compiled kernels and graphs
 
+# True while the one-row graph is traced and run. A step of one token (one request decoding) reads every weight
+# once, so its matrix products are matrix-vector products, bound by how fast they read the weights: oneDNN's
+# read its packed weights at ~17 GB/s here (AMD EPYC, 2 threads) where the memory gives ~49. Layers that keep
+# their weight plain (`keep_plain`, server/model/cpu_linear.py) then compute `x @ W.T` as products summed over
+# the inputs, which the compiler makes one vectorized reduction per layer: a SmolLM2-135M decode step went from
+# 41.6 to 23.9 ms (docs/performance.md). Only for one row: with more, such a sum reads the weight once per row.
+ONE_ROW: list[bool] = [False]
+
 
 def unusable_reason(model: torch.nn.Module, device: torch.device, spread: bool) -> str | None:
     """Why the forward pass cannot be compiled here, or None."""
@@ -73,19 +81,21 @@ class CompiledForward:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.compiled = torch.compile(model, dynamic=True)
+        # The one-row graph, where layers keep a plain weight (ONE_ROW above); its shapes are all static.
+        self.plain_bytes = sum(m.keep_plain() for m in model.modules() if hasattr(m, "keep_plain"))
+        self.one_row = torch.compile(model, dynamic=False) if self.plain_bytes else None
+        self.one_row_steps = 0  # steps the one-row graph ran
         self.threads: int | None = None  # the thread count the graphs were compiled under (set by the warm-up)
         self.warming = False
         self.failure: str | None = None  # why compiling failed during the warm-up (then the engine serves eagerly)
         self.eager_calls = 0  # calls that ran eagerly after the warm-up because of the thread count
 
     def __call__(self, **inputs: Any) -> Any:
-        _any_size(inputs)
         if self.warming and "inputs_embeds" not in inputs:
             if self.failure is None:
                 self.threads = torch.get_num_threads()
                 try:
-                    with in_place_attention(min_rows=0):
-                        return self.compiled(**inputs)
+                    return self._run(inputs, min_rows=0)
                 except Exception as exc:  # e.g. the C++ compiler failed: the same step runs eagerly
                     log.debug("compiling the forward pass failed", exc_info=True)
                     self.failure = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -97,8 +107,29 @@ class CompiledForward:
             return self.model(**inputs)
         # A step the graph does not cover (its guards fail) runs eagerly rather than compiling: no request waits for
         # a compiler, and the same goes for the in-place attention reader (attention.py).
-        with torch.compiler.set_stance("eager_on_recompile"), in_place_attention():
+        with torch.compiler.set_stance("eager_on_recompile"):
+            return self._run(inputs)
+
+    def _run(self, inputs: dict[str, Any], min_rows: int | None = None) -> Any:
+        """The step through the one-row graph (one token) or the graph of every size."""
+        if self.one_row is not None and inputs["input_ids"].shape[-1] == 1:
+            ONE_ROW[0] = True
+            self.one_row_steps += 1
+            try:
+                with in_place_attention(min_rows):
+                    return self.one_row(**inputs)
+            finally:
+                ONE_ROW[0] = False
+        _any_size(inputs)
+        with in_place_attention(min_rows):
             return self.compiled(**inputs)
+
+    def release(self) -> None:
+        """Compiling failed: give back the plain weights the one-row graph would have read."""
+        for module in self.model.modules():
+            if hasattr(module, "keep_plain"):
+                module.plain_weight = None
+        self.plain_bytes = 0
 
     def warm_up(self, run: Any) -> float:
         """Compile by running `run()` (steps of the shapes to serve) with compilation allowed; seconds taken."""

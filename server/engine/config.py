@@ -47,7 +47,8 @@ class EngineConfig:
     compile: bool = field(default=True, metadata={
         "help": "Capture the model's forward pass with torch.compile at start (kernels cached on disk, reused by a "
                 "restart); where it cannot run (no C++ compiler, a model spread over devices) the engine serves "
-                "eagerly and logs why (engine)."})
+                "eagerly and logs why. On the CPU, one-token steps get a graph reading plain copies of the Linear "
+                "weights (faster at one request; the start log says the memory it adds) (engine)."})
     compile_cache_dir: str | None = field(default=None, metadata={
         "help": "Where compiled kernels are kept across restarts (engine).",
         "unset": "$TORCHINDUCTOR_CACHE_DIR, else ~/.cache/promptswap/compile"})

@@ -155,11 +155,14 @@ class Engine:
         if forward.failure is not None:
             log.warning("compiled step off: compiling the forward pass failed (%s); every step runs eagerly",
                         forward.failure)
+            forward.release()
             self.runner.forward = self.base.model
             self.compiled = None
             return
-        log.info("compiled step ready in %.1f s (%d threads; kernels cached in %s)", seconds, forward.threads,
-                 os.environ.get(compiled.CACHE_VARIABLE, "torch's default place"))
+        log.info("compiled step ready in %.1f s (%d threads; kernels cached in %s)%s", seconds, forward.threads,
+                 os.environ.get(compiled.CACHE_VARIABLE, "torch's default place"),
+                 f"; one-row graph: the Linear weights kept plain too, +{forward.plain_bytes / 2**20:.0f} MiB"
+                 if forward.plain_bytes else "")
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop accepting, let in-flight requests finish for up to `timeout_s`, end the rest, stop."""

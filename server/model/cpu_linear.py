@@ -37,6 +37,8 @@ import os
 
 import torch
 
+from server.engine.compiled import ONE_ROW
+
 log = logging.getLogger(__name__)
 
 DTYPES = (torch.float32, torch.bfloat16)  # oneDNN's CPU matmuls the probe was measured on
@@ -100,7 +102,9 @@ def _(x, packed_weight, bias):
 
 
 class PackedLinear(torch.nn.Module):
-    """`torch.nn.Linear`'s forward on a weight packed once for oneDNN."""
+    """`torch.nn.Linear`'s forward on a weight packed once for oneDNN (and, for the one-row graph, kept plain)."""
+
+    plain_weight: torch.Tensor | None  # a buffer: the weight in torch's layout, for the one-row graph (keep_plain)
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
@@ -109,9 +113,21 @@ class PackedLinear(torch.nn.Module):
         self.register_buffer("packed_weight", packed, persistent=False)
         bias = None if linear.bias is None else linear.bias.detach()
         self.register_buffer("bias", bias, persistent=False)
+        self.register_buffer("plain_weight", None, persistent=False)  # keep_plain()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The compiled step's one-row graph (server/engine/compiled.py says why): one reduction reading the weight.
+        if ONE_ROW[0] and self.plain_weight is not None:
+            out = (self.plain_weight * x.reshape(-1, 1, self.in_features)).sum(-1)
+            out = out.reshape(*x.shape[:-1], self.out_features)
+            return out if self.bias is None else out + self.bias
         return torch.ops.promptswap.packed_linear(x, self.packed_weight, self.bias)
+
+    def keep_plain(self) -> int:
+        """Keep the weight in torch's layout too, for the one-row graph; returns the bytes that adds."""
+        if self.plain_weight is None:
+            self.plain_weight = self.packed_weight.to_dense()
+        return self.plain_weight.numel() * self.plain_weight.element_size()
 
     def unpacked(self) -> torch.nn.Linear:
         """A torch Linear holding the same weight (in torch's own layout again)."""

@@ -52,6 +52,18 @@ def test_compiled_engine_gives_peft_tokens_for_every_kind_in_one_batch(compiling
     assert engine.compiled.eager_calls == 0  # every step ran at the thread count its graph was compiled for
 
 
+def test_a_request_decoding_alone_runs_the_one_row_graph_and_gives_peft_tokens(compiling, make_engine, reference):
+    engine = make_engine(threads=torch.get_num_threads())
+    assert engine.compiled is not None and engine.compiled.one_row is not None  # the tiny model's layers are packed
+    before = engine.compiled.one_row_steps
+    for task, text in ((None, "the lazy dog"), ("prefix16", "select price from"), ("pt8", "café über 42")):
+        params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+        result = engine.submit(EngineRequest(text, task=task, params=params)).result(timeout=60)
+        assert list(result.token_ids) == reference.greedy(task, text, 8), task
+    assert engine.compiled.one_row_steps - before == 3 * 7  # every step after each prefill
+    assert engine.compiled.eager_calls == 0
+
+
 def test_without_a_cxx_compiler_the_engine_serves_eagerly_and_says_why(compiling, monkeypatch, make_engine,
                                                                          reference, caplog):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
