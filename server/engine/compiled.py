@@ -5,11 +5,11 @@ What is captured: the whole model (embeddings, norms, rotary, MLPs, head) with t
 left opaque, `promptswap::attend` (attention over the KV pages, server/engine/attention.py) and
 `promptswap::packed_linear` (server/model/cpu_linear.py). While the compiled step runs, decode attention over
 large groups reads the KV pages in place, through a compiled reader of its own (attention.py's
-`_decode_in_place`) instead of gathering them into a copy. The number of tokens in a step is dynamic, so one
-graph serves every step; torch specializes the sizes 0 and 1, so the warm-up (`Engine.start`) runs the shapes
-a step can have: one token alone (a single decode), many with one kept row (a prefill), many with many kept
-rows (a batch). After the warm-up nothing compiles any more: a call that would need a new graph (a shape or
-state the warm-up did not see) runs eagerly instead, logged once, so a request never waits for a compiler.
+`_decode_in_place`) instead of gathering them into a copy. The number of tokens in a step and the rows kept
+are marked unbacked (any size, 1 included), so one graph serves every step; on the CPU, steps of one token
+run a second, static graph (ONE_ROW below). The warm-up (`Engine.start`) runs a request alone (a prefill,
+then one-token steps) and two together (batched rows). After the warm-up nothing compiles any more: a call
+whose guards fail runs eagerly (torch's "eager_on_recompile" stance), so a request never waits for a compiler.
 
 Compiled code is specialized to the thread count it was compiled under; when the engine gives up threads on
 a busy machine (server/machine/threads.py), steps run eagerly until it has its own count back. Compiled
