@@ -44,7 +44,7 @@ CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"  # where inductor keeps its compiled 
 ONE_ROW: list[bool] = [False]
 
 
-def unusable_reason(model: torch.nn.Module, device: torch.device, spread: bool) -> str | None:
+def unusable_reason(device: torch.device, spread: bool) -> str | None:
     """Why the forward pass cannot be compiled here, or None."""
     if torch._dynamo.config.disable:
         return "torch's dynamo is disabled (TORCH_COMPILE_DISABLE)"
@@ -91,7 +91,9 @@ class CompiledForward:
         self.eager_calls = 0  # calls that ran eagerly after the warm-up because of the thread count
 
     def __call__(self, **inputs: Any) -> Any:
-        if self.warming and "inputs_embeds" not in inputs:
+        if "inputs_embeds" in inputs:  # a soft prompt's virtual tokens, computed once per task version: eager
+            return self.model(**inputs)
+        if self.warming:
             if self.failure is None:
                 self.threads = torch.get_num_threads()
                 try:
@@ -99,8 +101,6 @@ class CompiledForward:
                 except Exception as exc:  # e.g. the C++ compiler failed: the same step runs eagerly
                     log.debug("compiling the forward pass failed", exc_info=True)
                     self.failure = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            return self.model(**inputs)
-        if "inputs_embeds" in inputs:  # a soft prompt's virtual tokens, computed once per task version: eager
             return self.model(**inputs)
         if self.threads is None or torch.get_num_threads() != self.threads:
             self.eager_calls += 1

@@ -126,7 +126,7 @@ class Engine:
         if not self.config.compile:
             log.info("compiled step off (--no-compile): every step runs eagerly")
             return None
-        reason = compiled.unusable_reason(self.base.model, self.base.device, bool(self.base.layer_devices))
+        reason = compiled.unusable_reason(self.base.device, bool(self.base.layer_devices))
         if reason is not None:
             log.info("compiled step off: %s; every step runs eagerly", reason)
             return None
