@@ -33,7 +33,9 @@ from server.engine.kv import PagedKV
 from server.engine.pages import NULL_PAGE, PAGE_SIZE
 
 ATTN_IMPLEMENTATION = "promptswap"
-LAYOUT_KWARG = "promptswap_layout"  # True in the model call of a step: attention goes through the step's layout
+# In the model call of a step: True (attention goes through the step's layout and the opaque op), or the step's
+# only query as tensors (`StepLayout.one_query`: the one-row graph, which traces its attention).
+LAYOUT_KWARG = "promptswap_layout"
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +185,20 @@ class StepLayout:
         finally:
             _ACTIVE.clear()
 
+    def one_query(self) -> dict[str, torch.Tensor]:
+        """A step of one token as plain tensors, for the one-row graph, which traces its attention (`attend_one`):
+        the pool's storage, the row the token's key and value go to, and the pages it reads."""
+        assert self.rows.numel() == 1, "one_query: a step of one token"
+        if self.decodes:
+            d = self.decodes[0]
+            pages, positions, last = d.pages, d.positions, d.last
+        else:  # a one-token chunk (a choice scored) reads as a decode does
+            c = self.prefills[0]
+            pages, positions, last = c.pages[None], c.positions[None], self.rows.new_tensor([c.first])
+        keys, values = self.kv.flat_layers()
+        return {"keys": keys, "values": values, "rows": self.rows, "pages": pages, "positions": positions,
+                "last": last}
+
     def on(self, device: torch.device) -> StepLayout:
         """This layout with its tensors on `device`: a model split over devices runs each layer on its own."""
         if device == self.rows.device:
@@ -241,6 +257,23 @@ def _decode_in_place(q: torch.Tensor, key_pages: torch.Tensor, value_pages: torc
     scores = scores.masked_fill(~allowed[:, :, None, None], float("-inf"))
     weights = torch.softmax(scores, dim=1)
     return (weights[..., None] * values.float()).sum(1).to(q.dtype)
+
+
+def attend_one(step: dict[str, torch.Tensor], layer: int, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, scaling: float | None, window: int | None, softcap: float | None) -> torch.Tensor:
+    """The attention of a step of one token (`StepLayout.one_query`), in torch ops the one-row graph traces: its key
+    and value written into their page, then its pages read where they lie. query [1, heads, 1, hd]; key/value
+    [1, kv_heads, 1, hd]; out [1, 1, heads, hd]. Traced, there is no opaque call and no Python per layer."""
+    _, heads, _, hd = query.shape
+    kv_heads = key.shape[1]
+    keys, values = step["keys"][layer], step["values"][layer]  # [pages * PAGE_SIZE, kv_heads, hd]
+    keys[step["rows"]] = key[0].transpose(0, 1).to(keys.dtype)
+    values[step["rows"]] = value[0].transpose(0, 1).to(values.dtype)
+    q = query[0].transpose(0, 1).reshape(1, kv_heads, heads // kv_heads, hd)
+    paged = (-1, PAGE_SIZE, kv_heads, hd)
+    out = _decode_in_place(q, keys.view(paged), values.view(paged), step["pages"], step["positions"], step["last"],
+                           scaling if scaling is not None else hd ** -0.5, window, softcap)
+    return out.reshape(1, 1, heads, hd)
 
 
 # Compiled once for every size: the number of requests and of pages may be anything, 1 included (one graph).
@@ -310,6 +343,12 @@ def _(query, key, value, layer, scaling, window, softcap):
     return query.new_empty(1, total, heads, hd)
 
 
+def active_layout() -> StepLayout:
+    if not _ACTIVE:
+        raise RuntimeError("no step is running (no active StepLayout)")
+    return _ACTIVE[0]
+
+
 def promptswap_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     in_step = kwargs.pop(LAYOUT_KWARG, False)
     if not in_step:
@@ -322,6 +361,8 @@ def promptswap_attention(module, query, key, value, attention_mask, scaling=None
     if layer is None:
         raise UnsupportedAttention(f"{type(module).__name__} has no layer_idx; cannot map it to a KV layer")
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    if isinstance(in_step, dict):  # the one-row graph (server/engine/compiled.py): its attention is traced
+        return attend_one(in_step, layer, query, key, value, scaling, window, softcap), None
     out = torch.ops.promptswap.attend(query, key, value, layer, None if scaling is None else float(scaling),
                                       None if window is None else int(window),
                                       None if softcap is None else float(softcap))

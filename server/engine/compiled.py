@@ -7,9 +7,12 @@ left opaque, `promptswap::attend` (attention over the KV pages, server/engine/at
 large groups reads the KV pages in place, through a compiled reader of its own (attention.py's
 `_decode_in_place`) instead of gathering them into a copy. The number of tokens in a step and the rows kept
 are marked unbacked (any size, 1 included), so one graph serves every step; on the CPU, steps of one token
-run a second, static graph (ONE_ROW below). The warm-up (`Engine.start`) runs a request alone (a prefill,
-then one-token steps) and two together (batched rows). After the warm-up nothing compiles any more: a call
-whose guards fail runs eagerly (torch's "eager_on_recompile" stance), so a request never waits for a compiler.
+run a second graph (ONE_ROW below), static but for the length of the request's history, whose attention is
+traced into it (attention.attend_one: the key and value written into their page, the pages read in place),
+so that a decode step at one request is one call with no Python per layer. The warm-up (`Engine.start`) runs
+a request alone (a prefill, then one-token steps) and two together (batched rows). After the warm-up nothing
+compiles any more: a call whose guards fail runs eagerly (torch's "eager_on_recompile" stance), so a request
+never waits for a compiler.
 
 Compiled code is specialized to the thread count it was compiled under; when the engine gives up threads on
 a busy machine (server/machine/threads.py), steps run eagerly until it has its own count back. Compiled
@@ -29,7 +32,7 @@ from typing import Any
 
 import torch
 
-from server.engine.attention import in_place_attention
+from server.engine.attention import LAYOUT_KWARG, active_layout, in_place_attention
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,10 @@ CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"  # where inductor keeps its compiled 
 # the inputs, which the compiler makes one vectorized reduction per layer: a SmolLM2-135M decode step went from
 # 41.6 to 23.9 ms (docs/performance.md). Only for one row: with more, such a sum reads the weight once per row.
 ONE_ROW: list[bool] = [False]
+
+# How a step runs once the warm-up is over: a call whose guards fail runs eagerly, never compiles (tests make it
+# "fail_on_recompile", to see that the warm-up's graphs cover every step they run).
+SERVING_STANCE = "eager_on_recompile"
 
 
 def unusable_reason(device: torch.device, spread: bool) -> str | None:
@@ -107,17 +114,19 @@ class CompiledForward:
             return self.model(**inputs)
         # A step the graph does not cover (its guards fail) runs eagerly rather than compiling: no request waits for
         # a compiler, and the same goes for the in-place attention reader (attention.py).
-        with torch.compiler.set_stance("eager_on_recompile"):
+        with torch.compiler.set_stance(SERVING_STANCE):
             return self._run(inputs)
 
     def _run(self, inputs: dict[str, Any], min_rows: int | None = None) -> Any:
         """The step through the one-row graph (one token) or the graph of every size."""
         if self.one_row is not None and inputs["input_ids"].shape[-1] == 1:
+            step = active_layout().one_query()  # its attention is traced into the graph (attention.attend_one)
+            for name in ("pages", "positions"):  # any length of history: one graph
+                torch._dynamo.decorators.mark_unbacked(step[name], 1)
             ONE_ROW[0] = True
             self.one_row_steps += 1
             try:
-                with in_place_attention(min_rows):
-                    return self.one_row(**inputs)
+                return self.one_row(**{**inputs, LAYOUT_KWARG: step})
             finally:
                 ONE_ROW[0] = False
         _any_size(inputs)

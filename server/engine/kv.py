@@ -49,6 +49,7 @@ class PagedKV:
         self._values: dict[torch.device, torch.Tensor] = {}
         self._layer_keys: list[torch.Tensor] = []
         self._layer_values: list[torch.Tensor] = []
+        self._flat: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # flat_layers()
         self._touched = 0  # pages 0.._touched-1 were zeroed (committed); the rest is only reserved
         # Reused gather outputs, keys' and values' per device: a fresh big tensor each time would fault its
         # memory in.
@@ -121,6 +122,7 @@ class PagedKV:
     def _release(self) -> None:
         self._keys, self._values = {}, {}
         self._layer_keys, self._layer_values = [], []
+        self._flat = None
         self._touched = 0
         self._scratch.clear()
 
@@ -159,6 +161,15 @@ class PagedKV:
         """The layer's whole storage, keys' and values', `[pages, PAGE_SIZE, kv_heads, head_dim]`: read in place."""
         assert self._keys, "read before ensure"
         return self._layer_keys[layer], self._layer_values[layer]
+
+    def flat_layers(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every layer's keys and values as rows `[pages * PAGE_SIZE, kv_heads, head_dim]`: views, one per layer, that
+        a compiled graph takes as inputs and writes in place (a view of the whole storage, written, is copied whole)."""
+        assert self._keys, "read before ensure"
+        if self._flat is None:
+            flat = (-1, self.kv_heads, self.head_dim)
+            self._flat = ([k.view(flat) for k in self._layer_keys], [v.view(flat) for v in self._layer_values])
+        return self._flat
 
     def _gather_into(self, name: str, source: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
         numel = pages.numel() * source[0].numel()

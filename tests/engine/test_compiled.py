@@ -21,6 +21,7 @@ from tests.engine.conftest import random_text
 
 pytestmark = pytest.mark.slow  # each engine compiles its model
 
+_ORIGINAL_ATTEND = attention.StepLayout.attend
 TASKS = [None, "pt8", "ptune5", "prefix16", "prefix64proj", "pt64", "prefix1", None]
 
 
@@ -28,6 +29,7 @@ TASKS = [None, "pt8", "ptune5", "prefix16", "prefix64proj", "pt64", "prefix1", N
 def compiling(monkeypatch, tmp_path):
     monkeypatch.setattr(compiled, "unusable_reason", REAL_UNUSABLE_REASON)  # tests/conftest.py turned it off
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(compiled, "SERVING_STANCE", "fail_on_recompile")  # a step the graphs miss fails the test
     torch._dynamo.reset()  # no graph of an earlier test's engine
     yield
     torch._dynamo.reset()
@@ -52,15 +54,25 @@ def test_compiled_engine_gives_peft_tokens_for_every_kind_in_one_batch(compiling
     assert engine.compiled.eager_calls == 0  # every step ran at the thread count its graph was compiled for
 
 
-def test_a_request_decoding_alone_runs_the_one_row_graph_and_gives_peft_tokens(compiling, make_engine, reference):
+def test_a_request_decoding_alone_runs_the_one_row_graph_and_gives_peft_tokens(compiling, make_engine, reference,
+                                                                            monkeypatch):
     engine = make_engine(threads=torch.get_num_threads())
     assert engine.compiled is not None and engine.compiled.one_row is not None  # the tiny model's layers are packed
+    opaque = []  # the opaque attention op's calls: the one-row graph traces its attention instead
+
+    def counted(layout, *args):
+        opaque.append(1)
+        return _ORIGINAL_ATTEND(layout, *args)
+
+    monkeypatch.setattr(attention.StepLayout, "attend", counted)
     before = engine.compiled.one_row_steps
+    # 20 tokens: each request's history crosses a page (one graph for every length of history)
     for task, text in ((None, "the lazy dog"), ("prefix16", "select price from"), ("pt8", "café über 42")):
-        params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+        params = SamplingParams(max_new_tokens=20, ignore_eos=True)
         result = engine.submit(EngineRequest(text, task=task, params=params)).result(timeout=60)
-        assert list(result.token_ids) == reference.greedy(task, text, 8), task
-    assert engine.compiled.one_row_steps - before == 3 * 7  # every step after each prefill
+        assert list(result.token_ids) == reference.greedy(task, text, 20), task
+    assert engine.compiled.one_row_steps - before == 3 * 19  # every step after each prefill
+    assert len(opaque) == 3 * engine.runner.kv.num_layers  # the prefills' layers alone
     assert engine.compiled.eager_calls == 0
 
 
