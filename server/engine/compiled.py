@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -87,10 +88,12 @@ class CompiledForward:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
-        self.compiled = torch.compile(model, dynamic=True)
-        # The one-row graph, where layers keep a plain weight (ONE_ROW above); its shapes are all static.
+        checked = _inputs_checked if _attributes_fixed(model) else None
+        self.compiled = torch.compile(model, dynamic=True, options={"guard_filter_fn": checked})
+        # The one-row graph, where layers keep a plain weight (ONE_ROW above); static but for the history's length.
         self.plain_bytes = sum(m.keep_plain() for m in model.modules() if hasattr(m, "keep_plain"))
-        self.one_row = torch.compile(model, dynamic=False) if self.plain_bytes else None
+        self.one_row = (torch.compile(model, dynamic=False, options={"guard_filter_fn": checked})
+                        if self.plain_bytes else None)
         self.one_row_steps = 0  # steps the one-row graph ran
         self.threads: int | None = None  # the thread count the graphs were compiled under (set by the warm-up)
         self.warming = False
@@ -151,6 +154,24 @@ class CompiledForward:
         finally:
             self.warming = False
         return time.perf_counter() - start
+
+
+# A guard on the model itself (its modules, config, class) rather than on a call's inputs, by the name dynamo gives its
+# source: the model is the frame's `self`, or `args[0]` where transformers wraps forward in a decorator.
+_ON_MODEL = re.compile(r"^(?:(?:dict|type|list)\()*(?:L\[')?(?:self'?\]?|args'?\]?\[0\])(?=[.\[)]|$)")
+
+
+def _inputs_checked(guards: list[Any]) -> list[bool]:
+    """Which of dynamo's guards a call checks: those on the call's inputs and the process's state, not the thousands
+    on the model (~7,000 for SmolLM2: its modules' hooks and attributes, its config), which cost ~1 ms a step
+    and do not change while the engine serves (`_attributes_fixed`)."""
+    return [not _ON_MODEL.match(guard.name) for guard in guards]
+
+
+def _attributes_fixed(model: torch.nn.Module) -> bool:
+    """Whether the model's forward leaves its own attributes as they are: all but a dynamic RoPE, which grows its
+    cached length and scaling as sequences grow (transformers' `dynamic_rope_update`); its guards then stay."""
+    return not any("dynamic" in str(getattr(module, "rope_type", "")) for module in model.modules())
 
 
 def _any_size(inputs: dict[str, Any]) -> None:

@@ -88,3 +88,21 @@ def test_without_a_cxx_compiler_the_engine_serves_eagerly_and_says_why(compiling
     result = engine.submit(EngineRequest(text, task="prefix16", params=SamplingParams(max_new_tokens=6,
                                                                                       ignore_eos=True)))
     assert list(result.result(timeout=60).token_ids) == reference.greedy("prefix16", text, 6)
+
+
+def test_calls_check_their_inputs_guards_not_the_models_unless_the_model_changes_itself():
+    on_model = ["L['self'].config", "args[0]._modules['model']", "dict(type(L['args'][0].config).__mro__[1].__dict__)",
+                "type(args[0])"]
+    on_inputs = ["L['kwargs']['promptswap_layout']", "kwargs['input_ids']", "G['ONE_ROW']", "self_attention", "args[1]"]
+    assert all(compiled._ON_MODEL.match(name) for name in on_model)
+    assert not any(compiled._ON_MODEL.match(name) for name in on_inputs)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def tiny(**rope):
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1, **rope))
+
+    assert compiled._attributes_fixed(tiny())
+    # a dynamic RoPE grows its cached length and scaling in forward: its guards stay
+    assert not compiled._attributes_fixed(tiny(rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                "rope_theta": 10000.0}))
