@@ -1,7 +1,7 @@
 """How much memory the KV cache may use when --kv-cache-bytes does not say: a share of the device.
 
 On CUDA it comes from `kv_cache_memory_fraction` (0.9) of the memory free once the model is loaded.
-On the CPU it is a quarter of the RAM available at start (within a container's limit), as a cap: the
+On the CPU it is a quarter of the RAM available at start (within a container's limit, rounded down), as a cap: the
 cache grows as requests need it, so tests and several replicas on one machine reserve nothing up front.
 """
 
@@ -45,7 +45,16 @@ def _one_device_budget(device: torch.device, fraction: float) -> tuple[int, str]
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * fraction), f"{fraction:g} of the {_gib(free)} free on {device} after loading the model"
     available = _available_ram()
-    return int(available * CPU_SHARE), f"a quarter of the {_gib(available)} of RAM available at start, as a cap"
+    return (_steady(int(available * CPU_SHARE)),
+            f"a quarter of the {_gib(available)} of RAM available at start, rounded down, as a cap")
+
+
+def _steady(budget: int) -> int:
+    """`budget` rounded down to a step of 1/16 to 1/8 of itself (5.1 to 5.49 GiB: 5 GiB): the RAM
+    available moves a little from one start to the next, and the pool's size is part of the compiled one-row
+    graph (server/engine/compiled.py), which a restart then finds on disk instead of compiling it again."""
+    step = max(1, 1 << max(budget.bit_length() - 4, 0))
+    return budget // step * step
 
 
 def _available_ram() -> int:
