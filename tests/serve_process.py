@@ -32,7 +32,10 @@ def start_serve_process(model_dir, tmp_path, *flags: str, prompt_dir=None, env=N
                 return proc, url
         except httpx.TransportError:
             pass
-        assert time.monotonic() < deadline, "the server never became healthy"
+        if time.monotonic() >= deadline:
+            proc.kill()  # not left serving after the test that started it has failed
+            proc.wait(timeout=30)
+            raise AssertionError("the server never became healthy")
         time.sleep(0.2)
 
 
@@ -40,7 +43,10 @@ def launch_serve_process(model_dir, tmp_path, *flags: str, prompt_dir=None, env=
                          log_path=None) -> tuple[subprocess.Popen, str]:
     """As start_serve_process, without waiting for anything: (process, base URL) at once."""
     port = _free_port()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PROMPTSWAP_")}, **(env or {})}
+    # A user's environment, not the suite's settings; but the suite's PROMPTSWAP_COMPILE (tests/conftest.py) goes on:
+    # a server that compiled its step at start would take minutes on a cold kernel cache, the test's start timeout.
+    suite = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTSWAP_") or k == "PROMPTSWAP_COMPILE"}
+    env = {**suite, **(env or {})}
     store = [] if "--prompt-store" in flags else ["--prompt-dir", str(prompt_dir or tmp_path / "prompts")]
     out = open(log_path, "w") if log_path else subprocess.PIPE  # noqa: SIM115 -- the process holds it
     proc = subprocess.Popen(

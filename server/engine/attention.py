@@ -7,6 +7,10 @@ keys/values in their requests' KV pages and attends each request's queries to it
 in order: its task prefix's shared pages (virtual tokens) first, then its own (text and generated
 tokens). So every kind of request (soft prompt, prefix, none) goes through this one path.
 
+Requests decoding together whose histories begin with the same pages (a task's prefix, a system prompt found in
+the prefix cache, the prompt of n samples) read those pages once for all of them: cascade attention
+(`SharedDecode`, the runner decides who), each part's softmax merged with the other's by their log-sum-exp.
+
 A gathered row need not be the position it holds: the prefix's last page may be part full. Each
 view therefore carries `positions`, the position every gathered row holds (-1 where none), and the
 masks are written in positions, so causality and sliding windows mean what they mean in the model.
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from server.engine.kv import PagedKV
+from server.engine.kv import PagedKV, write_rows
 from server.engine.pages import NULL_PAGE, PAGE_SIZE
 
 ATTN_IMPLEMENTATION = "promptswap"
@@ -95,6 +99,11 @@ def page_views(requests: Seq[PageList], device: torch.device) -> tuple[torch.Ten
     held = (offset < torch.tensor(counts).gather(1, segment)) & (row < torch.tensor(ends)[:, None])
     positions = torch.where(held, torch.tensor(firsts).gather(1, segment) + offset, -1)
     return pages.to(device), positions.to(device)
+
+
+def _pad(rows: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    """`rows` (1-D or 2-D) widened to `width` along the last dim with `value`."""
+    return F.pad(rows, (0, width - rows.shape[-1]), value=value)
 
 
 def _allowed(positions: torch.Tensor, query_positions: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -165,6 +174,90 @@ class DecodeGroup:
 
 
 @dataclass(slots=True)
+class SharedDecode:
+    """Requests decoding one token each, in clusters whose histories begin with the same pages holding the same
+    positions (a task's prefix, a system prompt found in the prefix cache, the prompt of n samples). Cascade
+    attention reads each cluster's shared pages once for all its requests, then each request's own pages (`tails`:
+    the rest of its history, its new token included), and merges the two parts by their log-sum-exp: the softmax
+    over the whole history, without reading the shared keys and values once per request. Every cluster of the step
+    is computed at once (padded to the most pages and the most requests), so the cost in calls is one cascade's."""
+
+    pages: torch.Tensor  # [C, S] each cluster's shared pages, padded with the null page
+    positions: torch.Tensor  # [C, S * PAGE_SIZE] (-1: no position)
+    slots: torch.Tensor  # [M] each request's place among the clusters': cluster * widest + its index in it
+    widest: int  # the most requests in a cluster
+    tails: DecodeGroup  # [M] the requests' tokens and positions, and their pages after the shared ones
+    _masks: dict = field(default_factory=dict)  # what every layer reads, made once per step
+
+    @classmethod
+    def of(cls, clusters: Seq[tuple[torch.Tensor, torch.Tensor, int, list[int], list[int]]],
+           device: torch.device) -> SharedDecode:
+        """The step's clusters, each (its requests' `page_views`, pages `[R, P]` and positions; the pages they
+        share, from the first; their tokens' packed offsets; their tokens' positions), padded and stacked."""
+        widest = max(len(tokens) for *_, tokens, _ in clusters)
+        shared = max(common for _, _, common, _, _ in clusters)
+        tail = max(pages.shape[1] - common for pages, _, common, _, _ in clusters)
+        pages: list[torch.Tensor] = []
+        positions: list[torch.Tensor] = []
+        tails: list[torch.Tensor] = []
+        tail_positions: list[torch.Tensor] = []
+        slots: list[int] = []
+        tokens: list[int] = []
+        last: list[int] = []
+        for c, (member_pages, held, common, member_tokens, member_last) in enumerate(clusters):
+            pages.append(_pad(member_pages[0, :common], shared, NULL_PAGE))
+            positions.append(_pad(held[0, :common * PAGE_SIZE], shared * PAGE_SIZE, -1))
+            tails.append(_pad(member_pages[:, common:], tail, NULL_PAGE))
+            tail_positions.append(_pad(held[:, common * PAGE_SIZE:], tail * PAGE_SIZE, -1))
+            slots.extend(range(c * widest, c * widest + len(member_tokens)))
+            tokens.extend(member_tokens)
+            last.extend(member_last)
+        group = DecodeGroup(torch.tensor(tokens, device=device), torch.cat(tails).to(device),
+                            torch.cat(tail_positions).to(device), torch.tensor(last, device=device))
+        return cls(torch.stack(pages).to(device), torch.stack(positions).to(device),
+                   torch.tensor(slots, device=device), widest, group)
+
+    def to(self, device: torch.device) -> SharedDecode:
+        return SharedDecode(self.pages.to(device), self.positions.to(device), self.slots.to(device), self.widest,
+                            self.tails.to(device))
+
+    def allowed(self, window: int | None, groups: int) -> torch.Tensor:
+        """`[C, 1, widest * groups, S * PAGE_SIZE]` bool: which shared rows each query head of each request's new
+        token sees (an empty slot: none), its queries in the order of `_cascade`'s."""
+        key = (window, groups)
+        if key not in self._masks:
+            clusters = self.pages.shape[0]
+            last = self.tails.last.new_full((clusters * self.widest,), -1)
+            last[self.slots] = self.tails.last
+            allowed = _allowed(self.positions[:, None, :], last.view(clusters, self.widest, 1), window)
+            self._masks[key] = allowed[:, None, :, None, :].expand(-1, -1, -1, groups, -1).flatten(2, 3)
+        return self._masks[key]
+
+    def bias(self, window: int | None, groups: int) -> torch.Tensor:
+        """`allowed` as an additive bias (float32)."""
+        key = ("bias", window, groups)
+        if key not in self._masks:
+            self._masks[key] = _bias(self.allowed(window, groups), torch.float32)
+        return self._masks[key]
+
+    def hidden(self, window: int | None, groups: int) -> torch.Tensor:
+        """`[C, 1, widest * groups]`: the queries that see no shared row (the window hides them, an empty slot)."""
+        key = ("hidden", window, groups)
+        if key not in self._masks:
+            self._masks[key] = ~self.allowed(window, groups).any(-1)
+        return self._masks[key]
+
+    @property
+    def members(self) -> torch.Tensor:
+        """`[C * widest]`: the request in each slot, M (one past the last) where the slot is empty."""
+        if "members" not in self._masks:
+            members = self.slots.new_full((self.pages.shape[0] * self.widest,), len(self.slots))
+            members[self.slots] = torch.arange(len(self.slots), device=self.slots.device)
+            self._masks["members"] = members
+        return self._masks["members"]
+
+
+@dataclass(slots=True)
 class StepLayout:
     """Where each packed token's keys and values go, and what each query attends to, for one pass."""
 
@@ -172,6 +265,7 @@ class StepLayout:
     rows: torch.Tensor  # [T] KV row of each packed token (page * PAGE_SIZE + offset)
     decodes: list[DecodeGroup]
     prefills: list[PrefillChunk]
+    shared: SharedDecode | None = None
     _elsewhere: dict = field(default_factory=dict)  # device -> this layout's tensors there
 
     @contextmanager
@@ -205,7 +299,8 @@ class StepLayout:
             return self
         if device not in self._elsewhere:
             self._elsewhere[device] = StepLayout(self.kv, self.rows.to(device), [d.to(device) for d in self.decodes],
-                                                 [c.to(device) for c in self.prefills])
+                                                 [c.to(device) for c in self.prefills],
+                                                 self.shared.to(device) if self.shared is not None else None)
         return self._elsewhere[device]
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -225,11 +320,16 @@ class StepLayout:
             if _in_place_from is not None and d.positions.numel() >= _in_place_from:  # compiled: pages where they lie
                 key_pages, value_pages = self.kv.layer(layer)
                 o = _attend_in_place(qd.contiguous(), key_pages, value_pages, d.pages, d.positions, d.last,
-                                     scaling if scaling is not None else hd ** -0.5, window, softcap)
+                                     _scale(scaling, hd), window, softcap)
             else:
                 keys, values = self.kv.gather(layer, d.pages)  # [D, kv_heads, rows, hd]
                 o = _attend(qd, keys, values, d.bias(window, q.dtype), scaling, softcap)  # [D, kv_heads, groups, hd]
             out[d.token_idx] = o.reshape(-1, heads, hd)
+        if self.shared is not None:
+            s = self.shared
+            qs = q[:, s.tails.token_idx].transpose(0, 1).reshape(-1, kv_heads, groups, hd)
+            out[s.tails.token_idx] = _cascade(self.kv, layer, qs, s, _scale(scaling, hd), window,
+                                              softcap).reshape(-1, heads, hd)
         for c in self.prefills:
             keys, values = self.kv.gather(layer, c.pages)  # [kv_heads, rows, hd]
             qc = q[:, c.start:c.start + c.n].reshape(kv_heads, groups * c.n, hd)
@@ -237,6 +337,51 @@ class StepLayout:
             out[c.start:c.start + c.n] = o.view(kv_heads, groups, c.n, hd).permute(2, 0, 1, 3).reshape(
                 c.n, heads, hd)
         return out.unsqueeze(0)  # [1, T, heads, hd], the layout attention functions return
+
+
+def _cascade(kv: PagedKV, layer: int, q: torch.Tensor, shared: SharedDecode, scale: float, window: int | None,
+             softcap: float | None) -> torch.Tensor:
+    """Cascade attention (`SharedDecode`): q `[M, kv_heads, groups, hd]` over its cluster's shared pages, read once
+    for every query of the cluster, then over its tail; the two softmaxes merged by their log-sum-exp.
+    Out `[M, kv_heads, groups, hd]`."""
+    _, kv_heads, groups, hd = q.shape
+    clusters, widest = shared.pages.shape[0], shared.widest
+    padded = torch.cat([q, q.new_zeros(1, kv_heads, groups, hd)]).index_select(0, shared.members)  # empty slots: 0
+    padded = padded.view(clusters, widest, kv_heads, groups, hd).transpose(1, 2).reshape(clusters, kv_heads, -1, hd)
+    keys, values = kv.gather(layer, shared.pages)  # [C, kv_heads, S, hd]; the buffer is reused by the next gather
+    out, lse = _attend_lse(padded, keys, values, shared.bias(window, groups), scale, softcap)
+    lse = lse.masked_fill(shared.hidden(window, groups), float("-inf"))  # a part the window hides
+    out_shared = out.view(clusters, kv_heads, widest, groups, hd).transpose(1, 2).reshape(-1, kv_heads, groups, hd)
+    lse_shared = lse.view(clusters, kv_heads, widest, groups).transpose(1, 2).reshape(-1, kv_heads, groups)
+    keys, values = kv.gather(layer, shared.tails.pages)  # [M, kv_heads, T, hd]
+    out_tail, lse_tail = _attend_lse(q, keys, values, shared.tails.bias(window, torch.float32), scale, softcap)
+    # Each part's share of the whole softmax: exp(lse_part) / (exp(lse_shared) + exp(lse_tail)). The tail always
+    # holds the new token, so lse_tail is finite; a shared part the window hides has lse -inf and weight 0.
+    shared_share = torch.sigmoid(lse_shared[shared.slots] - lse_tail)[..., None].to(q.dtype)
+    return out_tail + shared_share * (out_shared[shared.slots] - out_tail)
+
+
+def _attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+                softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention and its log-sum-exp: q `[B, kv_heads, L, hd]`, k/v `[B, kv_heads, R, hd]` (strided as gathered),
+    bias `[B, 1, L or 1, R]`; out `[B, kv_heads, L, hd]`, lse `[B, kv_heads, L]` (float32). On the CPU without a
+    softcap, torch's flash kernel, which reads k and v in their strides and returns both. Rows that see nothing
+    give out 0 (lse: 0 from the kernel, -inf here: the caller masks them)."""
+    if softcap is None and q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
+        return out, lse
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + bias
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0)[..., None])
+    return torch.matmul(weights.to(v.dtype), v), lse
+
+
+def _scale(scaling: float | None, head_dim: int) -> float:
+    """The model's attention scale, or the usual 1/sqrt(head_dim) where it gives none (as sdpa does)."""
+    return scaling if scaling is not None else head_dim ** -0.5
 
 
 def _decode_in_place(q: torch.Tensor, key_pages: torch.Tensor, value_pages: torch.Tensor, pages: torch.Tensor,
@@ -267,12 +412,11 @@ def attend_one(step: dict[str, torch.Tensor], layer: int, query: torch.Tensor, k
     _, heads, _, hd = query.shape
     kv_heads = key.shape[1]
     keys, values = step["keys"][layer], step["values"][layer]  # [pages * PAGE_SIZE, kv_heads, hd]
-    keys[step["rows"]] = key[0].transpose(0, 1).to(keys.dtype)
-    values[step["rows"]] = value[0].transpose(0, 1).to(values.dtype)
+    write_rows(keys, values, step["rows"], key[0], value[0])
     q = query[0].transpose(0, 1).reshape(1, kv_heads, heads // kv_heads, hd)
     paged = (-1, PAGE_SIZE, kv_heads, hd)
     out = _decode_in_place(q, keys.view(paged), values.view(paged), step["pages"], step["positions"], step["last"],
-                           scaling if scaling is not None else hd ** -0.5, window, softcap)
+                           _scale(scaling, hd), window, softcap)
     return out.reshape(1, 1, heads, hd)
 
 

@@ -7,9 +7,9 @@ left opaque, `promptswap::attend` (attention over the KV pages, server/engine/at
 large groups reads the KV pages in place, through a compiled reader of its own (attention.py's
 `_decode_in_place`) instead of gathering them into a copy. The number of tokens in a step and the rows kept
 are marked unbacked (any size, 1 included), so one graph serves every step; on the CPU, steps of one token
-run a second graph (ONE_ROW below), static but for the length of the request's history, whose attention is
-traced into it (attention.attend_one: the key and value written into their page, the pages read in place),
-so that a decode step at one request is one call with no Python per layer. The warm-up (`Engine.start`) runs
+run a second graph (server/model/one_row.py), static but for the length of the request's history, whose
+attention is traced into it (attention.attend_one: the key and value written into their page, the pages read
+in place), so that a decode step at one request is one call with no Python per layer. The warm-up (`Engine.start`) runs
 a request alone (a prefill, then one-token steps) and two together (batched rows). After the warm-up nothing
 compiles any more: a call whose guards fail runs eagerly (torch's "eager_on_recompile" stance), so a request
 never waits for a compiler.
@@ -34,18 +34,11 @@ from typing import Any
 import torch
 
 from server.engine.attention import LAYOUT_KWARG, active_layout, in_place_attention
+from server.model.one_row import ONE_ROW
 
 log = logging.getLogger(__name__)
 
 CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"  # where inductor keeps its compiled kernels and graphs
-
-# True while the one-row graph is traced and run. A step of one token (one request decoding) reads every weight
-# once, so its matrix products are matrix-vector products, bound by how fast they read the weights: oneDNN's
-# read its packed weights at ~17 GB/s here (AMD EPYC, 2 threads) where the memory gives ~49. Layers that keep
-# their weight plain (`keep_plain`, server/model/cpu_linear.py) then compute `x @ W.T` as products summed over
-# the inputs, which the compiler makes one vectorized reduction per layer: a SmolLM2-135M decode step went from
-# 41.6 to 23.9 ms (docs/performance.md). Only for one row: with more, such a sum reads the weight once per row.
-ONE_ROW: list[bool] = [False]
 
 # How a step runs once the warm-up is over: a call whose guards fail runs eagerly, never compiles (tests make it
 # "fail_on_recompile", to see that the warm-up's graphs cover every step they run).
@@ -90,7 +83,8 @@ class CompiledForward:
         self.model = model
         checked = _inputs_checked if _attributes_fixed(model) else None
         self.compiled = torch.compile(model, dynamic=True, options={"guard_filter_fn": checked})
-        # The one-row graph, where layers keep a plain weight (ONE_ROW above); static but for the history's length.
+        # The one-row graph, where layers keep a plain weight (server/model/one_row.py); static but for the history's
+        # length.
         self.plain_bytes = sum(m.keep_plain() for m in model.modules() if hasattr(m, "keep_plain"))
         self.one_row = (torch.compile(model, dynamic=False, options={"guard_filter_fn": checked})
                         if self.plain_bytes else None)

@@ -139,11 +139,8 @@ class PagedKV:
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor) -> None:
         """Store new tokens: key/value `[kv_heads, T, head_dim]` at rows `[T]` (page * PAGE_SIZE + offset)."""
         assert self._keys, "write before ensure"
-        flat = (-1, self.kv_heads, self.head_dim)
-        keys, values = self._layer_keys[layer], self._layer_values[layer]
-        rows = rows.to(keys.device)
-        keys.view(flat)[rows] = key.transpose(0, 1).to(keys.device, self.dtype)
-        values.view(flat)[rows] = value.transpose(0, 1).to(values.device, self.dtype)
+        keys, values = self.flat_layers()
+        write_rows(keys[layer], values[layer], rows.to(keys[layer].device), key, value)
 
     def gather(self, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of `pages` (any shape `[..., P]`), as `[..., kv_heads, P * PAGE_SIZE, head_dim]`,
@@ -179,3 +176,12 @@ class PagedKV:
             buffer = self._scratch[(name, source.device)] = torch.empty(grown, dtype=self.dtype, device=source.device)
         out = buffer[:numel].view(pages.numel(), *source.shape[1:])
         return torch.index_select(source, 0, pages, out=out)
+
+
+def write_rows(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor) -> None:
+    """The write rule of the pool: new tokens' key/value `[kv_heads, T, head_dim]` into a layer's flat rows
+    `[pages * PAGE_SIZE, kv_heads, head_dim]` at `rows` `[T]` (page * PAGE_SIZE + offset). Eager (`PagedKV.write`)
+    and traced into the compiled one-row graph (attention.attend_one)."""
+    keys[rows] = key.transpose(0, 1).to(keys.device, keys.dtype)
+    values[rows] = value.transpose(0, 1).to(values.device, values.dtype)

@@ -11,17 +11,35 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.attention import LAYOUT_KWARG, DecodeGroup, PageList, PrefillChunk, StepLayout, page_views
+from server.engine.attention import (
+    LAYOUT_KWARG,
+    DecodeGroup,
+    PageList,
+    PrefillChunk,
+    SharedDecode,
+    StepLayout,
+    page_views,
+)
 from server.engine.base_model import BaseModel
 from server.engine.kv import PagedKV
 from server.engine.kv_manager import StoragePlan
-from server.engine.pages import SharedPrefix, row_list
+from server.engine.pages import PAGE_SIZE, SharedPrefix, row_list
 from server.engine.scheduler import Batch
 from server.engine.sequence import Sequence
 
 # Decode requests are read in groups of similar length, so a short request never pays for the
 # longest one's history: a group ends where a request holds more than this many times the first's pages.
 GROUP_SPREAD = 2
+
+# Decoding requests whose histories begin with the same pages read them once, together (cascade attention,
+# attention.SharedDecode): a cluster of requests joins where reading its shared pages once saves at least
+# CASCADE_MIN_SAVED_ROWS rows of keys and values a layer (its requests but one, times the shared rows), and the
+# step runs a cascade where its clusters save CASCADE_MIN_STEP_ROWS in all. Below them the cascade's fixed cost
+# (~0.25 ms a layer) is more than the rows it saves. Measured per layer on SmolLM2's heads (float32, 2 threads):
+# 64 requests of 976 rows in 16 clusters sharing 864, 6.4 ms against 15 ms reading each in place; 4 requests of
+# 544 rows in 2 clusters sharing 512, 0.56 ms against 0.42 ms gathered.
+CASCADE_MIN_SAVED_ROWS = 256
+CASCADE_MIN_STEP_ROWS = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +164,8 @@ class ModelRunner:
                 kept = seq.rows_kept(n)  # the last `kept` tokens' logits (Sequence.rows_kept)
                 sample_at.extend(range(start + n - kept, start + n))
             requests.append(RequestRows(seq, n, slice(kept_before, len(sample_at))))
-        layout = StepLayout(self.kv, torch.tensor(rows, device=dev), self._decode_groups(decoding), prefills)
+        shared, alone = self._shared_decodes(decoding)
+        layout = StepLayout(self.kv, torch.tensor(rows, device=dev), self._decode_groups(alone), prefills, shared)
         # The rows to keep index the last layer's output: on a model spread over devices that is not where the
         # inputs are, and an index on the CPU serves every device.
         keep = torch.tensor(sample_at if sample_at else [len(positions) - 1],
@@ -160,6 +179,28 @@ class ModelRunner:
                              use_cache=False, **{LAYOUT_KWARG: True})
         logits = out.logits[0].float()  # [k, vocab]
         return StepOutput(logits if sample_at else logits[:0], requests)
+
+    def _shared_decodes(self, decoding: list[tuple[int, Sequence, int]]
+                        ) -> tuple[SharedDecode | None, list[tuple[int, Sequence, int]]]:
+        """Decoding requests whose histories begin with the same pages holding the same positions, in clusters read
+        by cascade attention (where a cluster saves CASCADE_MIN_SAVED_ROWS), and the rest."""
+        by_first: dict[int, list[tuple[PageList, int, int, Sequence]]] = {}
+        for start, seq, last in decoding:
+            listed = _page_list(seq)
+            by_first.setdefault(listed.pages[0], []).append((listed, start, last, seq))
+        clusters: list[tuple[list[tuple[PageList, int, int, Sequence]], int, torch.Tensor, torch.Tensor]] = []
+        alone: list[tuple[int, Sequence, int]] = []
+        for members in by_first.values():
+            cluster = _cluster(members) if len(members) > 1 else None
+            if cluster is None:
+                alone.extend((start, seq, last) for _, start, last, seq in members)
+            else:
+                clusters.append((members, *cluster))
+        saved = sum((len(members) - 1) * common * PAGE_SIZE for members, common, _, _ in clusters)
+        if saved < CASCADE_MIN_STEP_ROWS:
+            return None, list(decoding)
+        return SharedDecode.of([(pages, held, common, [m[1] for m in members], [m[2] for m in members])
+                                for members, common, pages, held in clusters], self.device), alone
 
     def _decode_groups(self, decoding: list[tuple[int, Sequence, int]]) -> list[DecodeGroup]:
         """Decoding requests, shortest first, in groups whose lengths are within GROUP_SPREAD of each other."""
@@ -185,3 +226,20 @@ def _page_list(seq: Sequence) -> PageList:
     prefix = seq.prefix
     return PageList.of(seq.pages, prefix.pages if prefix is not None else None,
                        prefix.positions if prefix is not None else 0)
+
+
+def _cluster(members: list[tuple[PageList, int, int, Sequence]]) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    """(pages every member's history begins with, the members' pages and positions) where reading them once saves
+    CASCADE_MIN_SAVED_ROWS; else None."""
+    lists = [m[0].pages for m in members]
+    common = 0  # each member keeps its last page (its new token's) to itself
+    limit = min(len(pages) for pages in lists) - 1
+    while common < limit and all(pages[common] == lists[0][common] for pages in lists):
+        common += 1
+    if (len(members) - 1) * common * PAGE_SIZE < CASCADE_MIN_SAVED_ROWS:
+        return None
+    pages, held = page_views([m[0] for m in members], torch.device("cpu"))
+    rows = common * PAGE_SIZE
+    if not bool((held[:, :rows] == held[:1, :rows]).all()):  # the same pages holding other positions: not shared
+        return None
+    return common, pages, held

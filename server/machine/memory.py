@@ -53,7 +53,7 @@ def _steady(budget: int) -> int:
     """`budget` rounded down to a step of 1/16 to 1/8 of itself (5.1 to 5.49 GiB: 5 GiB): the RAM
     available moves a little from one start to the next, and the pool's size is part of the compiled one-row
     graph (server/engine/compiled.py), which a restart then finds on disk instead of compiling it again."""
-    step = max(1, 1 << max(budget.bit_length() - 4, 0))
+    step = 1 << max(budget.bit_length() - 4, 0)
     return budget // step * step
 
 

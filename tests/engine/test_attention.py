@@ -8,6 +8,7 @@ from server.engine.attention import (
     DecodeGroup,
     PageList,
     PrefillChunk,
+    SharedDecode,
     StepLayout,
     _attend,
     _attend_in_place,
@@ -111,3 +112,41 @@ def test_decode_reading_pages_in_place_equals_the_gathered_attention(window, sof
     key_pages, value_pages = kv.layer(0)
     got = _attend_in_place(q, key_pages, value_pages, pages, positions, last, hd ** -0.5, window, softcap)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window,softcap", [(None, None), (9, None), (None, 20.0), (40, 30.0)])
+def test_cascade_over_shared_pages_equals_each_request_reading_its_whole_history(window, softcap):
+    """Cascade attention (each cluster's shared pages read once, each request's tail after, merged by log-sum-exp)
+    against every request gathering its whole history. Two clusters, padded to each other: three requests sharing a
+    task prefix with a part-full page and a cached text page, tails of different lengths; two sharing one page. A
+    window of 9 hides the shared part from some requests, not all."""
+    g = torch.Generator().manual_seed(5)
+    kv_heads, groups, hd, total = 2, 3, 16, 16
+    kv = PagedKV(1, kv_heads, hd, dtype=torch.float32, device=torch.device("cpu"), total_pages=total)
+    kv.ensure(total)
+    rows = torch.arange(PAGE_SIZE, total * PAGE_SIZE)
+    kv.write(0, torch.randn(kv_heads, len(rows), hd, generator=g), torch.randn(kv_heads, len(rows), hd, generator=g),
+             rows)
+    virtual = 20  # cluster A: prefix pages 2, 6 (6 holds 4 positions), page 5 shared; then each its own
+    a = [PageList.of([5, 4, 9], [2, 6], virtual), PageList.of([5, 7], [2, 6], virtual),
+         PageList.of([5, 1, 3, 11], [2, 6], virtual)]
+    a_last = [virtual + 2 * PAGE_SIZE + 3, virtual + PAGE_SIZE + 1, virtual + 3 * PAGE_SIZE + 7]
+    b = [PageList.of([12, 13]), PageList.of([12, 14, 15])]  # cluster B: page 12 shared, no task
+    b_last = [PAGE_SIZE + 5, 2 * PAGE_SIZE + 9]
+    clusters = []
+    for members, common, last, tokens in ((a, 3, a_last, [0, 1, 2]), (b, 1, b_last, [3, 4])):
+        pages, positions = page_views(members, torch.device("cpu"))
+        clusters.append((pages, positions, common, tokens, last))
+    cascade = SharedDecode.of(clusters, torch.device("cpu"))
+    requests = a + b
+    pages, positions = page_views(requests, torch.device("cpu"))
+    q = torch.randn(len(requests), kv_heads, groups, hd, generator=g)
+    heads = kv_heads * groups
+    whole = DecodeGroup(torch.arange(len(requests)), pages, positions, torch.tensor(a_last + b_last))
+    keys, values = kv.gather(0, pages)
+    expected = _attend(q, keys, values, whole.bias(window, q.dtype), None, softcap)
+    layout = StepLayout(kv, torch.empty(0, dtype=torch.long), [], [], cascade)
+    query = q.reshape(len(requests), heads, hd).transpose(0, 1)[None]  # [1, heads, T, hd], as the model gives it
+    no_new = torch.empty(1, kv_heads, 0, hd)  # the new tokens' keys are in the pool already
+    got = layout.attend(0, query, no_new, no_new, None, window, softcap)[0]  # [T, heads, hd]
+    torch.testing.assert_close(got, expected.reshape(len(requests), heads, hd), rtol=1e-5, atol=1e-5)

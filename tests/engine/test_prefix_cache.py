@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from server.engine import attention, runner
 from server.engine.admission import EngineRequest
 from server.engine.pages import PAGE_SIZE
 from server.engine.sequence import SamplingParams
@@ -65,6 +66,31 @@ def test_texts_sharing_a_prefix_run_together_under_many_tasks(make_engine, refer
     for (task, text), handle in zip(requests, handles, strict=True):
         assert list(handle.result(timeout=120).token_ids) == reference.greedy(task, text, PARAMS.max_new_tokens), task
     assert hits(engine) >= len(requests) * 2 * PAGE_SIZE  # the instruction's pages, at least two each
+
+
+def test_decoding_requests_that_share_pages_read_them_once_and_keep_peft_tokens(make_engine, reference, monkeypatch):
+    """Cascade attention (attention.SharedDecode): requests decoding together whose histories begin with the same
+    pages (a task prefix and an instruction found in the prefix cache, the text of n samples) read those pages once
+    for all, then each its own, merged by log-sum-exp; every answer stays PEFT's own."""
+    monkeypatch.setattr(runner, "CASCADE_MIN_SAVED_ROWS", 1)  # every shared page cascades, however few
+    monkeypatch.setattr(runner, "CASCADE_MIN_STEP_ROWS", 1)
+    cascaded: list[int] = []  # requests per cascade, one entry per layer and step
+    cascade = attention._cascade
+    monkeypatch.setattr(attention, "_cascade",
+                        lambda kv, layer, q, *rest: cascaded.append(len(q)) or cascade(kv, layer, q, *rest))
+    rng = random.Random(4)
+    instruction = random_text(rng, 40)
+    engine = make_engine(max_running=16)
+    for task in KINDS:  # the instruction's pages, cached under each task
+        tokens_of(engine, f"{instruction} warm", task)
+    requests = [(task, f"{instruction} {random_text(rng, rng.randint(1, 9))}") for task in KINDS for _ in range(3)]
+    handles = [engine.submit(EngineRequest(text, task=task, params=PARAMS)) for task, text in requests]
+    samples = engine.submit_samples(EngineRequest(instruction, task="prefix16", params=PARAMS, n=3))
+    for (task, text), handle in zip(requests, handles, strict=True):
+        assert list(handle.result(timeout=120).token_ids) == reference.greedy(task, text, PARAMS.max_new_tokens), task
+    expected = reference.greedy("prefix16", instruction, PARAMS.max_new_tokens)
+    assert [list(h.result(timeout=120).token_ids) for h in samples] == [expected] * 3
+    assert cascaded and max(cascaded) >= 3
 
 
 def test_a_scoring_request_reads_the_pages_of_its_text(make_engine, reference, adapter_dirs):
