@@ -333,9 +333,10 @@ def shared_system_prompt(s: Systems, spec: WorkloadSpec, make: Callable[[Workloa
         title=f"{len(requests)} requests over {figures['tasks']} tasks sharing a {instruction_tokens}-token "
               "instruction, each with its own text",
         ours=ours, spec=spec, workload=workload, figures=figures,
-        targets={
-            "ttft": target(">= 4x better p50 TTFT with prefix caching", ttft, 4.0, ttft >= 4.0),
-            "tokens_per_s": target(">= 2x tokens/s with prefix caching", speed, 2.0, speed >= 2.0),
+        targets={  # issue 30's: the first issue's 4x TTFT proved out of reach (the bound above, ~3.5x here)
+            "ttft": target(">= 90% of the bound on p50 TTFT better with prefix caching", ttft,
+                           0.9 * figures["p50_ttft_better_bound"], ttft >= 0.9 * figures["p50_ttft_better_bound"]),
+            "tokens_per_s": target(">= 2.5x tokens/s with prefix caching", speed, 2.5, speed >= 2.5),
         },
         panel=("p50 TTFT s", {name: s.summaries[name]["p50_ttft_s"] for name in (ours, theirs)}),
         extra={"instruction_tokens": instruction_tokens},

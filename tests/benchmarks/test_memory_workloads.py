@@ -133,6 +133,8 @@ def test_shared_system_prompt(llama_dir, tmp_path):
     assert data["engine"][theirs]["end"]["prefix_cache_queries"] == 0
     # The best any admission order could do: 6 requests (the median) need 2 instructions and 6 own texts.
     assert 1.0 < f["p50_ttft_better_bound"] < 6
+    assert data["targets"]["tokens_per_s"]["met"] == (f["tokens_per_s_better"] >= 2.5)
+    assert data["targets"]["ttft"]["met"] == (f["p50_ttft_better"] >= 0.9 * f["p50_ttft_better_bound"])
 
 
 @pytest.mark.parametrize("argv", [["--workload", "shared-prefix", "--mode", "ttft"],
