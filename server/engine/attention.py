@@ -430,10 +430,12 @@ def _attend_in_place(q, key_pages, value_pages, pages, positions, last, scale, w
     return _attend_in_place_compiled(q, key_pages, value_pages, pages, positions, last, scale, window, softcap)
 
 
-# Below this many rows in a decode group (requests x their pages' rows) a gathered copy is cheaper than the call
-# into the compiled reader (its guards, ~0.1 ms a layer). Measured (SmolLM2-135M's heads, float32, one thread):
-# 1 request x 64 rows: gather 0.14 ms, in place 0.07-0.3 ms; 16 x 128: 1.3 vs 0.49 ms; 64 x 320: 34 vs 6-9 ms.
-IN_PLACE_MIN_ROWS = 1024
+# Below this many rows in a decode group (requests x their pages' rows) a gathered copy and sdpa cost less than the
+# compiled reader, whose generated reductions run slower than sdpa's kernel. Measured per layer (SmolLM2-135M's
+# heads, float32, 2 threads, the two interleaved): 16 requests x 128 rows, gathered 0.73 ms, in place 1.12;
+# 64 x 96, 1.77 against 6.05; 32 x 352, 7.0 against 7.4; 64 x 320, 11.7 against 11.4; 64 x 976, 36.6 against 32.4
+# (one thread: the same crossing). It was 1,024 when the gather copied into a fresh padded tensor each layer.
+IN_PLACE_MIN_ROWS = 16384
 
 # While the compiled step runs (server/engine/compiled.py), decode groups of at least this many rows read the pages
 # in place; None: the eager step, which keeps the gather and sdpa (eager, an indexed read is a copy anyway).

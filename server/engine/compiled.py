@@ -7,7 +7,7 @@ left opaque, `promptswap::attend` (attention over the KV pages, server/engine/at
 large groups reads the KV pages in place, through a compiled reader of its own (attention.py's
 `_decode_in_place`) instead of gathering them into a copy. The number of tokens in a step and the rows kept
 are marked unbacked (any size, 1 included), so one graph serves every step; on the CPU, steps of one token
-run a second graph (server/model/one_row.py), static but for the length of the request's history, whose
+run a second graph (server/engine/one_row.py), static but for the length of the request's history, whose
 attention is traced into it (attention.attend_one: the key and value written into their page, the pages read
 in place), so that a decode step at one request is one call with no Python per layer. The warm-up (`Engine.start`) runs
 a request alone (a prefill, then one-token steps) and two together (batched rows). After the warm-up nothing
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from server.engine.attention import LAYOUT_KWARG, active_layout, in_place_attention
-from server.model.one_row import ONE_ROW
+from server.engine.one_row import ONE_ROW
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class CompiledForward:
         self.model = model
         checked = _inputs_checked if _attributes_fixed(model) else None
         self.compiled = torch.compile(model, dynamic=True, options={"guard_filter_fn": checked})
-        # The one-row graph, where layers keep a plain weight (server/model/one_row.py); static but for the history's
+        # The one-row graph, where layers keep a plain weight (server/engine/one_row.py); static but for the history's
         # length.
         self.plain_bytes = sum(m.keep_plain() for m in model.modules() if hasattr(m, "keep_plain"))
         self.one_row = (torch.compile(model, dynamic=False, options={"guard_filter_fn": checked})

@@ -37,7 +37,7 @@ import os
 
 import torch
 
-from server.model.one_row import ONE_ROW
+from server.engine.one_row import ONE_ROW
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class PackedLinear(torch.nn.Module):
         self.register_buffer("plain_weight", None, persistent=False)  # keep_plain()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The compiled step's one-row graph (server/model/one_row.py says why): one reduction reading the weight.
+        # The compiled step's one-row graph (server/engine/one_row.py says why): one reduction reading the weight.
         if ONE_ROW[0] and self.plain_weight is not None:
             out = (self.plain_weight * x.reshape(-1, 1, self.in_features)).sum(-1)
             out = out.reshape(*x.shape[:-1], self.out_features)
