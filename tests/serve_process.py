@@ -11,6 +11,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.conftest import COMPILE_ALL
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -43,9 +45,11 @@ def launch_serve_process(model_dir, tmp_path, *flags: str, prompt_dir=None, env=
                          log_path=None) -> tuple[subprocess.Popen, str]:
     """As start_serve_process, without waiting for anything: (process, base URL) at once."""
     port = _free_port()
-    # A user's environment, not the suite's settings; but the suite's PROMPTSWAP_COMPILE (tests/conftest.py) goes on:
-    # a server that compiled its step at start would take minutes on a cold kernel cache, the test's start timeout.
-    suite = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTSWAP_") or k == "PROMPTSWAP_COMPILE"}
+    # A user's environment, not the suite's settings, but serving eagerly as the suite does (tests/conftest.py): a
+    # server that compiled its step at start would take minutes on a cold kernel cache, the test's start timeout.
+    suite = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTSWAP_")}
+    if not COMPILE_ALL:
+        suite["PROMPTSWAP_COMPILE"] = "false"
     env = {**suite, **(env or {})}
     store = [] if "--prompt-store" in flags else ["--prompt-dir", str(prompt_dir or tmp_path / "prompts")]
     out = open(log_path, "w") if log_path else subprocess.PIPE  # noqa: SIM115 -- the process holds it
