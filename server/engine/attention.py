@@ -457,7 +457,7 @@ def in_place_attention(min_rows: int | None = None) -> Iterator[None]:
 def _attend(q, k, v, bias, scaling, softcap):
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scaling)
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    scale = _scale(scaling, q.shape[-1])
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = torch.tanh(scores / softcap) * softcap + bias
     return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)

@@ -41,6 +41,9 @@ GROUP_SPREAD = 2
 CASCADE_MIN_SAVED_ROWS = 256
 CASCADE_MIN_STEP_ROWS = 2048
 
+# A request decoding in a step: its pages in reading order, the packed offset of its token, the token's position.
+Decoding = tuple[PageList, int, int]
+
 
 @dataclass(frozen=True, slots=True)
 class RequestRows:
@@ -142,7 +145,7 @@ class ModelRunner:
             rows.extend(row_list(entry.pages, 0, n))
             embeddings.append(emb)
         offset = len(positions)  # packed offset of the first text token
-        decoding: list[tuple[int, Sequence, int]] = []  # (packed offset, request, position of its token)
+        decoding: list[Decoding] = []
         sample_at: list[int] = []  # packed offsets whose logits are returned, in batch order
         requests: list[RequestRows] = []
         for seq, n in batch:
@@ -157,7 +160,7 @@ class ModelRunner:
                 positions.extend(range(first, first + n))
                 rows.extend(row_list(seq.pages, seq.num_cached, n))
                 if n == 1:
-                    decoding.append((start, seq, first))
+                    decoding.append((_page_list(seq), start, first))
                 else:
                     pages, held = page_views([_page_list(seq)], dev)
                     prefills.append(PrefillChunk(start, n, first, pages[0], held[0]))
@@ -180,33 +183,30 @@ class ModelRunner:
         logits = out.logits[0].float()  # [k, vocab]
         return StepOutput(logits if sample_at else logits[:0], requests)
 
-    def _shared_decodes(self, decoding: list[tuple[int, Sequence, int]]
-                        ) -> tuple[SharedDecode | None, list[tuple[int, Sequence, int]]]:
+    def _shared_decodes(self, decoding: list[Decoding]) -> tuple[SharedDecode | None, list[Decoding]]:
         """Decoding requests whose histories begin with the same pages holding the same positions, in clusters read
         by cascade attention (where a cluster saves CASCADE_MIN_SAVED_ROWS), and the rest."""
-        by_first: dict[int, list[tuple[PageList, int, int, Sequence]]] = {}
-        for start, seq, last in decoding:
-            listed = _page_list(seq)
-            by_first.setdefault(listed.pages[0], []).append((listed, start, last, seq))
-        clusters: list[tuple[list[tuple[PageList, int, int, Sequence]], int, torch.Tensor, torch.Tensor]] = []
-        alone: list[tuple[int, Sequence, int]] = []
+        by_first: dict[int, list[Decoding]] = {}
+        for listed, start, last in decoding:
+            by_first.setdefault(listed.pages[0], []).append((listed, start, last))
+        clusters: list[tuple[list[Decoding], int, torch.Tensor, torch.Tensor]] = []
+        alone: list[Decoding] = []
         for members in by_first.values():
             cluster = _cluster(members) if len(members) > 1 else None
             if cluster is None:
-                alone.extend((start, seq, last) for _, start, last, seq in members)
+                alone.extend(members)
             else:
                 clusters.append((members, *cluster))
         saved = sum((len(members) - 1) * common * PAGE_SIZE for members, common, _, _ in clusters)
         if saved < CASCADE_MIN_STEP_ROWS:
-            return None, list(decoding)
+            return None, decoding
         return SharedDecode.of([(pages, held, common, [m[1] for m in members], [m[2] for m in members])
                                 for members, common, pages, held in clusters], self.device), alone
 
-    def _decode_groups(self, decoding: list[tuple[int, Sequence, int]]) -> list[DecodeGroup]:
+    def _decode_groups(self, decoding: list[Decoding]) -> list[DecodeGroup]:
         """Decoding requests, shortest first, in groups whose lengths are within GROUP_SPREAD of each other."""
         dev = self.device
-        ordered = sorted(((_page_list(seq), start, last) for start, seq, last in decoding),
-                         key=lambda item: len(item[0].pages))
+        ordered = sorted(decoding, key=lambda item: len(item[0].pages))
         groups: list[DecodeGroup] = []
         i = 0
         while i < len(ordered):
@@ -228,7 +228,7 @@ def _page_list(seq: Sequence) -> PageList:
                        prefix.positions if prefix is not None else 0)
 
 
-def _cluster(members: list[tuple[PageList, int, int, Sequence]]) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+def _cluster(members: list[Decoding]) -> tuple[int, torch.Tensor, torch.Tensor] | None:
     """(pages every member's history begins with, the members' pages and positions) where reading them once saves
     CASCADE_MIN_SAVED_ROWS; else None."""
     lists = [m[0].pages for m in members]
